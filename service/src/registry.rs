@@ -1,0 +1,949 @@
+//! The registry of active sessions and users: a pure state machine.
+//!
+//! Owns the session semantics of SPEC §3: who is active, on which proxy, since when, and when a
+//! session has been silent long enough to be presumed gone. Time is always passed in, so expiry is
+//! tested with plain numbers. Every operation on the event path is O(1) in the number of active
+//! users and sessions (hash lookups only); work proportional to the registry's size happens only
+//! in [`Registry::expire`], the read views and the checkpoint snapshot, which run on their own
+//! schedules, never per event.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::exclusions::Exclusions;
+use crate::parser::{Command, ProxyEvent};
+
+/// Wall-clock time as milliseconds since the Unix epoch. Wall clock rather than a monotonic
+/// instant because session times survive a restart through the checkpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UnixMillis(pub u64);
+
+impl UnixMillis {
+    pub fn now() -> UnixMillis {
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        UnixMillis(since_epoch.as_millis() as u64)
+    }
+
+    fn elapsed_since(self, earlier: UnixMillis) -> Duration {
+        Duration::from_millis(self.0.saturating_sub(earlier.0))
+    }
+}
+
+/// How long silent sessions live.
+#[derive(Clone, Debug)]
+pub struct ExpiryPolicy {
+    /// A session with no open connection expires after this long without events.
+    pub idle_timeout: Duration,
+    /// Any session expires after this long without events, open connections or not.
+    pub max_idle: Duration,
+}
+
+impl Default for ExpiryPolicy {
+    fn default() -> Self {
+        ExpiryPolicy {
+            // Qlik Sense's default session inactivity timeout.
+            idle_timeout: Duration::from_secs(30 * 60),
+            max_idle: Duration::from_secs(24 * 60 * 60),
+        }
+    }
+}
+
+/// What one event did to the registry; drives metrics and change signals.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The user matches an exclusion pattern; the registry was not touched.
+    Excluded,
+    /// A start created a session.
+    SessionStarted,
+    /// A connection event for a session we had not seen start (e.g. it began before this
+    /// service did) created it.
+    SessionRecovered,
+    /// A known session was refreshed.
+    SessionRefreshed,
+    /// A stop removed a session.
+    SessionStopped,
+    /// A stop for a session we do not know: nothing to do.
+    UnknownSessionStopped,
+}
+
+impl Outcome {
+    /// Whether the set of sessions changed (and with it, possibly, the published state).
+    pub fn changes_membership(self) -> bool {
+        matches!(
+            self,
+            Outcome::SessionStarted | Outcome::SessionRecovered | Outcome::SessionStopped
+        )
+    }
+}
+
+/// Sessions removed by one [`Registry::expire`] pass, by rule.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Expired {
+    pub idle: usize,
+    pub max_idle: usize,
+}
+
+type HostId = u32;
+type UserId = u32;
+
+#[derive(Debug)]
+struct Host {
+    name: Box<str>,
+    sessions: u32,
+    active_users: u32,
+}
+
+#[derive(Debug)]
+struct User {
+    /// `DIRECTORY\userid` as first seen.
+    display: Box<str>,
+    /// Length of the directory part of `display`, so the user id can be sliced back out even if
+    /// it contains a backslash itself.
+    directory_len: u32,
+    sessions: u32,
+    first_seen: UnixMillis,
+    last_seen: UnixMillis,
+}
+
+impl User {
+    fn directory(&self) -> &str {
+        &self.display[..self.directory_len as usize]
+    }
+    fn user_id(&self) -> &str {
+        &self.display[self.directory_len as usize + 1..]
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Session {
+    user: UserId,
+    host: HostId,
+    started: UnixMillis,
+    last_seen: UnixMillis,
+    open_connections: u32,
+}
+
+/// How an event names its session: by the proxy's session id when the datagram carries one,
+/// otherwise one slot per user per proxy node.
+enum SessionKey<'a> {
+    ProxySession(&'a str),
+    HostUser(HostId, UserId),
+}
+
+/// The active sessions and users. See the module docs for the cost model.
+#[derive(Debug, Default)]
+pub struct Registry {
+    expiry: ExpiryPolicy,
+    exclusions: Exclusions,
+    hosts: Vec<Host>,
+    host_index: HashMap<Box<str>, HostId>,
+    users: Vec<Option<User>>,
+    free_users: Vec<UserId>,
+    user_index: HashMap<Box<str>, UserId>,
+    by_session_id: HashMap<Box<str>, Session>,
+    by_host_user: HashMap<(HostId, UserId), Session>,
+    /// Sessions per (host, user): a user is active on a host while this is non-zero.
+    host_user_sessions: HashMap<(HostId, UserId), u32>,
+    active_users: usize,
+    /// Reused for lower-casing lookup keys so the event path does not allocate.
+    scratch: String,
+}
+
+/// One session as the checkpoint stores it, self-contained (no ids internal to a registry).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub proxy_session_id: Option<String>,
+    pub host: String,
+    pub user_directory: String,
+    pub user_id: String,
+    pub started: UnixMillis,
+    pub last_seen: UnixMillis,
+    pub open_connections: u32,
+}
+
+/// Active users and sessions on one proxy host.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct HostSummary {
+    pub host: String,
+    pub active_users: usize,
+    pub active_sessions: usize,
+}
+
+/// One active user, for the read API.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct UserView {
+    pub name: String,
+    pub user_directory: String,
+    pub user_id: String,
+    pub sessions: usize,
+    pub open_connections: u64,
+    pub hosts: Vec<String>,
+    pub first_seen: UnixMillis,
+    pub last_seen: UnixMillis,
+}
+
+impl serde::Serialize for UnixMillis {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+impl Registry {
+    pub fn new(expiry: ExpiryPolicy, exclusions: Exclusions) -> Registry {
+        Registry {
+            expiry,
+            exclusions,
+            ..Registry::default()
+        }
+    }
+
+    pub fn active_users(&self) -> usize {
+        self.active_users
+    }
+
+    pub fn active_sessions(&self) -> usize {
+        self.by_session_id.len() + self.by_host_user.len()
+    }
+
+    /// Applies one proxy event at time `now`.
+    pub fn apply(&mut self, event: &ProxyEvent<'_>, now: UnixMillis) -> Outcome {
+        self.set_scratch_to_user_key(event.user_directory, event.user_id);
+        if self.exclusions.matches(&self.scratch) {
+            return Outcome::Excluded;
+        }
+        let key = match event.proxy_session_id {
+            Some(id) => SessionKey::ProxySession(id),
+            None => {
+                // Only a (host, user) key needs the ids up front; for a stop we must not create
+                // a host or user just to find nothing to remove.
+                let (Some(host), Some(user)) = (
+                    self.find_host(event.host),
+                    self.find_user(event.user_directory, event.user_id),
+                ) else {
+                    return match event.command {
+                        Command::StopSession => Outcome::UnknownSessionStopped,
+                        _ => self.insert_new(event, now),
+                    };
+                };
+                SessionKey::HostUser(host, user)
+            }
+        };
+
+        match event.command {
+            Command::StopSession => match self.remove(&key) {
+                Some(_) => Outcome::SessionStopped,
+                None => Outcome::UnknownSessionStopped,
+            },
+            command => match self.get_mut(&key) {
+                Some(session) => {
+                    session.last_seen = now;
+                    match command {
+                        Command::OpenConnection => session.open_connections += 1,
+                        Command::CloseConnection => {
+                            session.open_connections = session.open_connections.saturating_sub(1)
+                        }
+                        Command::StartSession | Command::StopSession => {}
+                    }
+                    let user = session.user;
+                    self.user_mut(user).last_seen = now;
+                    Outcome::SessionRefreshed
+                }
+                None => self.insert_new(event, now),
+            },
+        }
+    }
+
+    /// Removes sessions that have been silent too long (see [`ExpiryPolicy`]).
+    pub fn expire(&mut self, now: UnixMillis) -> Expired {
+        let mut expired = Expired::default();
+        let mut removed = Vec::new();
+        let expiry = &self.expiry;
+        let mut keep = |session: &Session| -> bool {
+            let silent = now.elapsed_since(session.last_seen);
+            let rule = if silent > expiry.max_idle {
+                &mut expired.max_idle
+            } else if session.open_connections == 0 && silent > expiry.idle_timeout {
+                &mut expired.idle
+            } else {
+                return true;
+            };
+            *rule += 1;
+            removed.push((session.host, session.user));
+            false
+        };
+        self.by_session_id.retain(|_, s| keep(s));
+        self.by_host_user.retain(|_, s| keep(s));
+        for (host, user) in removed {
+            self.release(host, user);
+        }
+        expired
+    }
+
+    /// Every session, for the checkpoint.
+    pub fn snapshot(&self) -> Vec<SessionRecord> {
+        let record = |id: Option<&str>, s: &Session| {
+            let user = self.user(s.user);
+            SessionRecord {
+                proxy_session_id: id.map(str::to_owned),
+                host: self.hosts[s.host as usize].name.to_string(),
+                user_directory: user.directory().to_owned(),
+                user_id: user.user_id().to_owned(),
+                started: s.started,
+                last_seen: s.last_seen,
+                open_connections: s.open_connections,
+            }
+        };
+        self.by_session_id
+            .iter()
+            .map(|(id, s)| record(Some(id), s))
+            .chain(self.by_host_user.values().map(|s| record(None, s)))
+            .collect()
+    }
+
+    /// Loads checkpointed sessions, skipping those that expired while nobody was watching and
+    /// users that are now excluded. Returns how many sessions were restored.
+    pub fn restore(&mut self, records: &[SessionRecord], now: UnixMillis) -> usize {
+        let mut restored = 0;
+        for r in records {
+            let silent = now.elapsed_since(r.last_seen);
+            let expired = silent > self.expiry.max_idle
+                || (r.open_connections == 0 && silent > self.expiry.idle_timeout);
+            self.set_scratch_to_user_key(&r.user_directory, &r.user_id);
+            if expired || self.exclusions.matches(&self.scratch) {
+                continue;
+            }
+            let host = self.intern_host(&r.host);
+            let user = self.intern_user(&r.user_directory, &r.user_id, r.started);
+            let session = Session {
+                user,
+                host,
+                started: r.started,
+                last_seen: r.last_seen,
+                open_connections: r.open_connections,
+            };
+            let replaced = match &r.proxy_session_id {
+                Some(id) => self.by_session_id.insert(id.as_str().into(), session),
+                None => self.by_host_user.insert((host, user), session),
+            };
+            if let Some(old) = replaced {
+                // A duplicate in the checkpoint: keep the later record, undo the earlier count.
+                self.release(old.host, old.user);
+            }
+            let u = self.user_mut(user);
+            u.first_seen = u.first_seen.min(r.started);
+            u.last_seen = u.last_seen.max(r.last_seen);
+            self.retain(host, user);
+            restored += 1;
+        }
+        restored
+    }
+
+    /// Display names (`DIRECTORY\userid`) of all active users, sorted case-insensitively.
+    pub fn user_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.live_users().map(|u| &*u.display).collect();
+        names.sort_unstable_by_key(|n| n.to_lowercase());
+        names
+    }
+
+    /// User ids only (Butler's payload), sorted and de-duplicated case-insensitively.
+    pub fn user_ids(&self) -> Vec<&str> {
+        let mut ids: Vec<&str> = self.live_users().map(User::user_id).collect();
+        ids.sort_unstable_by_key(|n| n.to_lowercase());
+        ids.dedup_by(|a, b| a.to_lowercase() == b.to_lowercase());
+        ids
+    }
+
+    /// Every host seen since start, including those now at zero (so that a published per-host
+    /// count can drop to 0 rather than go stale), sorted by name.
+    pub fn hosts(&self) -> Vec<HostSummary> {
+        let mut hosts: Vec<HostSummary> = self
+            .hosts
+            .iter()
+            .map(|h| HostSummary {
+                host: h.name.to_string(),
+                active_users: h.active_users as usize,
+                active_sessions: h.sessions as usize,
+            })
+            .collect();
+        hosts.sort_by(|a, b| a.host.cmp(&b.host));
+        hosts
+    }
+
+    /// Active users with their sessions, sorted by name.
+    pub fn users(&self) -> Vec<UserView> {
+        let mut views: HashMap<UserId, UserView> = HashMap::new();
+        let sessions = self
+            .by_session_id
+            .values()
+            .chain(self.by_host_user.values());
+        for s in sessions {
+            let view = views.entry(s.user).or_insert_with(|| {
+                let u = self.user(s.user);
+                UserView {
+                    name: u.display.to_string(),
+                    user_directory: u.directory().to_owned(),
+                    user_id: u.user_id().to_owned(),
+                    sessions: 0,
+                    open_connections: 0,
+                    hosts: Vec::new(),
+                    first_seen: u.first_seen,
+                    last_seen: u.last_seen,
+                }
+            });
+            view.sessions += 1;
+            view.open_connections += u64::from(s.open_connections);
+            let host = &self.hosts[s.host as usize].name;
+            if !view.hosts.iter().any(|h| **h == **host) {
+                view.hosts.push(host.to_string());
+            }
+        }
+        let mut views: Vec<UserView> = views.into_values().collect();
+        for v in &mut views {
+            v.hosts.sort();
+        }
+        views.sort_by_key(|v| v.name.to_lowercase());
+        views
+    }
+
+    fn live_users(&self) -> impl Iterator<Item = &User> {
+        self.users.iter().flatten().filter(|u| u.sessions > 0)
+    }
+
+    fn insert_new(&mut self, event: &ProxyEvent<'_>, now: UnixMillis) -> Outcome {
+        let host = self.intern_host(event.host);
+        let user = self.intern_user(event.user_directory, event.user_id, now);
+        let open_connections = u32::from(event.command == Command::OpenConnection);
+        let session = Session {
+            user,
+            host,
+            started: now,
+            last_seen: now,
+            open_connections,
+        };
+        match event.proxy_session_id {
+            Some(id) => self.by_session_id.insert(id.into(), session),
+            None => self.by_host_user.insert((host, user), session),
+        };
+        self.user_mut(user).last_seen = now;
+        self.retain(host, user);
+        match event.command {
+            Command::StartSession => Outcome::SessionStarted,
+            _ => Outcome::SessionRecovered,
+        }
+    }
+
+    fn get_mut(&mut self, key: &SessionKey<'_>) -> Option<&mut Session> {
+        match *key {
+            SessionKey::ProxySession(id) => self.by_session_id.get_mut(id),
+            SessionKey::HostUser(h, u) => self.by_host_user.get_mut(&(h, u)),
+        }
+    }
+
+    fn remove(&mut self, key: &SessionKey<'_>) -> Option<Session> {
+        let session = match *key {
+            SessionKey::ProxySession(id) => self.by_session_id.remove(id),
+            SessionKey::HostUser(h, u) => self.by_host_user.remove(&(h, u)),
+        }?;
+        self.release(session.host, session.user);
+        Some(session)
+    }
+
+    /// Counts a new session of `user` on `host`.
+    fn retain(&mut self, host: HostId, user: UserId) {
+        let h = &mut self.hosts[host as usize];
+        h.sessions += 1;
+        let on_host = self.host_user_sessions.entry((host, user)).or_insert(0);
+        *on_host += 1;
+        if *on_host == 1 {
+            h.active_users += 1;
+        }
+        let u = self.user_mut(user);
+        u.sessions += 1;
+        if u.sessions == 1 {
+            self.active_users += 1;
+        }
+    }
+
+    /// Uncounts a removed session; forgets the user with their last session.
+    fn release(&mut self, host: HostId, user: UserId) {
+        let h = &mut self.hosts[host as usize];
+        h.sessions -= 1;
+        if let Some(on_host) = self.host_user_sessions.get_mut(&(host, user)) {
+            *on_host -= 1;
+            if *on_host == 0 {
+                self.host_user_sessions.remove(&(host, user));
+                h.active_users -= 1;
+            }
+        }
+        let u = self.user_mut(user);
+        u.sessions -= 1;
+        if u.sessions == 0 {
+            self.active_users -= 1;
+            let forgotten = self.users[user as usize].take().expect("live user");
+            self.set_scratch_to_user_key(forgotten.directory(), forgotten.user_id());
+            self.user_index.remove(self.scratch.as_str());
+            self.free_users.push(user);
+        }
+    }
+
+    fn find_host(&mut self, name: &str) -> Option<HostId> {
+        self.scratch.clear();
+        push_lowercase(&mut self.scratch, name);
+        self.host_index.get(self.scratch.as_str()).copied()
+    }
+
+    fn intern_host(&mut self, name: &str) -> HostId {
+        if let Some(id) = self.find_host(name) {
+            return id;
+        }
+        let id = self.hosts.len() as HostId;
+        self.host_index.insert(self.scratch.as_str().into(), id);
+        self.hosts.push(Host {
+            name: name.into(),
+            sessions: 0,
+            active_users: 0,
+        });
+        id
+    }
+
+    fn find_user(&mut self, directory: &str, user_id: &str) -> Option<UserId> {
+        self.set_scratch_to_user_key(directory, user_id);
+        self.user_index.get(self.scratch.as_str()).copied()
+    }
+
+    fn intern_user(&mut self, directory: &str, user_id: &str, now: UnixMillis) -> UserId {
+        if let Some(id) = self.find_user(directory, user_id) {
+            return id;
+        }
+        let user = User {
+            display: format!("{directory}\\{user_id}").into(),
+            directory_len: directory.len() as u32,
+            sessions: 0,
+            first_seen: now,
+            last_seen: now,
+        };
+        let id = match self.free_users.pop() {
+            Some(id) => {
+                self.users[id as usize] = Some(user);
+                id
+            }
+            None => {
+                self.users.push(Some(user));
+                (self.users.len() - 1) as UserId
+            }
+        };
+        self.user_index.insert(self.scratch.as_str().into(), id);
+        id
+    }
+
+    fn user(&self, id: UserId) -> &User {
+        self.users[id as usize]
+            .as_ref()
+            .expect("sessions only name live users")
+    }
+
+    fn user_mut(&mut self, id: UserId) -> &mut User {
+        self.users[id as usize]
+            .as_mut()
+            .expect("sessions only name live users")
+    }
+
+    /// The case-insensitive identity of a user: `directory\userid`, lower-cased. This is also
+    /// what exclusion patterns are matched against.
+    fn set_scratch_to_user_key(&mut self, directory: &str, user_id: &str) {
+        self.scratch.clear();
+        push_lowercase(&mut self.scratch, directory);
+        self.scratch.push('\\');
+        push_lowercase(&mut self.scratch, user_id);
+    }
+}
+
+pub(crate) fn push_lowercase(out: &mut String, s: &str) {
+    if s.is_ascii() {
+        out.extend(s.bytes().map(|b| b.to_ascii_lowercase() as char));
+    } else {
+        out.extend(s.chars().flat_map(char::to_lowercase));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parser::Format;
+
+    const MIN: u64 = 60_000;
+
+    fn event<'a>(
+        command: Command,
+        host: &'a str,
+        dir: &'a str,
+        user: &'a str,
+        sid: Option<&'a str>,
+    ) -> ProxyEvent<'a> {
+        ProxyEvent {
+            format: if sid.is_some() {
+                Format::SessionMonitor
+            } else {
+                Format::Butler
+            },
+            host,
+            command,
+            user_directory: dir,
+            user_id: user,
+            origin: Some("AppAccess"),
+            context: Some("/hub/"),
+            proxy_session_id: sid,
+            message: "",
+        }
+    }
+
+    use Command::*;
+
+    fn registry() -> Registry {
+        Registry::new(ExpiryPolicy::default(), Exclusions::default())
+    }
+
+    fn at(minutes: u64) -> UnixMillis {
+        UnixMillis(1_700_000_000_000 + minutes * MIN)
+    }
+
+    /// Checks the counters the registry maintains incrementally against a recount from scratch.
+    fn assert_consistent(r: &Registry) {
+        let users = r.users();
+        assert_eq!(r.active_users(), users.len());
+        assert_eq!(
+            r.active_sessions(),
+            users.iter().map(|u| u.sessions).sum::<usize>()
+        );
+        for h in r.hosts() {
+            let on_host = users.iter().filter(|u| u.hosts.contains(&h.host)).count();
+            assert_eq!(h.active_users, on_host, "host {}", h.host);
+        }
+        assert_eq!(r.user_names().len(), r.active_users());
+    }
+
+    #[test]
+    fn start_and_stop_one_session() {
+        let mut r = registry();
+        assert_eq!(
+            r.apply(&event(StartSession, "p1", "LAB", "joe", None), at(0)),
+            Outcome::SessionStarted
+        );
+        assert_eq!((r.active_users(), r.active_sessions()), (1, 1));
+        assert_eq!(r.user_names(), vec!["LAB\\joe"]);
+        assert_eq!(
+            r.apply(&event(StartSession, "p1", "LAB", "joe", None), at(1)),
+            Outcome::SessionRefreshed
+        );
+        assert_eq!(
+            r.apply(&event(StopSession, "p1", "LAB", "joe", None), at(2)),
+            Outcome::SessionStopped
+        );
+        assert_eq!((r.active_users(), r.active_sessions()), (0, 0));
+        assert!(r.user_names().is_empty());
+        assert_consistent(&r);
+    }
+
+    #[test]
+    fn users_are_directory_and_id_case_insensitively() {
+        let mut r = registry();
+        r.apply(&event(StartSession, "p1", "LAB", "joe", None), at(0));
+        r.apply(&event(StartSession, "p1", "CORP", "joe", None), at(0));
+        assert_eq!(r.active_users(), 2, "LAB\\joe and CORP\\joe are two people");
+        assert_eq!(
+            r.apply(&event(OpenConnection, "P1", "lab", "JOE", None), at(1)),
+            Outcome::SessionRefreshed,
+            "same user and host in another case"
+        );
+        assert_eq!(r.active_users(), 2);
+        assert_eq!(r.user_names(), vec!["CORP\\joe", "LAB\\joe"]);
+        assert_eq!(r.user_ids(), vec!["joe"]);
+        assert_consistent(&r);
+    }
+
+    #[test]
+    fn one_user_on_several_proxies() {
+        let mut r = registry();
+        r.apply(&event(StartSession, "p1", "LAB", "joe", None), at(0));
+        r.apply(&event(StartSession, "p2", "LAB", "joe", None), at(0));
+        r.apply(&event(StartSession, "p2", "LAB", "ann", None), at(0));
+        assert_eq!((r.active_users(), r.active_sessions()), (2, 3));
+        let hosts = r.hosts();
+        assert_eq!(
+            hosts[0],
+            HostSummary {
+                host: "p1".into(),
+                active_users: 1,
+                active_sessions: 1
+            }
+        );
+        assert_eq!(
+            hosts[1],
+            HostSummary {
+                host: "p2".into(),
+                active_users: 2,
+                active_sessions: 2
+            }
+        );
+        // Butler dropped joe on the first stop from any proxy; joe is still on p2.
+        r.apply(&event(StopSession, "p1", "LAB", "joe", None), at(1));
+        assert_eq!(r.active_users(), 2);
+        assert_eq!(r.hosts()[0].active_users, 0, "p1 stays listed at zero");
+        assert_consistent(&r);
+    }
+
+    #[test]
+    fn several_sessions_of_one_user_by_session_id() {
+        let mut r = registry();
+        r.apply(&event(StartSession, "p1", "LAB", "joe", Some("s1")), at(0));
+        r.apply(&event(StartSession, "p1", "LAB", "joe", Some("s2")), at(0));
+        assert_eq!((r.active_users(), r.active_sessions()), (1, 2));
+        assert_eq!(r.hosts()[0].active_users, 1);
+        r.apply(&event(StopSession, "p1", "LAB", "joe", Some("s1")), at(1));
+        assert_eq!((r.active_users(), r.active_sessions()), (1, 1));
+        r.apply(&event(StopSession, "p1", "LAB", "joe", Some("s2")), at(1));
+        assert_eq!((r.active_users(), r.active_sessions()), (0, 0));
+        assert_consistent(&r);
+    }
+
+    #[test]
+    fn stop_without_start_is_a_counted_no_op() {
+        let mut r = registry();
+        assert_eq!(
+            r.apply(&event(StopSession, "p1", "LAB", "joe", None), at(0)),
+            Outcome::UnknownSessionStopped
+        );
+        assert_eq!(
+            r.apply(&event(StopSession, "p1", "LAB", "joe", Some("x")), at(0)),
+            Outcome::UnknownSessionStopped
+        );
+        assert_eq!((r.active_users(), r.active_sessions()), (0, 0));
+        assert!(r.hosts().is_empty(), "a stop must not create a host");
+    }
+
+    #[test]
+    fn stop_on_another_host_leaves_the_session() {
+        let mut r = registry();
+        r.apply(&event(StartSession, "p1", "LAB", "joe", None), at(0));
+        assert_eq!(
+            r.apply(&event(StopSession, "p2", "LAB", "joe", None), at(1)),
+            Outcome::UnknownSessionStopped
+        );
+        assert_eq!(r.active_users(), 1);
+        assert_consistent(&r);
+    }
+
+    #[test]
+    fn connection_for_an_unknown_session_recovers_it() {
+        let mut r = registry();
+        assert_eq!(
+            r.apply(&event(OpenConnection, "p1", "LAB", "joe", None), at(0)),
+            Outcome::SessionRecovered
+        );
+        assert_eq!(r.users()[0].open_connections, 1);
+        assert_eq!(
+            r.apply(
+                &event(CloseConnection, "p1", "LAB", "ann", Some("s9")),
+                at(0)
+            ),
+            Outcome::SessionRecovered
+        );
+        assert_eq!(r.active_users(), 2);
+        assert_eq!(r.users()[0].open_connections, 0, "ann closed, not opened");
+        assert_consistent(&r);
+    }
+
+    #[test]
+    fn connections_are_counted_and_never_negative() {
+        let mut r = registry();
+        r.apply(&event(StartSession, "p1", "LAB", "joe", None), at(0));
+        r.apply(&event(OpenConnection, "p1", "LAB", "joe", None), at(0));
+        r.apply(&event(OpenConnection, "p1", "LAB", "joe", None), at(0));
+        assert_eq!(r.users()[0].open_connections, 2);
+        for _ in 0..3 {
+            r.apply(&event(CloseConnection, "p1", "LAB", "joe", None), at(0));
+        }
+        assert_eq!(r.users()[0].open_connections, 0);
+        assert_eq!(
+            r.active_users(),
+            1,
+            "closing connections does not end the session"
+        );
+    }
+
+    #[test]
+    fn idle_sessions_without_connections_expire_after_idle_timeout() {
+        let mut r = registry();
+        r.apply(&event(StartSession, "p1", "LAB", "joe", None), at(0));
+        r.apply(&event(StartSession, "p1", "LAB", "ann", None), at(10));
+        assert_eq!(
+            r.expire(at(30)),
+            Expired::default(),
+            "exactly at the timeout is not past it"
+        );
+        assert_eq!(
+            r.expire(at(31)),
+            Expired {
+                idle: 1,
+                max_idle: 0
+            }
+        );
+        assert_eq!(r.user_names(), vec!["LAB\\ann"]);
+        r.apply(&event(OpenConnection, "p1", "LAB", "ann", None), at(35));
+        assert_eq!(
+            r.expire(at(35 + 31)),
+            Expired::default(),
+            "an open connection holds the session"
+        );
+        assert_consistent(&r);
+    }
+
+    #[test]
+    fn any_session_expires_after_max_idle() {
+        let mut r = registry();
+        r.apply(
+            &event(OpenConnection, "p1", "LAB", "joe", Some("s1")),
+            at(0),
+        );
+        assert_eq!(r.expire(at(24 * 60)), Expired::default());
+        assert_eq!(
+            r.expire(at(24 * 60 + 1)),
+            Expired {
+                idle: 0,
+                max_idle: 1
+            }
+        );
+        assert_eq!((r.active_users(), r.active_sessions()), (0, 0));
+        assert_eq!(r.hosts()[0].active_users, 0);
+    }
+
+    #[test]
+    fn events_refresh_the_expiry_clock() {
+        let mut r = registry();
+        r.apply(&event(StartSession, "p1", "LAB", "joe", None), at(0));
+        r.apply(&event(CloseConnection, "p1", "lab", "joe", None), at(20));
+        assert_eq!(r.expire(at(45)), Expired::default());
+        assert_eq!(r.expire(at(51)).idle, 1);
+    }
+
+    #[test]
+    fn excluded_users_are_not_counted() {
+        let exclusions = Exclusions::new(["INTERNAL\\sa_*", "*\\svc-*"]).unwrap();
+        let mut r = Registry::new(ExpiryPolicy::default(), exclusions);
+        assert_eq!(
+            r.apply(
+                &event(StartSession, "p1", "INTERNAL", "sa_repository", None),
+                at(0)
+            ),
+            Outcome::Excluded
+        );
+        assert_eq!(
+            r.apply(
+                &event(OpenConnection, "p1", "internal", "SA_scheduler", None),
+                at(0)
+            ),
+            Outcome::Excluded
+        );
+        assert_eq!(
+            r.apply(
+                &event(StartSession, "p1", "CORP", "svc-reload", None),
+                at(0)
+            ),
+            Outcome::Excluded
+        );
+        assert_eq!(
+            r.apply(&event(StartSession, "p1", "INTERNAL", "joe", None), at(0)),
+            Outcome::SessionStarted
+        );
+        assert_eq!(r.user_names(), vec!["INTERNAL\\joe"]);
+    }
+
+    #[test]
+    fn a_user_id_may_contain_a_backslash() {
+        let mut r = registry();
+        r.apply(&event(StartSession, "p1", "LAB", "odd\\name", None), at(0));
+        let u = &r.users()[0];
+        assert_eq!(
+            (u.user_directory.as_str(), u.user_id.as_str()),
+            ("LAB", "odd\\name")
+        );
+    }
+
+    #[test]
+    fn snapshot_and_restore_round_trip_and_drop_expired() {
+        let mut r = registry();
+        r.apply(&event(StartSession, "p1", "LAB", "joe", None), at(0));
+        r.apply(
+            &event(OpenConnection, "p2", "LAB", "joe", Some("s1")),
+            at(5),
+        );
+        r.apply(
+            &event(StartSession, "p2", "CORP", "ann", Some("s2")),
+            at(20),
+        );
+        let records = r.snapshot();
+        assert_eq!(records.len(), 3);
+
+        let mut back = registry();
+        assert_eq!(back.restore(&records, at(21)), 3);
+        assert_eq!(back.users(), r.users());
+        assert_eq!(back.hosts(), r.hosts());
+
+        // At minute 40, joe's connection-less session on p1 (silent since 0) has expired.
+        let mut later = registry();
+        assert_eq!(later.restore(&records, at(40)), 2);
+        assert_eq!(later.user_names(), vec!["CORP\\ann", "LAB\\joe"]);
+        assert_eq!(later.users()[1].hosts, vec!["p2"]);
+        assert_consistent(&later);
+    }
+
+    #[test]
+    fn user_slots_are_reused_after_the_last_session_ends() {
+        let mut r = registry();
+        for i in 0..100 {
+            let name = format!("u{i}");
+            r.apply(&event(StartSession, "p1", "LAB", &name, None), at(0));
+            r.apply(&event(StopSession, "p1", "LAB", &name, None), at(0));
+        }
+        assert_eq!(r.users.len(), 1);
+        assert!(r.user_index.is_empty());
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn any_event() -> impl Strategy<Value = (Command, usize, usize, Option<usize>, u64)> {
+            (
+                prop::sample::select(Command::ALL.to_vec()),
+                0..3usize,
+                0..5usize,
+                prop::option::of(0..6usize),
+                0..40u64,
+            )
+        }
+
+        proptest! {
+            #[test]
+            fn counters_always_match_a_recount(
+                events in prop::collection::vec(any_event(), 0..200)
+            ) {
+                const HOSTS: [&str; 3] = ["p1", "P2", "p3"];
+                const USERS: [&str; 5] = ["joe", "JOE", "ann", "bob", "eve"];
+                const IDS: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
+                let mut r = registry();
+                let mut now = at(0);
+                for (command, h, u, sid, advance) in events {
+                    now = UnixMillis(now.0 + advance * MIN);
+                    r.apply(&event(command, HOSTS[h], "LAB", USERS[u], sid.map(|i| IDS[i])), now);
+                    if advance > 30 {
+                        r.expire(now);
+                    }
+                    assert_consistent(&r);
+                }
+            }
+        }
+    }
+}
