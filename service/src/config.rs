@@ -1,0 +1,971 @@
+//! Configuration: every setting as a flag, a `SESSION_MONITOR_*` environment variable and a key
+//! in an optional TOML file, resolved into a validated [`Config`].
+//!
+//! One naming rule ties the three together, so the reference is one table: the file key
+//! `mqtt_url` is the flag `--mqtt-url` and the variable `SESSION_MONITOR_MQTT_URL`. Precedence:
+//! flag, then environment (clap resolves both), then file, then the built-in default.
+//!
+//! [`Settings`] is also the type the operator serializes into the service's config ConfigMap,
+//! so it cannot render a configuration this module would reject without the error naming it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::exclusions::Exclusions;
+use crate::parser::Limits;
+use crate::registry::ExpiryPolicy;
+
+/// Raw settings as given: every field optional, so "not given" stays distinguishable from a
+/// default and the layers can be merged.
+#[derive(clap::Args, Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[command(next_help_heading = "Settings (flag, SESSION_MONITOR_* env var, or key in --config)")]
+pub struct Settings {
+    /// UDP address for the Qlik proxy's log4net events [default: 0.0.0.0:9997]
+    #[arg(long, env = "SESSION_MONITOR_UDP_LISTEN", value_name = "ADDR")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_listen: Option<SocketAddr>,
+
+    /// Only accept datagrams from these networks (comma-separated CIDRs) [default: any]
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_UDP_ALLOWED_SOURCES",
+        value_name = "CIDRS",
+        value_delimiter = ','
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_allowed_sources: Option<Vec<IpNet>>,
+
+    /// Larger datagrams are dropped [default: 8192]
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_UDP_MAX_DATAGRAM_BYTES",
+        value_name = "BYTES"
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_max_datagram_bytes: Option<usize>,
+
+    /// Longer host/directory/user/session-id fields are rejected, others truncated [default: 512]
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_UDP_MAX_FIELD_BYTES",
+        value_name = "BYTES"
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_max_field_bytes: Option<usize>,
+
+    /// Socket receive buffer, to absorb bursts (Linux caps it at net.core.rmem_max unless the
+    /// process has CAP_NET_ADMIN) [default: 8388608]
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_UDP_RECEIVE_BUFFER_BYTES",
+        value_name = "BYTES"
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_receive_buffer_bytes: Option<usize>,
+
+    /// HTTP address for /metrics, probes and the API [default: 0.0.0.0:9842]
+    #[arg(long, env = "SESSION_MONITOR_HTTP_LISTEN", value_name = "ADDR")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_listen: Option<SocketAddr>,
+
+    /// A session with no open connection expires after this long without events [default: 30m]
+    #[arg(long, env = "SESSION_MONITOR_IDLE_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde"
+    )]
+    pub idle_timeout: Option<Duration>,
+
+    /// Any session expires after this long without events [default: 24h]
+    #[arg(long, env = "SESSION_MONITOR_MAX_IDLE", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde"
+    )]
+    pub max_idle: Option<Duration>,
+
+    /// Users not counted, as DIRECTORY\userid patterns with * wildcards (comma-separated)
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_EXCLUDE_USERS",
+        value_name = "PATTERNS",
+        value_delimiter = ','
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclude_users: Option<Vec<String>>,
+
+    /// MQTT broker, mqtt://HOST[:PORT] or mqtts://HOST[:PORT]; without it an embedded broker runs
+    #[arg(long, env = "SESSION_MONITOR_MQTT_URL", value_name = "URL")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_url: Option<String>,
+
+    /// Where the embedded broker listens when no --mqtt-url is given [default: 127.0.0.1:1883]
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_MQTT_EMBEDDED_LISTEN",
+        value_name = "ADDR"
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_embedded_listen: Option<SocketAddr>,
+
+    /// MQTT user name
+    #[arg(long, env = "SESSION_MONITOR_MQTT_USERNAME", value_name = "NAME")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_username: Option<String>,
+
+    /// File holding the MQTT password (or set SESSION_MONITOR_MQTT_PASSWORD; never a flag)
+    #[arg(long, env = "SESSION_MONITOR_MQTT_PASSWORD_FILE", value_name = "PATH")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_password_file: Option<PathBuf>,
+
+    /// MQTT client id [default: session-monitor-<hostname>]
+    #[arg(long, env = "SESSION_MONITOR_MQTT_CLIENT_ID", value_name = "ID")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_client_id: Option<String>,
+
+    /// QoS of state and event publishes, 0, 1 or 2 [default: 1]
+    #[arg(long, env = "SESSION_MONITOR_MQTT_QOS", value_name = "QOS")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_qos: Option<u8>,
+
+    /// Publish state topics retained, so late subscribers see the current state [default: true]
+    #[arg(long, env = "SESSION_MONITOR_MQTT_RETAIN", value_name = "BOOL", action = clap::ArgAction::Set)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_retain: Option<bool>,
+
+    /// MQTT keep-alive interval [default: 30s]
+    #[arg(long, env = "SESSION_MONITOR_MQTT_KEEP_ALIVE", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde"
+    )]
+    pub mqtt_keep_alive: Option<Duration>,
+
+    /// CA certificate(s), PEM, to verify an mqtts:// broker [default: the system's roots]
+    #[arg(long, env = "SESSION_MONITOR_MQTT_CA_FILE", value_name = "PATH")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_ca_file: Option<PathBuf>,
+
+    /// Client certificate chain, PEM, for mutual TLS
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_MQTT_CLIENT_CERT_FILE",
+        value_name = "PATH"
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_client_cert_file: Option<PathBuf>,
+
+    /// Client private key, PEM, for mutual TLS
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_MQTT_CLIENT_KEY_FILE",
+        value_name = "PATH"
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_client_key_file: Option<PathBuf>,
+
+    /// Topic of the active user count [default: qliksense/users/active/count]
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_MQTT_TOPIC_USER_COUNT",
+        value_name = "TOPIC"
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_topic_user_count: Option<String>,
+
+    /// Topic of the active user list [default: qliksense/users/active/usernames]
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_MQTT_TOPIC_USER_LIST",
+        value_name = "TOPIC"
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_topic_user_list: Option<String>,
+
+    /// Per-host counts go to <prefix>/<host>/count [default: qliksense/users/activeperserver]
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_MQTT_TOPIC_HOST_PREFIX",
+        value_name = "TOPIC"
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_topic_host_prefix: Option<String>,
+
+    /// Status topic: `online`, and `offline` as Last Will [default: qliksense/session-monitor/status]
+    #[arg(long, env = "SESSION_MONITOR_MQTT_TOPIC_STATUS", value_name = "TOPIC")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_topic_status: Option<String>,
+
+    /// Event topic for session starts, one JSON object per event (Butler: qliksense/session/start) [default: off]
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_MQTT_TOPIC_SESSION_START",
+        value_name = "TOPIC"
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_topic_session_start: Option<String>,
+
+    /// Event topic for session stops (Butler: qliksense/session/stop) [default: off]
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_MQTT_TOPIC_SESSION_STOP",
+        value_name = "TOPIC"
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_topic_session_stop: Option<String>,
+
+    /// Event topic for connection opens (Butler: qliksense/connection/open) [default: off]
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_MQTT_TOPIC_CONNECTION_OPEN",
+        value_name = "TOPIC"
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_topic_connection_open: Option<String>,
+
+    /// Event topic for connection closes (Butler: qliksense/connection/close) [default: off]
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_MQTT_TOPIC_CONNECTION_CLOSE",
+        value_name = "TOPIC"
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_topic_connection_close: Option<String>,
+
+    /// User list entries: `directory-and-id` (DIR\userid) or `user-id` (Butler's) [default: directory-and-id]
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_MQTT_USER_LIST_FORMAT",
+        value_name = "FORMAT"
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_user_list_format: Option<UserListFormat>,
+
+    /// A change is published at most this long after it; bursts collapse into one publish [default: 250ms]
+    #[arg(long, env = "SESSION_MONITOR_PUBLISH_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde"
+    )]
+    pub publish_interval: Option<Duration>,
+
+    /// Registry checkpoint file [default: data/session-monitor.checkpoint]
+    #[arg(long, env = "SESSION_MONITOR_CHECKPOINT_FILE", value_name = "PATH")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_file: Option<PathBuf>,
+
+    /// The registry is checkpointed at most this often when it changed [default: 5s]
+    #[arg(long, env = "SESSION_MONITOR_CHECKPOINT_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde"
+    )]
+    pub checkpoint_interval: Option<Duration>,
+
+    /// Log filter, e.g. `info` or `session_monitor=debug,info` [default: info]
+    #[arg(long, env = "SESSION_MONITOR_LOG_LEVEL", value_name = "FILTER")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+
+    /// Log format: `text` or `json` [default: text]
+    #[arg(long, env = "SESSION_MONITOR_LOG_FORMAT", value_name = "FORMAT")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+
+    /// The MQTT password. Only from the environment or the config file: never a flag, since
+    /// flags show in process listings.
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_password: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum UserListFormat {
+    /// `DIRECTORY\userid`: users of two directories are told apart.
+    #[default]
+    DirectoryAndId,
+    /// The user id only, as Butler published it.
+    UserId,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A setting that could not be used; names it in all three spellings.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "invalid setting `{key}` (--{flag}, SESSION_MONITOR_{env}): {message}",
+        flag = key.replace('_', "-"),
+        env = key.to_uppercase()
+    )]
+    Invalid { key: &'static str, message: String },
+    #[error("cannot read config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+impl Settings {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let file_error = |message: String| ConfigError::File {
+            path: path.to_owned(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
+        toml::from_str(&text).map_err(|e| file_error(e.to_string()))
+    }
+
+    /// `self` where set, else `fallback`.
+    pub fn or(self, fallback: Settings) -> Settings {
+        // Going through TOML tables merges field by field without listing the fields again
+        // (unset fields are not serialized).
+        let mut merged = toml::Table::try_from(&fallback).expect("settings serialize");
+        merged.extend(toml::Table::try_from(&self).expect("settings serialize"));
+        merged.try_into().expect("merged settings deserialize")
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("settings serialize")
+    }
+}
+
+/// Defaults that are also documented in the help texts above.
+pub mod defaults {
+    use super::*;
+    pub const UDP_LISTEN: &str = "0.0.0.0:9997";
+    pub const HTTP_LISTEN: &str = "0.0.0.0:9842";
+    pub const MQTT_EMBEDDED_LISTEN: &str = "127.0.0.1:1883";
+    pub const UDP_RECEIVE_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+    pub const TOPIC_USER_COUNT: &str = "qliksense/users/active/count";
+    pub const TOPIC_USER_LIST: &str = "qliksense/users/active/usernames";
+    pub const TOPIC_HOST_PREFIX: &str = "qliksense/users/activeperserver";
+    pub const TOPIC_STATUS: &str = "qliksense/session-monitor/status";
+    pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
+    pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
+    pub const CHECKPOINT_FILE: &str = "data/session-monitor.checkpoint";
+    pub const MQTT_KEEP_ALIVE: Duration = Duration::from_secs(30);
+}
+
+/// The validated configuration the service runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub udp: UdpConfig,
+    pub http_listen: SocketAddr,
+    pub expiry: ExpiryPolicy,
+    pub exclusions: Exclusions,
+    pub mqtt: MqttConfig,
+    pub checkpoint: CheckpointConfig,
+    pub log_level: String,
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Debug)]
+pub struct UdpConfig {
+    pub listen: SocketAddr,
+    /// Empty: any source.
+    pub allowed_sources: Vec<IpNet>,
+    pub limits: Limits,
+    pub receive_buffer_bytes: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct MqttConfig {
+    pub broker: MqttBroker,
+    pub client_id: String,
+    pub credentials: Option<MqttCredentials>,
+    pub qos: u8,
+    pub retain: bool,
+    pub keep_alive: Duration,
+    pub topics: Topics,
+    pub user_list_format: UserListFormat,
+    pub publish_interval: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MqttBroker {
+    /// Run a broker inside this process and publish to it over loopback.
+    Embedded { listen: SocketAddr },
+    External {
+        host: String,
+        port: u16,
+        tls: Option<MqttTls>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MqttTls {
+    pub ca_file: Option<PathBuf>,
+    pub client_auth: Option<(PathBuf, PathBuf)>,
+}
+
+#[derive(Clone)]
+pub struct MqttCredentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for MqttCredentials {
+    // The password must never reach a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttCredentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Topics {
+    pub user_count: String,
+    pub user_list: String,
+    pub host_prefix: String,
+    pub status: String,
+    pub session_start: Option<String>,
+    pub session_stop: Option<String>,
+    pub connection_open: Option<String>,
+    pub connection_close: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct CheckpointConfig {
+    pub store: CheckpointStoreConfig,
+    pub interval: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CheckpointStoreConfig {
+    File(PathBuf),
+}
+
+impl Config {
+    /// Validates settings and fills in defaults. `env_password` is SESSION_MONITOR_MQTT_PASSWORD.
+    pub fn from_settings(s: Settings, env_password: Option<String>) -> Result<Config, ConfigError> {
+        let parse_addr = |v: &str| v.parse::<SocketAddr>().expect("default address");
+        let limits = Limits {
+            max_datagram_bytes: positive("udp_max_datagram_bytes", s.udp_max_datagram_bytes)?
+                .unwrap_or(Limits::default().max_datagram_bytes),
+            max_field_bytes: positive("udp_max_field_bytes", s.udp_max_field_bytes)?
+                .unwrap_or(Limits::default().max_field_bytes),
+        };
+        if limits.max_datagram_bytes > 65_507 {
+            return Err(invalid(
+                "udp_max_datagram_bytes",
+                "a UDP datagram carries at most 65507 bytes",
+            ));
+        }
+        let expiry = ExpiryPolicy {
+            idle_timeout: positive("idle_timeout", s.idle_timeout)?
+                .unwrap_or(ExpiryPolicy::default().idle_timeout),
+            max_idle: positive("max_idle", s.max_idle)?.unwrap_or(ExpiryPolicy::default().max_idle),
+        };
+        if expiry.max_idle < expiry.idle_timeout {
+            return Err(invalid(
+                "max_idle",
+                format!(
+                    "{} is shorter than idle_timeout ({})",
+                    humantime::format_duration(expiry.max_idle),
+                    humantime::format_duration(expiry.idle_timeout)
+                ),
+            ));
+        }
+        let exclusions = Exclusions::new(s.exclude_users.clone().unwrap_or_default())
+            .map_err(|e| invalid("exclude_users", e.to_string()))?;
+
+        let broker = match s.mqtt_url.as_deref() {
+            None => MqttBroker::Embedded {
+                listen: s
+                    .mqtt_embedded_listen
+                    .unwrap_or_else(|| parse_addr(defaults::MQTT_EMBEDDED_LISTEN)),
+            },
+            Some(url) => parse_mqtt_url(url, &s)?,
+        };
+        let password = match (
+            &s.mqtt_password_file,
+            env_password.or(s.mqtt_password.clone()),
+        ) {
+            (Some(path), _) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| invalid("mqtt_password_file", format!("{}: {e}", path.display())))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned(),
+            ),
+            (None, password) => password,
+        };
+        let credentials = match (s.mqtt_username.clone(), password) {
+            (Some(username), password) => Some(MqttCredentials {
+                username,
+                password: password.unwrap_or_default(),
+            }),
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "mqtt_username",
+                    "a password is set but no user name",
+                ));
+            }
+            (None, None) => None,
+        };
+        let qos = s.mqtt_qos.unwrap_or(1);
+        if qos > 2 {
+            return Err(invalid("mqtt_qos", format!("{qos} is not 0, 1 or 2")));
+        }
+        let topics = Topics {
+            user_count: topic(
+                "mqtt_topic_user_count",
+                s.mqtt_topic_user_count,
+                defaults::TOPIC_USER_COUNT,
+            )?,
+            user_list: topic(
+                "mqtt_topic_user_list",
+                s.mqtt_topic_user_list,
+                defaults::TOPIC_USER_LIST,
+            )?,
+            host_prefix: topic(
+                "mqtt_topic_host_prefix",
+                s.mqtt_topic_host_prefix,
+                defaults::TOPIC_HOST_PREFIX,
+            )?,
+            status: topic(
+                "mqtt_topic_status",
+                s.mqtt_topic_status,
+                defaults::TOPIC_STATUS,
+            )?,
+            session_start: optional_topic("mqtt_topic_session_start", s.mqtt_topic_session_start)?,
+            session_stop: optional_topic("mqtt_topic_session_stop", s.mqtt_topic_session_stop)?,
+            connection_open: optional_topic(
+                "mqtt_topic_connection_open",
+                s.mqtt_topic_connection_open,
+            )?,
+            connection_close: optional_topic(
+                "mqtt_topic_connection_close",
+                s.mqtt_topic_connection_close,
+            )?,
+        };
+        let client_id = match s.mqtt_client_id {
+            Some(id) if id.trim().is_empty() => {
+                return Err(invalid("mqtt_client_id", "must not be empty"));
+            }
+            Some(id) => id,
+            None => format!("session-monitor-{}", local_hostname()),
+        };
+        if let Some(level) = &s.log_level {
+            tracing_subscriber::EnvFilter::try_new(level)
+                .map_err(|e| invalid("log_level", e.to_string()))?;
+        }
+
+        Ok(Config {
+            udp: UdpConfig {
+                listen: s
+                    .udp_listen
+                    .unwrap_or_else(|| parse_addr(defaults::UDP_LISTEN)),
+                allowed_sources: s.udp_allowed_sources.unwrap_or_default(),
+                limits,
+                receive_buffer_bytes: positive(
+                    "udp_receive_buffer_bytes",
+                    s.udp_receive_buffer_bytes,
+                )?
+                .unwrap_or(defaults::UDP_RECEIVE_BUFFER_BYTES),
+            },
+            http_listen: s
+                .http_listen
+                .unwrap_or_else(|| parse_addr(defaults::HTTP_LISTEN)),
+            expiry,
+            exclusions,
+            mqtt: MqttConfig {
+                broker,
+                client_id,
+                credentials,
+                qos,
+                retain: s.mqtt_retain.unwrap_or(true),
+                keep_alive: at_least("mqtt_keep_alive", s.mqtt_keep_alive, Duration::from_secs(1))?
+                    .unwrap_or(defaults::MQTT_KEEP_ALIVE),
+                topics,
+                user_list_format: s.mqtt_user_list_format.unwrap_or_default(),
+                publish_interval: positive("publish_interval", s.publish_interval)?
+                    .unwrap_or(defaults::PUBLISH_INTERVAL),
+            },
+            checkpoint: CheckpointConfig {
+                store: CheckpointStoreConfig::File(
+                    s.checkpoint_file
+                        .unwrap_or_else(|| defaults::CHECKPOINT_FILE.into()),
+                ),
+                interval: positive("checkpoint_interval", s.checkpoint_interval)?
+                    .unwrap_or(defaults::CHECKPOINT_INTERVAL),
+            },
+            log_level: s.log_level.unwrap_or_else(|| "info".to_owned()),
+            log_format: s.log_format.unwrap_or_default(),
+        })
+    }
+}
+
+/// Zero would mean "never" or "always" for every numeric setting we have, so it is refused.
+fn positive<T: Default + PartialEq>(
+    key: &'static str,
+    value: Option<T>,
+) -> Result<Option<T>, ConfigError> {
+    match value {
+        Some(v) if v == T::default() => Err(invalid(key, "must be greater than zero")),
+        v => Ok(v),
+    }
+}
+
+fn at_least(
+    key: &'static str,
+    value: Option<Duration>,
+    min: Duration,
+) -> Result<Option<Duration>, ConfigError> {
+    match value {
+        Some(v) if v < min => Err(invalid(
+            key,
+            format!("must be at least {}", humantime::format_duration(min)),
+        )),
+        v => Ok(v),
+    }
+}
+
+fn topic(key: &'static str, value: Option<String>, default: &str) -> Result<String, ConfigError> {
+    let value = value.unwrap_or_else(|| default.to_owned());
+    if value.is_empty() || value.contains(['+', '#', '\0']) {
+        return Err(invalid(
+            key,
+            format!("{value:?} is not a valid MQTT topic to publish to"),
+        ));
+    }
+    Ok(value)
+}
+
+fn optional_topic(key: &'static str, value: Option<String>) -> Result<Option<String>, ConfigError> {
+    value.map(|v| topic(key, Some(v), "")).transpose()
+}
+
+fn parse_mqtt_url(url: &str, s: &Settings) -> Result<MqttBroker, ConfigError> {
+    const KEY: &str = "mqtt_url";
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| invalid(KEY, format!("{url:?} is not a URL like mqtt://broker:1883")))?;
+    let (tls, default_port) = match scheme.to_ascii_lowercase().as_str() {
+        "mqtt" | "tcp" => (false, 1883),
+        "mqtts" | "ssl" => (true, 8883),
+        other => {
+            return Err(invalid(
+                KEY,
+                format!("scheme {other:?} is not mqtt or mqtts"),
+            ));
+        }
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.contains(['/', '?', '#']) {
+        return Err(invalid(KEY, "a broker URL has no path or query"));
+    }
+    if authority.contains('@') {
+        return Err(invalid(
+            KEY,
+            "credentials do not belong in the URL; use mqtt_username and mqtt_password_file",
+        ));
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        // "[::1]:1883" or "host:1883", but not a bare IPv6 address.
+        Some((host, port)) if !host.contains(':') || host.ends_with(']') => {
+            let port = port
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| {
+                    invalid(
+                        KEY,
+                        format!("port {port:?} is not a number from 1 to 65535"),
+                    )
+                })?;
+            (host, port)
+        }
+        _ => (authority, default_port),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(invalid(KEY, "the broker host is empty"));
+    }
+    let client_auth = match (&s.mqtt_client_cert_file, &s.mqtt_client_key_file) {
+        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(invalid(
+                "mqtt_client_key_file",
+                "a client certificate needs its key",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "mqtt_client_cert_file",
+                "a client key needs its certificate",
+            ));
+        }
+    };
+    let tls = match tls {
+        true => Some(MqttTls {
+            ca_file: s.mqtt_ca_file.clone(),
+            client_auth,
+        }),
+        false if s.mqtt_ca_file.is_some() || client_auth.is_some() => {
+            return Err(invalid(
+                KEY,
+                "TLS files are set but the URL is not mqtts://",
+            ));
+        }
+        false => None,
+    };
+    Ok(MqttBroker::External {
+        host: host.to_owned(),
+        port,
+        tls,
+    })
+}
+
+fn local_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "local".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(s: Settings) -> Result<Config, ConfigError> {
+        Config::from_settings(s, None)
+    }
+
+    #[test]
+    fn nothing_is_required() {
+        let c = config(Settings::default()).unwrap();
+        assert_eq!(c.udp.listen, "0.0.0.0:9997".parse().unwrap());
+        assert_eq!(c.http_listen, "0.0.0.0:9842".parse().unwrap());
+        assert_eq!(
+            c.mqtt.broker,
+            MqttBroker::Embedded {
+                listen: "127.0.0.1:1883".parse().unwrap()
+            }
+        );
+        assert_eq!(c.mqtt.qos, 1);
+        assert!(c.mqtt.retain);
+        assert_eq!(c.mqtt.topics.user_count, "qliksense/users/active/count");
+        assert_eq!(c.mqtt.topics.session_start, None);
+        assert_eq!(c.expiry.idle_timeout, Duration::from_secs(1800));
+        assert_eq!(
+            c.checkpoint.store,
+            CheckpointStoreConfig::File("data/session-monitor.checkpoint".into())
+        );
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file: Settings = toml::from_str(
+            "mqtt_qos = 0\nidle_timeout = \"10m\"\nexclude_users = ['INTERNAL\\sa_*']",
+        )
+        .unwrap();
+        let cli = Settings {
+            mqtt_qos: Some(2),
+            ..Settings::default()
+        };
+        let merged = cli.or(file);
+        assert_eq!(merged.mqtt_qos, Some(2));
+        assert_eq!(merged.idle_timeout, Some(Duration::from_secs(600)));
+        assert_eq!(
+            merged.exclude_users,
+            Some(vec!["INTERNAL\\sa_*".to_owned()])
+        );
+    }
+
+    #[test]
+    fn settings_round_trip_through_toml() {
+        let s = Settings {
+            udp_listen: Some("127.0.0.1:1".parse().unwrap()),
+            udp_allowed_sources: Some(vec!["10.0.0.0/8".parse().unwrap()]),
+            publish_interval: Some(Duration::from_millis(100)),
+            mqtt_user_list_format: Some(UserListFormat::UserId),
+            log_format: Some(LogFormat::Json),
+            ..Settings::default()
+        };
+        let back: Settings = toml::from_str(&s.to_toml()).unwrap();
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn unknown_file_keys_are_errors() {
+        assert!(
+            toml::from_str::<Settings>("mqtt_urll = 'x'")
+                .unwrap_err()
+                .to_string()
+                .contains("mqtt_urll")
+        );
+    }
+
+    #[test]
+    fn errors_name_the_setting_three_ways() {
+        let e = config(Settings {
+            mqtt_qos: Some(3),
+            ..Settings::default()
+        })
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid setting `mqtt_qos` (--mqtt-qos, SESSION_MONITOR_MQTT_QOS): 3 is not 0, 1 or 2"
+        );
+        let e = config(Settings {
+            publish_interval: Some(Duration::ZERO),
+            ..Settings::default()
+        })
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("invalid setting `publish_interval`"),
+            "{e}"
+        );
+        let e = config(Settings {
+            exclude_users: Some(vec!["sa_*".into()]),
+            ..Settings::default()
+        })
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with("invalid setting `exclude_users`"),
+            "{e}"
+        );
+        let e = config(Settings {
+            idle_timeout: Some(Duration::from_secs(25 * 3600)),
+            ..Settings::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("`max_idle`"), "{e}");
+        let e = config(Settings {
+            mqtt_topic_status: Some("a/#".into()),
+            ..Settings::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("`mqtt_topic_status`"), "{e}");
+        let e = config(Settings {
+            log_level: Some("info,=x=y".into()),
+            ..Settings::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("`log_level`"), "{e}");
+    }
+
+    #[test]
+    fn mqtt_urls() {
+        let url = |u: &str| parse_mqtt_url(u, &Settings::default());
+        assert_eq!(
+            url("mqtt://broker").unwrap(),
+            MqttBroker::External {
+                host: "broker".into(),
+                port: 1883,
+                tls: None
+            }
+        );
+        assert_eq!(
+            url("mqtt://10.0.0.1:1884/").unwrap(),
+            MqttBroker::External {
+                host: "10.0.0.1".into(),
+                port: 1884,
+                tls: None
+            }
+        );
+        assert_eq!(
+            url("mqtt://[::1]:1885").unwrap(),
+            MqttBroker::External {
+                host: "::1".into(),
+                port: 1885,
+                tls: None
+            }
+        );
+        assert_eq!(
+            url("MQTTS://broker.example").unwrap(),
+            MqttBroker::External {
+                host: "broker.example".into(),
+                port: 8883,
+                tls: Some(MqttTls {
+                    ca_file: None,
+                    client_auth: None
+                })
+            }
+        );
+        for bad in [
+            "broker:1883",
+            "http://broker",
+            "mqtt://",
+            "mqtt://b:0",
+            "mqtt://b:x",
+            "mqtt://u:p@b",
+            "mqtt://b/topic",
+        ] {
+            assert!(
+                matches!(
+                    url(bad),
+                    Err(ConfigError::Invalid {
+                        key: "mqtt_url",
+                        ..
+                    })
+                ),
+                "{bad}"
+            );
+        }
+        let with_ca = Settings {
+            mqtt_ca_file: Some("ca.pem".into()),
+            ..Settings::default()
+        };
+        assert!(
+            parse_mqtt_url("mqtt://b", &with_ca).is_err(),
+            "TLS files with a plain URL are a mistake"
+        );
+    }
+
+    #[test]
+    fn password_comes_from_file_or_env_and_is_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let s = Settings {
+            mqtt_url: Some("mqtt://b".into()),
+            mqtt_username: Some("svc".into()),
+            mqtt_password_file: Some(file),
+            ..Settings::default()
+        };
+        let c = config(s).unwrap();
+        let creds = c.mqtt.credentials.unwrap();
+        assert_eq!(creds.password, "s3cret");
+        assert!(!format!("{creds:?}").contains("s3cret"));
+
+        let s = Settings {
+            mqtt_username: Some("svc".into()),
+            ..Settings::default()
+        };
+        let c = Config::from_settings(s, Some("envpw".into())).unwrap();
+        assert_eq!(c.mqtt.credentials.unwrap().password, "envpw");
+
+        let e = Config::from_settings(Settings::default(), Some("pw".into())).unwrap_err();
+        assert!(e.to_string().contains("`mqtt_username`"));
+    }
+}
