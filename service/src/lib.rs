@@ -1,15 +1,21 @@
 //! session-monitor: active Qlik Sense users from the proxy's log4net UDP events.
 //!
-//! Data flows one way: socket (`ingest`) → [`parser`] (pure) → [`registry`] (pure, time passed
-//! in) → change signal → publishers (`mqtt`, `checkpoint`, `http` read views).
+//! Data flows one way: socket ([`ingest`]) → [`parser`] (pure) → [`registry`] (pure, time passed
+//! in) → change signal ([`state`]) → publishers ([`mqtt`], [`checkpoint`], [`http`] read views).
+//! [`service`] wires them together; [`cli`] is the binary's entry point.
 
+pub mod broker;
+pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod exclusions;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod mqtt;
 pub mod parser;
+pub mod ratelimit;
 pub mod registry;
-
-pub mod cli {
-    pub fn main() -> std::process::ExitCode {
-        std::process::ExitCode::SUCCESS
-    }
-}
+pub mod service;
+pub mod simulate;
+pub mod state;

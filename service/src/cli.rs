@@ -1,0 +1,118 @@
+//! The command line: run the service (the default), or `simulate` Qlik proxy traffic.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, LogFormat, Settings};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "session-monitor",
+    version,
+    about = "Tracks active Qlik Sense users from the proxy's log4net UDP events and publishes them to MQTT, Prometheus and HTTP.",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    /// TOML config file whose keys are the settings below (flags and env vars override it)
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_CONFIG",
+        value_name = "PATH",
+        global = false
+    )]
+    config: Option<PathBuf>,
+
+    #[command(flatten)]
+    settings: Settings,
+
+    #[command(subcommand)]
+    command: Option<Commands>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Commands {
+    /// Send realistic Qlik Sense proxy traffic (all three formats, some malformed) to a target
+    Simulate(crate::simulate::SimulateArgs),
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Commands::Simulate(args)) => simulate(&args),
+        None => serve(cli.settings, cli.config),
+    }
+}
+
+fn serve(flags: Settings, config_file: Option<PathBuf>) -> ExitCode {
+    let settings = match config_file {
+        Some(path) => match Settings::from_file(&path) {
+            Ok(file) => flags.or(file),
+            Err(error) => return fail(&error),
+        },
+        None => flags,
+    };
+    let password = std::env::var("SESSION_MONITOR_MQTT_PASSWORD").ok();
+    let config = match Config::from_settings(settings, password) {
+        Ok(config) => config,
+        Err(error) => return fail(&error),
+    };
+    init_logging(&config.log_level, config.log_format);
+    // One TLS provider for the whole process (rumqttc and, later, kube use rustls).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("session-monitor")
+        .build()
+        .expect("building the tokio runtime");
+    match runtime.block_on(crate::service::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "cannot start");
+            fail(&error)
+        }
+    }
+}
+
+fn simulate(args: &crate::simulate::SimulateArgs) -> ExitCode {
+    match crate::simulate::run(args) {
+        Ok(report) => {
+            let secs = report.elapsed.as_secs_f64();
+            println!(
+                "sent {} datagrams in {:.2} s ({:.0}/s), {} malformed; start/stop/open/close: {:?}",
+                report.sent,
+                secs,
+                report.sent as f64 / secs.max(1e-9),
+                report.malformed,
+                report.by_command
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(&error),
+    }
+}
+
+fn fail(error: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("session-monitor: {error}");
+    ExitCode::from(2)
+}
+
+fn init_logging(level: &str, format: LogFormat) {
+    // rumqttd logs every client connection, and spurious errors at shutdown; silent unless asked for (e.g. `info,rumqttd=info`).
+    let filter = if level.contains("rumqttd") {
+        level.to_owned()
+    } else {
+        format!("{level},rumqttd=off")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).expect("validated with the config");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

@@ -1,0 +1,96 @@
+//! HTTP on one port: Prometheus `/metrics`, the `/healthz` and `/readyz` probes, and the small
+//! read API under `/api/v1`. Read-only: nothing here changes the registry.
+
+use std::collections::BTreeMap;
+use std::net::UdpSocket;
+use std::sync::Arc;
+
+use axum::extract::State as AxumState;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+
+use crate::registry::{HostSummary, UserView};
+use crate::state::State;
+
+#[derive(Clone)]
+struct Http {
+    state: Arc<State>,
+    /// For the kernel's drop count at scrape time.
+    udp: Arc<UdpSocket>,
+}
+
+pub fn router(state: Arc<State>, udp: Arc<UdpSocket>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/api/v1/summary", get(summary))
+        .route("/api/v1/users", get(users))
+        .with_state(Http { state, udp })
+}
+
+async fn metrics(AxumState(http): AxumState<Http>) -> Response {
+    let state = &http.state;
+    // Gauges mirroring the registry are set at scrape time: always exact, and no work per event.
+    let (users, sessions, hosts) =
+        state.with_registry(|r| (r.active_users(), r.active_sessions(), r.hosts()));
+    state.metrics.set_counts(users, sessions, &hosts);
+    if let Some(drops) = crate::ingest::kernel_drops(&http.udp) {
+        let counted = state.metrics.udp_kernel_drops.get();
+        state
+            .metrics
+            .udp_kernel_drops
+            .inc_by(drops.saturating_sub(counted));
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn readyz(AxumState(http): AxumState<Http>) -> Response {
+    if http.state.is_ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "restoring checkpoint\n").into_response()
+    }
+}
+
+#[derive(Serialize)]
+struct Summary {
+    active_users: usize,
+    active_sessions: usize,
+    /// Active users per host, for a quick look; `hosts` has the detail.
+    active_users_per_host: BTreeMap<String, usize>,
+    hosts: Vec<HostSummary>,
+    /// Names of the active users, sorted; `/api/v1/users` has the detail.
+    users: Vec<String>,
+}
+
+async fn summary(AxumState(http): AxumState<Http>) -> Json<Summary> {
+    let (active_users, active_sessions, hosts, users) = http.state.with_registry(|r| {
+        let names = r.user_names().into_iter().map(str::to_owned).collect();
+        (r.active_users(), r.active_sessions(), r.hosts(), names)
+    });
+    Json(Summary {
+        active_users,
+        active_sessions,
+        active_users_per_host: hosts
+            .iter()
+            .map(|h| (h.host.clone(), h.active_users))
+            .collect(),
+        hosts,
+        users,
+    })
+}
+
+async fn users(AxumState(http): AxumState<Http>) -> Json<Vec<UserView>> {
+    Json(http.state.with_registry(|r| r.users()))
+}

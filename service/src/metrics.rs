@@ -1,0 +1,310 @@
+//! The service's Prometheus metrics: one registry, one struct of typed handles.
+//!
+//! Label values are closed sets known at start (formats, commands, reasons) plus proxy host
+//! names, so the per-event path uses pre-resolved handles and never hashes a label. No metric
+//! carries a user label: cardinality stays bounded by the number of proxies.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::parser::{Command, Format, Reject};
+use crate::registry::{Expired, HostSummary, Outcome};
+
+const PREFIX: &str = "session_monitor";
+
+pub struct Metrics {
+    registry: Registry,
+    pub active_users: IntGauge,
+    pub active_sessions: IntGauge,
+    host_active_users: IntGaugeVec,
+    host_active_sessions: IntGaugeVec,
+    pub datagrams_received: IntCounter,
+    /// Indexed like [`Reject::ALL`].
+    dropped: Vec<IntCounter>,
+    /// Indexed by format then command, like [`Format::ALL`] × [`Command::ALL`].
+    events: Vec<IntCounter>,
+    pub excluded_events: IntCounter,
+    pub unknown_session_stops: IntCounter,
+    pub sessions_recovered: IntCounter,
+    expired_idle: IntCounter,
+    expired_max_idle: IntCounter,
+    pub udp_receive_buffer_bytes: IntGauge,
+    pub udp_kernel_drops: IntCounter,
+    pub mqtt_connected: IntGauge,
+    pub mqtt_connections: IntCounter,
+    pub mqtt_connection_errors: IntCounter,
+    pub mqtt_publishes: IntCounterVec,
+    pub mqtt_publish_failures: IntCounterVec,
+    pub mqtt_events_dropped: IntCounter,
+    pub checkpoint_writes: IntCounterVec,
+    pub checkpoint_duration: Histogram,
+    pub checkpoint_size_bytes: IntGauge,
+    pub checkpoint_restores: IntCounterVec,
+    pub checkpoint_restored_sessions: IntGauge,
+    pub ready: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let r = &registry;
+        let gauge = |name: &str, help: &str| register(r, IntGauge::with_opts(opts(name, help)));
+        let counter = |name: &str, help: &str| register(r, IntCounter::with_opts(opts(name, help)));
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            register(r, IntGaugeVec::new(opts(name, help), labels))
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            register(r, IntCounterVec::new(opts(name, help), labels))
+        };
+
+        let dropped = counter_vec(
+            "datagrams_dropped_total",
+            "UDP datagrams dropped, by reason.",
+            &["reason"],
+        );
+        let events = counter_vec(
+            "events_total",
+            "Proxy events accepted, by wire format and command.",
+            &["format", "command"],
+        );
+        let expired = counter_vec(
+            "sessions_expired_total",
+            "Sessions removed for silence, by rule (idle: no connection for idle_timeout; max_idle: any session after max_idle).",
+            &["rule"],
+        );
+        let build_info = gauge_vec("build_info", "Build information; always 1.", &["version"]);
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        let metrics = Metrics {
+            active_users: gauge(
+                "active_users",
+                "Distinct users with at least one active session.",
+            ),
+            active_sessions: gauge("active_sessions", "Active proxy sessions."),
+            host_active_users: gauge_vec(
+                "host_active_users",
+                "Distinct users with at least one active session on a proxy host.",
+                &["host"],
+            ),
+            host_active_sessions: gauge_vec(
+                "host_active_sessions",
+                "Active sessions on a proxy host.",
+                &["host"],
+            ),
+            datagrams_received: counter("datagrams_received_total", "UDP datagrams received."),
+            dropped: Reject::ALL
+                .iter()
+                .map(|r| dropped.with_label_values(&[r.as_str()]))
+                .collect(),
+            events: Format::ALL
+                .iter()
+                .flat_map(|f| Command::ALL.iter().map(move |c| (f, c)))
+                .map(|(f, c)| events.with_label_values(&[f.as_str(), c.as_str()]))
+                .collect(),
+            excluded_events: counter(
+                "excluded_events_total",
+                "Events of users matching an exclusion pattern (not counted as active).",
+            ),
+            unknown_session_stops: counter(
+                "unknown_session_stops_total",
+                "Stop events for sessions that were not active (no-ops).",
+            ),
+            sessions_recovered: counter(
+                "sessions_recovered_total",
+                "Sessions first seen through a connection event rather than a start.",
+            ),
+            expired_idle: expired.with_label_values(&["idle"]),
+            expired_max_idle: expired.with_label_values(&["max_idle"]),
+            udp_receive_buffer_bytes: gauge(
+                "udp_receive_buffer_bytes",
+                "Receive buffer size the kernel granted the UDP socket.",
+            ),
+            udp_kernel_drops: counter(
+                "udp_kernel_drops_total",
+                "Datagrams the kernel dropped because the socket's receive buffer was full.",
+            ),
+            mqtt_connected: gauge("mqtt_connected", "1 while connected to the MQTT broker."),
+            mqtt_connections: counter(
+                "mqtt_connections_total",
+                "Successful MQTT connections (the first and every reconnect).",
+            ),
+            mqtt_connection_errors: counter(
+                "mqtt_connection_errors_total",
+                "MQTT connection failures and losses.",
+            ),
+            mqtt_publishes: counter_vec(
+                "mqtt_publishes_total",
+                "MQTT messages handed to the client, by kind (state, status, event).",
+                &["kind"],
+            ),
+            mqtt_publish_failures: counter_vec(
+                "mqtt_publish_failures_total",
+                "MQTT messages that could not be queued, by kind (retried for state).",
+                &["kind"],
+            ),
+            mqtt_events_dropped: counter(
+                "mqtt_events_dropped_total",
+                "Event-topic messages dropped because the broker link was down or too slow.",
+            ),
+            checkpoint_writes: counter_vec(
+                "checkpoint_writes_total",
+                "Checkpoint writes, by result.",
+                &["result"],
+            ),
+            checkpoint_duration: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        format!("{PREFIX}_checkpoint_duration_seconds"),
+                        "Time to encode and write a checkpoint.",
+                    )
+                    .buckets(vec![
+                        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    ]),
+                ),
+            ),
+            checkpoint_size_bytes: gauge(
+                "checkpoint_size_bytes",
+                "Size of the last checkpoint written.",
+            ),
+            checkpoint_restores: counter_vec(
+                "checkpoint_restores_total",
+                "Checkpoint restores at start, by result (restored, empty, corrupt, failed).",
+                &["result"],
+            ),
+            checkpoint_restored_sessions: gauge(
+                "checkpoint_restored_sessions",
+                "Sessions restored from the checkpoint at start.",
+            ),
+            ready: gauge(
+                "ready",
+                "1 once the checkpoint is restored and the UDP socket bound.",
+            ),
+            registry,
+        };
+        for kind in ["state", "status", "event"] {
+            metrics.mqtt_publishes.with_label_values(&[kind]);
+            metrics.mqtt_publish_failures.with_label_values(&[kind]);
+        }
+        for result in ["success", "failure"] {
+            metrics.checkpoint_writes.with_label_values(&[result]);
+        }
+        metrics
+            .registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process collector registers once");
+        metrics
+    }
+
+    pub fn dropped(&self, reason: Reject) {
+        let i = Reject::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .expect("in ALL");
+        self.dropped[i].inc();
+    }
+
+    pub fn event(&self, format: Format, command: Command, outcome: Outcome) {
+        let f = Format::ALL
+            .iter()
+            .position(|x| *x == format)
+            .expect("in ALL");
+        let c = Command::ALL
+            .iter()
+            .position(|x| *x == command)
+            .expect("in ALL");
+        self.events[f * Command::ALL.len() + c].inc();
+        match outcome {
+            Outcome::Excluded => self.excluded_events.inc(),
+            Outcome::UnknownSessionStopped => self.unknown_session_stops.inc(),
+            Outcome::SessionRecovered => self.sessions_recovered.inc(),
+            Outcome::SessionStarted | Outcome::SessionRefreshed | Outcome::SessionStopped => {}
+        }
+    }
+
+    pub fn expired(&self, expired: Expired) {
+        self.expired_idle.inc_by(expired.idle as u64);
+        self.expired_max_idle.inc_by(expired.max_idle as u64);
+    }
+
+    /// Sets the gauges that mirror the registry's counts.
+    pub fn set_counts(&self, users: usize, sessions: usize, hosts: &[HostSummary]) {
+        self.active_users.set(users as i64);
+        self.active_sessions.set(sessions as i64);
+        for h in hosts {
+            self.host_active_users
+                .with_label_values(&[h.host.as_str()])
+                .set(h.active_users as i64);
+            self.host_active_sessions
+                .with_label_values(&[h.host.as_str()])
+                .set(h.active_sessions as i64);
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(out).expect("exposition is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(format!("{PREFIX}_{name}"), help)
+}
+
+fn register<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<M>,
+) -> M {
+    let metric = metric.expect("metric definitions are static and valid");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("each metric registers once");
+    metric
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_follow_conventions() {
+        let m = Metrics::new();
+        m.dropped(Reject::UnknownPrefix);
+        m.event(
+            Format::Butler,
+            Command::StartSession,
+            Outcome::SessionStarted,
+        );
+        let text = m.render();
+        assert!(
+            text.contains("session_monitor_datagrams_dropped_total{reason=\"unknown_prefix\"} 1")
+        );
+        assert!(text.contains(
+            "session_monitor_events_total{command=\"start_session\",format=\"butler\"} 1"
+        ));
+        assert!(text.contains("session_monitor_build_info{version="));
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("# TYPE") && l.ends_with("counter"))
+        {
+            let name = line.split(' ').nth(2).unwrap();
+            assert!(name.ends_with("_total"), "counter {name} lacks _total");
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! Rate limiting for log lines that a flood of bad input could otherwise turn into a flood of
+//! logs: at most one line per key per period, reporting how many were suppressed in between.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+pub struct RateLimiter {
+    period: Duration,
+    /// Per key: when a line was last allowed, and how many were suppressed since.
+    last: HashMap<&'static str, (Instant, u64)>,
+}
+
+impl RateLimiter {
+    pub fn new(period: Duration) -> RateLimiter {
+        RateLimiter {
+            period,
+            last: HashMap::new(),
+        }
+    }
+
+    /// `Some(suppressed)` if a line for `key` may be logged now.
+    pub fn allow(&mut self, key: &'static str) -> Option<u64> {
+        self.allow_at(key, Instant::now())
+    }
+
+    fn allow_at(&mut self, key: &'static str, now: Instant) -> Option<u64> {
+        match self.last.get_mut(key) {
+            Some((at, suppressed)) if now.duration_since(*at) < self.period => {
+                *suppressed += 1;
+                None
+            }
+            Some((at, suppressed)) => {
+                *at = now;
+                Some(std::mem::take(suppressed))
+            }
+            None => {
+                self.last.insert(key, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_per_period_per_key() {
+        let mut r = RateLimiter::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(r.allow_at("a", t0), Some(0));
+        assert_eq!(r.allow_at("a", t0 + Duration::from_secs(1)), None);
+        assert_eq!(r.allow_at("a", t0 + Duration::from_secs(2)), None);
+        assert_eq!(r.allow_at("b", t0 + Duration::from_secs(2)), Some(0));
+        assert_eq!(r.allow_at("a", t0 + Duration::from_secs(11)), Some(2));
+        assert_eq!(r.allow_at("a", t0 + Duration::from_secs(12)), None);
+    }
+}

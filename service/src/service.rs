@@ -1,0 +1,173 @@
+//! The composition root: starts every task of the service in order, and stops them in order.
+//!
+//! Start: embedded broker (if any) → checkpoint restore → UDP bind → HTTP → ready; then the
+//! publishers run. Stop (SIGTERM/SIGINT): ingest stops first, then the final checkpoint is
+//! written and MQTT says `offline`, so the checkpoint holds every event that was accepted.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::checkpoint::{self, Store};
+use crate::config::{Config, MqttBroker};
+use crate::metrics::Metrics;
+use crate::registry::{Registry, UnixMillis};
+use crate::state::State;
+use crate::{broker, http, ingest, mqtt};
+
+/// How often silent sessions are swept out.
+const EXPIRY_SWEEP: Duration = Duration::from_secs(5);
+/// Event-topic messages waiting for the MQTT publisher; beyond this they are dropped, counted.
+const EVENT_QUEUE: usize = 8192;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Broker(#[from] broker::BrokerError),
+    #[error("MQTT: {0}")]
+    Mqtt(#[from] mqtt::SetupError),
+    #[error("cannot restore the checkpoint: {0}")]
+    Checkpoint(#[from] checkpoint::StoreError),
+    #[error("cannot listen for UDP on {addr} (udp_listen): {source}")]
+    Udp {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot listen for HTTP on {addr} (http_listen): {source}")]
+    Http {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let state = Arc::new(State::new(
+        Registry::new(config.expiry.clone(), config.exclusions.clone()),
+        Metrics::new(),
+    ));
+    if let MqttBroker::Embedded { listen } = config.mqtt.broker {
+        broker::start(listen)?;
+    }
+    let mqtt_options = mqtt::options(&config.mqtt)?;
+
+    let store = Store::from_config(&config.checkpoint.store);
+    checkpoint::restore(&store, &state).await?;
+
+    let (udp, granted) = ingest::bind(&config.udp).map_err(|source| StartError::Udp {
+        addr: config.udp.listen,
+        source,
+    })?;
+    state.metrics.udp_receive_buffer_bytes.set(granted as i64);
+    let udp = Arc::new(udp);
+    let http_listener = tokio::net::TcpListener::bind(config.http_listen)
+        .await
+        .map_err(|source| StartError::Http {
+            addr: config.http_listen,
+            source,
+        })?;
+    tracing::info!(
+        udp = %config.udp.listen,
+        udp_receive_buffer_bytes = granted,
+        http = %config.http_listen,
+        checkpoint = %store.describe(),
+        mqtt = ?config.mqtt.broker,
+        "session-monitor started"
+    );
+
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let stop_ingest = Arc::new(AtomicBool::new(false));
+    let (events_tx, events_rx) = match mqtt::wants_events(&config.mqtt.topics) {
+        true => {
+            let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+            (Some(tx), Some(rx))
+        }
+        false => (None, None),
+    };
+    let ingest = {
+        let (socket, udp_config, state, stop) = (
+            udp.try_clone().map_err(|source| StartError::Udp {
+                addr: config.udp.listen,
+                source,
+            })?,
+            config.udp.clone(),
+            state.clone(),
+            stop_ingest.clone(),
+        );
+        std::thread::Builder::new()
+            .name("udp-ingest".to_owned())
+            .spawn(move || ingest::run(socket, udp_config, state, events_tx, stop))
+            .expect("spawning a thread")
+    };
+    let http_server = tokio::spawn({
+        let router = http::router(state.clone(), udp.clone());
+        let mut shutdown = shutdown.clone();
+        async move {
+            let stopped = async move {
+                let _ = crate::state::stop_requested(&mut shutdown).await;
+            };
+            if let Err(error) = axum::serve(http_listener, router)
+                .with_graceful_shutdown(stopped)
+                .await
+            {
+                tracing::error!(%error, "HTTP server failed");
+            }
+        }
+    });
+    let expiry = tokio::spawn(sweep_expired(state.clone(), shutdown.clone()));
+    let checkpointer = tokio::spawn(checkpoint::run(
+        store,
+        state.clone(),
+        config.checkpoint.interval,
+        shutdown.clone(),
+    ));
+    let (stop_mqtt_tx, stop_mqtt) = watch::channel(false);
+    let publisher = tokio::spawn(mqtt::run(
+        config.mqtt.clone(),
+        mqtt_options,
+        state.clone(),
+        events_rx,
+        stop_mqtt,
+    ));
+    state.set_ready();
+
+    let signal = shutdown_signal().await;
+    tracing::info!(signal, "shutting down");
+    stop_ingest.store(true, Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || ingest.join()).await;
+    // Publish the last state before saying offline: one more publish interval at most.
+    let _ = shutdown_tx.send(true);
+    let _ = checkpointer.await;
+    let _ = stop_mqtt_tx.send(true);
+    let _ = tokio::join!(publisher, http_server, expiry);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn sweep_expired(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(EXPIRY_SWEEP);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let expired = state.with_registry(|r| r.expire(UnixMillis::now()));
+                if expired.idle + expired.max_idle > 0 {
+                    state.metrics.expired(expired);
+                    state.changed(true);
+                    tracing::debug!(idle = expired.idle, max_idle = expired.max_idle, "expired silent sessions");
+                }
+            }
+            _ = crate::state::stop_requested(&mut shutdown) => break,
+        }
+    }
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+    }
+}
