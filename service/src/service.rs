@@ -18,8 +18,9 @@ use crate::registry::{Registry, UnixMillis};
 use crate::state::State;
 use crate::{broker, http, ingest, mqtt};
 
-/// How often silent sessions are swept out.
-const EXPIRY_SWEEP: Duration = Duration::from_secs(5);
+/// How often silent sessions are swept out, at most: a quarter of the idle timeout keeps expiry
+/// within 25 % of it, and 5 s is plenty for the 30 min default.
+const EXPIRY_SWEEP_MAX: Duration = Duration::from_secs(5);
 /// Event-topic messages waiting for the MQTT publisher; beyond this they are dropped, counted.
 const EVENT_QUEUE: usize = 8192;
 
@@ -116,7 +117,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             }
         }
     });
-    let expiry = tokio::spawn(sweep_expired(state.clone(), shutdown.clone()));
+    let sweep = (config.expiry.idle_timeout / 4).clamp(Duration::from_millis(50), EXPIRY_SWEEP_MAX);
+    let expiry = tokio::spawn(sweep_expired(state.clone(), sweep, shutdown.clone()));
     let checkpointer = tokio::spawn(checkpoint::run(
         store,
         state.clone(),
@@ -146,8 +148,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     Ok(())
 }
 
-async fn sweep_expired(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(EXPIRY_SWEEP);
+async fn sweep_expired(state: Arc<State>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
             _ = tick.tick() => {

@@ -1,0 +1,394 @@
+#![allow(dead_code)] // each test file uses a different part of the harness
+//! The harness of the end-to-end tests: a real mosquitto per test on a free loopback port, the
+//! real `session-monitor` binary as a child process, real UDP datagrams, and an MQTT subscriber.
+//!
+//! Everything waits by polling with a deadline; nothing sleeps a fixed time to "let things
+//! settle". Every child process is killed when its handle drops, also when a test panics.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long any awaited condition may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Polls `check` until it returns `Some`, or panics after [`DEADLINE`] with `what`.
+pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A mosquitto broker on 127.0.0.1, without persistence: a restart forgets retained messages,
+/// which lets tests prove the service republishes its state.
+pub struct Mosquitto {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    pub fn start() -> Mosquitto {
+        let mut broker = Mosquitto {
+            port: free_tcp_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        broker.spawn();
+        broker
+    }
+
+    fn spawn(&mut self) {
+        let conf = self.dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n",
+                self.port
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("mosquitto must be installed (apt-get install -y mosquitto); see README");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("mosquitto to accept connections", || {
+            TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops and starts again on the same port, empty.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The real binary with its own ports and checkpoint directory.
+pub struct Service {
+    pub udp_port: u16,
+    pub http_port: u16,
+    pub dir: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+    udp: UdpSocket,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_session-monitor-under-test")
+}
+
+/// A command for the binary with no SESSION_MONITOR_* settings leaking in from the environment.
+pub fn command() -> Command {
+    let mut command = Command::new(binary());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("SESSION_MONITOR_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
+impl Service {
+    /// Starts the service with `args` added to its ports and a checkpoint file in `dir`, and
+    /// waits until `/readyz` answers 200.
+    pub fn start(dir: &Path, args: &[&str]) -> Service {
+        let mut service = Service {
+            udp_port: free_udp_port(),
+            http_port: free_tcp_port(),
+            dir: dir.to_owned(),
+            child: None,
+            log: dir.join(format!("service-{}.log", std::process::id())),
+            udp: UdpSocket::bind("127.0.0.1:0").unwrap(),
+        };
+        service.spawn(args);
+        service
+    }
+
+    fn spawn(&mut self, args: &[&str]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = command()
+            .args(["--udp-listen", &format!("127.0.0.1:{}", self.udp_port)])
+            .args(["--http-listen", &format!("127.0.0.1:{}", self.http_port)])
+            .args([
+                "--checkpoint-file",
+                &self.dir.join("checkpoint").display().to_string(),
+            ])
+            .args(["--log-level", "debug,rumqttd=off"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        wait_for("the service to be ready", || {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("service exited early with {status}:\n{}", self.log_text());
+            }
+            self.get("/readyz").ok().filter(|(code, _)| *code == 200)
+        });
+    }
+
+    /// Restarts with the same ports, directory and `args`, after the previous process exited.
+    pub fn restart(&mut self, args: &[&str]) {
+        assert!(self.child.is_none(), "stop the service first");
+        self.spawn(args);
+    }
+
+    pub fn send(&self, datagram: impl AsRef<[u8]>) {
+        self.udp
+            .send_to(datagram.as_ref(), ("127.0.0.1", self.udp_port))
+            .unwrap();
+    }
+
+    /// HTTP GET on the service; `(status, body)`.
+    pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.http_port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let code = head
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        Ok((code, body.to_owned()))
+    }
+
+    pub fn get_json(&self, path: &str) -> serde_json::Value {
+        let (code, body) = self.get(path).unwrap();
+        assert_eq!(code, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// The value of one sample in `/metrics`, e.g. `session_monitor_active_users`.
+    pub fn metric(&self, sample: &str) -> Option<f64> {
+        let (_, body) = self.get("/metrics").ok()?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = self.child.as_ref().expect("running").id() as libc::pid_t;
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        wait_for("the service to exit", || child.try_wait().unwrap())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- service log ---\n{}", self.log_text());
+        }
+    }
+}
+
+/// One received MQTT message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub topic: String,
+    pub payload: String,
+    pub retain: bool,
+}
+
+/// An MQTT client subscribed to `#`, recording every message in order.
+pub struct Subscriber {
+    client: rumqttc::Client,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    messages: Arc<Mutex<Vec<Message>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Subscriber {
+    /// Connects to the broker on `port` and subscribes to `filter`; waits for the SUBACK so no
+    /// message published afterwards can be missed.
+    pub fn connect(port: u16, filter: &str) -> Subscriber {
+        let id = format!(
+            "e2e-{}-{}",
+            std::process::id(),
+            NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        options.set_max_packet_size(64 * 1024 * 1024, 64 * 1024);
+        let (client, mut connection) = rumqttc::Client::new(options, 100);
+        client.subscribe(filter, rumqttc::QoS::AtLeastOnce).unwrap();
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let subscribed = Arc::new(Mutex::new(false));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let (messages, subscribed, stop) = (messages.clone(), subscribed.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for event in connection.iter() {
+                    match event {
+                        Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                            messages.lock().unwrap().push(Message {
+                                topic: p.topic.clone(),
+                                payload: String::from_utf8_lossy(&p.payload).into_owned(),
+                                retain: p.retain,
+                            });
+                        }
+                        Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                            *subscribed.lock().unwrap() = true
+                        }
+                        Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+                        Ok(_) => {}
+                        Err(_) if stop.load(std::sync::atomic::Ordering::Relaxed) => break,
+                        // The broker may be restarting in some tests: keep trying.
+                        Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                    }
+                }
+            })
+        };
+        wait_for("the MQTT subscription", || {
+            subscribed.lock().unwrap().then_some(())
+        });
+        Subscriber {
+            client,
+            stop,
+            messages,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn messages(&self) -> Vec<Message> {
+        self.messages.lock().unwrap().clone()
+    }
+
+    /// The latest payload seen on each topic.
+    pub fn latest(&self) -> HashMap<String, Message> {
+        self.messages()
+            .into_iter()
+            .map(|m| (m.topic.clone(), m))
+            .collect()
+    }
+
+    /// Waits until the latest message on `topic` has `payload`.
+    pub fn wait_for_payload(&self, topic: &str, payload: &str) -> Message {
+        wait_for(
+            &format!(
+                "{payload:?} on {topic} (latest: {:?})",
+                self.latest().get(topic)
+            ),
+            || {
+                self.latest()
+                    .get(topic)
+                    .filter(|m| m.payload == payload)
+                    .cloned()
+            },
+        )
+    }
+}
+
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.client.disconnect();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Datagrams in the three formats the service accepts.
+pub mod datagram {
+    pub fn butler(command: &str, host: &str, dir: &str, user: &str) -> String {
+        let prefix = if command.contains("session") {
+            "/proxy-session/"
+        } else {
+            "/proxy-connection/"
+        };
+        format!(
+            "{prefix};{host};{command};{dir};{user};AppAccess;/hub/;{command} for user: '{dir}\\{user}'"
+        )
+    }
+
+    pub fn butler_sos(command: &str, host: &str, dir: &str, user: &str) -> String {
+        let prefix = if command.contains("session") {
+            "/qseow-proxy-session/"
+        } else {
+            "/qseow-proxy-connection/"
+        };
+        format!(
+            "{prefix};{host};{command};{dir};{user};AppAccess;/hub/;{command} for user: '{dir}\\{user}'"
+        )
+    }
+
+    pub fn own(command: &str, host: &str, dir: &str, user: &str, session_id: &str) -> String {
+        format!(
+            "/session-monitor/;{host};{command};{dir};{user};AppAccess;/app/0c7b;{session_id};{command} for user"
+        )
+    }
+}
