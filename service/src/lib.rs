@@ -7,6 +7,7 @@ pub mod config;
 pub mod exclusions;
 pub mod parser;
 pub mod registry;
+pub mod simulate;
 
 pub mod cli {
     pub fn main() -> std::process::ExitCode {
