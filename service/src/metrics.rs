@@ -173,7 +173,7 @@ impl Metrics {
             ),
             checkpoint_restores: counter_vec(
                 "checkpoint_restores_total",
-                "Checkpoint restores at start, by result (restored, empty, corrupt, failed).",
+                "Checkpoint restores at start, by result (restored, empty, corrupt).",
                 &["result"],
             ),
             checkpoint_restored_sessions: gauge(

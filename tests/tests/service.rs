@@ -443,3 +443,25 @@ fn a_config_file_is_honoured_and_flags_override_it() {
     sub.wait_for_payload(USERS, r#"["joe"]"#);
     assert!(!sub.latest().contains_key("from/file"));
 }
+
+#[test]
+fn the_readme_documents_every_setting() {
+    let help = command().arg("--help").output().unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let flags: Vec<&str> = help
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("--"))
+        .filter(|f| !f.is_empty() && f.chars().all(|c| c.is_ascii_lowercase() || c == '-'))
+        .filter(|f| !["help", "version", "config"].contains(f))
+        .collect();
+    assert!(flags.len() > 30, "parsed the help: {flags:?}");
+    for flag in flags {
+        let key = flag.replace('-', "_");
+        assert!(
+            readme.contains(&format!("`{key}`")),
+            "README's configuration table lacks `{key}`"
+        );
+    }
+}

@@ -31,6 +31,19 @@ pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// A program from PATH, or from /usr/sbin where Debian puts mosquitto (not on every PATH).
+pub fn program(name: &str) -> PathBuf {
+    let sbin = Path::new("/usr/sbin").join(name);
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|dir| dir.join(name).is_file()))
+        .unwrap_or(false);
+    if !on_path && sbin.is_file() {
+        sbin
+    } else {
+        PathBuf::from(name)
+    }
+}
+
 pub fn free_tcp_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -77,7 +90,7 @@ impl Mosquitto {
         )
         .unwrap();
         let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).unwrap();
-        let child = Command::new("mosquitto")
+        let child = Command::new(program("mosquitto"))
             .arg("-c")
             .arg(&conf)
             .stdout(log.try_clone().unwrap())
