@@ -64,15 +64,32 @@ pub fn free_udp_port() -> u16 {
 /// which lets tests prove the service republishes its state.
 pub struct Mosquitto {
     pub port: u16,
-    dir: tempfile::TempDir,
+    pub dir: tempfile::TempDir,
+    /// Configuration lines beyond the listener, e.g. TLS files and authentication.
+    extra_config: String,
     child: Option<Child>,
 }
 
 impl Mosquitto {
     pub fn start() -> Mosquitto {
+        Mosquitto::start_with(|_| "allow_anonymous true\n".to_owned())
+    }
+
+    /// Starts with configuration lines made by `config`, given the broker's own directory (for
+    /// certificates and password files).
+    pub fn start_with(config: impl FnOnce(&Path) -> String) -> Mosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        // mosquitto started as root drops to the `mosquitto` user, which must read these files.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let extra_config = config(dir.path());
         let mut broker = Mosquitto {
             port: free_tcp_port(),
-            dir: tempfile::tempdir().unwrap(),
+            dir,
+            extra_config,
             child: None,
         };
         broker.spawn();
@@ -81,14 +98,11 @@ impl Mosquitto {
 
     fn spawn(&mut self) {
         let conf = self.dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n",
-                self.port
-            ),
-        )
-        .unwrap();
+        let config = format!(
+            "persistence false\nlistener {} 127.0.0.1\n{}",
+            self.port, self.extra_config
+        );
+        std::fs::write(&conf, config).unwrap();
         let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).unwrap();
         let child = Command::new(program("mosquitto"))
             .arg("-c")
@@ -130,6 +144,7 @@ impl Drop for Mosquitto {
 
 /// The real binary with its own ports and checkpoint directory.
 pub struct Service {
+    env: Vec<(String, String)>,
     pub udp_port: u16,
     pub http_port: u16,
     pub dir: PathBuf,
@@ -157,7 +172,16 @@ impl Service {
     /// Starts the service with `args` added to its ports and a checkpoint file in `dir`, and
     /// waits until `/readyz` answers 200.
     pub fn start(dir: &Path, args: &[&str]) -> Service {
+        Service::start_with_env(dir, args, &[])
+    }
+
+    /// [`Service::start`] with extra environment variables (for settings that are not flags).
+    pub fn start_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Service {
         let mut service = Service {
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             udp_port: free_udp_port(),
             http_port: free_tcp_port(),
             dir: dir.to_owned(),
@@ -184,6 +208,7 @@ impl Service {
             ])
             .args(["--log-level", "debug,rumqttd=off"])
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
