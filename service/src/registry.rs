@@ -343,14 +343,14 @@ impl Registry {
     /// Display names (`DIRECTORY\userid`) of all active users, sorted case-insensitively.
     pub fn user_names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.live_users().map(|u| &*u.display).collect();
-        names.sort_unstable_by_key(|n| n.to_lowercase());
+        names.sort_by_cached_key(|n| n.to_lowercase());
         names
     }
 
     /// User ids only (Butler's payload), sorted and de-duplicated case-insensitively.
     pub fn user_ids(&self) -> Vec<&str> {
         let mut ids: Vec<&str> = self.live_users().map(User::user_id).collect();
-        ids.sort_unstable_by_key(|n| n.to_lowercase());
+        ids.sort_by_cached_key(|n| n.to_lowercase());
         ids.dedup_by(|a, b| a.to_lowercase() == b.to_lowercase());
         ids
     }
@@ -403,7 +403,7 @@ impl Registry {
         for v in &mut views {
             v.hosts.sort();
         }
-        views.sort_by_key(|v| v.name.to_lowercase());
+        views.sort_by_cached_key(|v| v.name.to_lowercase());
         views
     }
 
