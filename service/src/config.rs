@@ -263,6 +263,33 @@ pub struct Settings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_file: Option<PathBuf>,
 
+    /// Checkpoint to this ConfigMap (and NAME-1.. for large registries) instead of a file
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_CHECKPOINT_CONFIGMAP",
+        value_name = "NAME"
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_configmap: Option<String>,
+
+    /// Namespace of the checkpoint ConfigMaps [default: the pod's, else the kubeconfig's]
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_CHECKPOINT_NAMESPACE",
+        value_name = "NAMESPACE"
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_namespace: Option<String>,
+
+    /// Most shard ConfigMaps NAME-1..NAME-N a checkpoint may use; RBAC must allow them [default: 8]
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_CHECKPOINT_CONFIGMAP_SHARDS",
+        value_name = "N"
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_configmap_shards: Option<usize>,
+
     /// The registry is checkpointed at most this often when it changed [default: 5s]
     #[arg(long, env = "SESSION_MONITOR_CHECKPOINT_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(
@@ -458,7 +485,17 @@ pub struct CheckpointConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CheckpointStoreConfig {
     File(PathBuf),
+    ConfigMap {
+        name: String,
+        /// `None`: the pod's namespace, else the kubeconfig's.
+        namespace: Option<String>,
+        /// Shards `name-1` … `name-<max_shards>`.
+        max_shards: usize,
+    },
 }
+
+/// Upper bound for checkpoint_configmap_shards: 100 × 900 KiB is far beyond any Qlik site.
+pub const MAX_CHECKPOINT_SHARDS: usize = 100;
 
 impl Config {
     /// Validates settings and fills in defaults. `env_password` is SESSION_MONITOR_MQTT_PASSWORD.
@@ -491,6 +528,7 @@ impl Config {
                 ),
             ));
         }
+        let checkpoint_store = checkpoint_store(&s)?;
         let exclusions = Exclusions::new(s.exclude_users.clone().unwrap_or_default())
             .map_err(|e| invalid("exclude_users", e.to_string()))?;
 
@@ -607,10 +645,7 @@ impl Config {
                     .unwrap_or(defaults::PUBLISH_INTERVAL),
             },
             checkpoint: CheckpointConfig {
-                store: CheckpointStoreConfig::File(
-                    s.checkpoint_file
-                        .unwrap_or_else(|| defaults::CHECKPOINT_FILE.into()),
-                ),
+                store: checkpoint_store,
                 interval: positive("checkpoint_interval", s.checkpoint_interval)?
                     .unwrap_or(defaults::CHECKPOINT_INTERVAL),
             },
@@ -618,6 +653,73 @@ impl Config {
             log_format: s.log_format.unwrap_or_default(),
         })
     }
+}
+
+fn checkpoint_store(s: &Settings) -> Result<CheckpointStoreConfig, ConfigError> {
+    let Some(name) = &s.checkpoint_configmap else {
+        if s.checkpoint_namespace.is_some() || s.checkpoint_configmap_shards.is_some() {
+            return Err(invalid(
+                "checkpoint_configmap",
+                "checkpoint_namespace and checkpoint_configmap_shards need it",
+            ));
+        }
+        let path = s
+            .checkpoint_file
+            .clone()
+            .unwrap_or_else(|| defaults::CHECKPOINT_FILE.into());
+        return Ok(CheckpointStoreConfig::File(path));
+    };
+    if s.checkpoint_file.is_some() {
+        return Err(invalid(
+            "checkpoint_configmap",
+            "set either checkpoint_file or checkpoint_configmap, not both",
+        ));
+    }
+    let max_shards = s.checkpoint_configmap_shards.unwrap_or(8);
+    if max_shards > MAX_CHECKPOINT_SHARDS {
+        return Err(invalid(
+            "checkpoint_configmap_shards",
+            format!("{max_shards} is more than {MAX_CHECKPOINT_SHARDS}"),
+        ));
+    }
+    // The longest name we derive, NAME-corrupt-<unix time>, must still be a valid object name.
+    if !is_dns_subdomain(name) || name.len() > 253 - "-corrupt-9999999999".len() {
+        return Err(invalid(
+            "checkpoint_configmap",
+            format!(
+                "{name:?} is not a valid ConfigMap name (lower-case DNS subdomain of at most 234 characters)"
+            ),
+        ));
+    }
+    if let Some(ns) = &s.checkpoint_namespace {
+        if !is_dns_label(ns) {
+            return Err(invalid(
+                "checkpoint_namespace",
+                format!("{ns:?} is not a valid namespace name"),
+            ));
+        }
+    }
+    Ok(CheckpointStoreConfig::ConfigMap {
+        name: name.clone(),
+        namespace: s.checkpoint_namespace.clone(),
+        max_shards,
+    })
+}
+
+/// RFC 1123 label: lower-case alphanumerics and '-', alphanumeric at both ends, at most 63.
+fn is_dns_label(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    !s.is_empty()
+        && s.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 /// Zero would mean "never" or "always" for every numeric setting we have, so it is refused.
@@ -872,6 +974,61 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("`log_level`"), "{e}");
+    }
+
+    #[test]
+    fn checkpoint_store_choice() {
+        let cm = |name: &str| Settings {
+            checkpoint_configmap: Some(name.into()),
+            ..Settings::default()
+        };
+        assert_eq!(
+            config(cm("smon-checkpoint")).unwrap().checkpoint.store,
+            CheckpointStoreConfig::ConfigMap {
+                name: "smon-checkpoint".into(),
+                namespace: None,
+                max_shards: 8
+            }
+        );
+        for bad in ["Upper", "-x", "a_b", ""] {
+            let e = config(cm(bad)).unwrap_err().to_string();
+            assert!(e.contains("`checkpoint_configmap`"), "{bad}: {e}");
+        }
+        let both = Settings {
+            checkpoint_file: Some("x".into()),
+            ..cm("a")
+        };
+        assert!(config(both).unwrap_err().to_string().contains("not both"));
+        let orphan = Settings {
+            checkpoint_namespace: Some("ns".into()),
+            ..Settings::default()
+        };
+        assert!(
+            config(orphan)
+                .unwrap_err()
+                .to_string()
+                .contains("`checkpoint_configmap`")
+        );
+        let too_many = Settings {
+            checkpoint_configmap_shards: Some(101),
+            ..cm("a")
+        };
+        assert!(
+            config(too_many)
+                .unwrap_err()
+                .to_string()
+                .contains("`checkpoint_configmap_shards`")
+        );
+        let bad_ns = Settings {
+            checkpoint_namespace: Some("Bad_NS".into()),
+            ..cm("a")
+        };
+        assert!(
+            config(bad_ns)
+                .unwrap_err()
+                .to_string()
+                .contains("`checkpoint_namespace`")
+        );
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub checkpoint_size_bytes: IntGauge,
     pub checkpoint_restores: IntCounterVec,
     pub checkpoint_restored_sessions: IntGauge,
+    pub checkpoint_conflicts: IntCounter,
+    pub checkpoint_shards: IntGauge,
     pub ready: IntGauge,
 }
 
@@ -173,12 +175,20 @@ impl Metrics {
             ),
             checkpoint_restores: counter_vec(
                 "checkpoint_restores_total",
-                "Checkpoint restores at start, by result (restored, empty, corrupt).",
+                "Checkpoint restore attempts at start, by result (restored, empty, corrupt, failed: retried).",
                 &["result"],
             ),
             checkpoint_restored_sessions: gauge(
                 "checkpoint_restored_sessions",
                 "Sessions restored from the checkpoint at start.",
+            ),
+            checkpoint_conflicts: counter(
+                "checkpoint_conflicts_total",
+                "Checkpoint writes that found the store changed by someone else (409), resolved by writing again.",
+            ),
+            checkpoint_shards: gauge(
+                "checkpoint_shards",
+                "Shard ConfigMaps the committed checkpoint uses beside the main one (0 for a file).",
             ),
             ready: gauge(
                 "ready",

@@ -302,8 +302,9 @@ impl Registry {
             .collect()
     }
 
-    /// Loads checkpointed sessions, skipping those that expired while nobody was watching and
-    /// users that are now excluded. Returns how many sessions were restored.
+    /// Loads checkpointed sessions, skipping those that expired while nobody was watching, users
+    /// that are now excluded, and sessions already live (seen since start, so newer). Returns
+    /// how many sessions were restored.
     pub fn restore(&mut self, records: &[SessionRecord], now: UnixMillis) -> usize {
         let mut restored = 0;
         for r in records {
@@ -312,6 +313,20 @@ impl Registry {
                 || (r.open_connections == 0 && silent > self.expiry.idle_timeout);
             self.set_scratch_to_user_key(&r.user_directory, &r.user_id);
             if expired || self.exclusions.matches(&self.scratch) {
+                continue;
+            }
+            // Events that arrived while the checkpoint was loading are newer: they win.
+            let live = match &r.proxy_session_id {
+                Some(id) => self.by_session_id.contains_key(id.as_str()),
+                None => match (
+                    self.find_host(&r.host),
+                    self.find_user(&r.user_directory, &r.user_id),
+                ) {
+                    (Some(h), Some(u)) => self.by_host_user.contains_key(&(h, u)),
+                    _ => false,
+                },
+            };
+            if live {
                 continue;
             }
             let host = self.intern_host(&r.host);
@@ -897,6 +912,33 @@ mod tests {
         assert_eq!(later.user_names(), vec!["CORP\\ann", "LAB\\joe"]);
         assert_eq!(later.users()[1].hosts, vec!["p2"]);
         assert_consistent(&later);
+    }
+
+    #[test]
+    fn restore_keeps_sessions_that_are_already_live() {
+        let mut old = registry();
+        old.apply(
+            &event(OpenConnection, "p1", "LAB", "joe", Some("s1")),
+            at(0),
+        );
+        old.apply(&event(StartSession, "p1", "LAB", "ann", None), at(0));
+        let records = old.snapshot();
+
+        let mut r = registry();
+        r.apply(&event(StartSession, "p1", "LAB", "joe", Some("s1")), at(5));
+        r.apply(&event(StartSession, "P1", "lab", "ANN", None), at(5));
+        assert_eq!(
+            r.restore(&records, at(6)),
+            0,
+            "both sessions are live already"
+        );
+        assert_eq!(r.active_sessions(), 2);
+        assert_eq!(
+            r.users()[1].open_connections,
+            0,
+            "the live session's state wins"
+        );
+        assert_consistent(&r);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The composition root: starts every task of the service in order, and stops them in order.
 //!
-//! Start: embedded broker (if any) → checkpoint restore → UDP bind → HTTP → ready; then the
-//! publishers run. Stop (SIGTERM/SIGINT): ingest stops first, then the final checkpoint is
+//! Start: embedded broker (if any) → UDP ingest and HTTP → checkpoint restore (retried while the
+//! store is unreachable) → ready, MQTT publisher and checkpoint writer. Stop (SIGTERM/SIGINT): ingest stops first, then the final checkpoint is
 //! written and MQTT says `offline`, so the checkpoint holds every event that was accepted.
 
 use std::net::SocketAddr;
@@ -21,6 +21,8 @@ use crate::{broker, http, ingest, mqtt};
 /// How often silent sessions are swept out, at most: a quarter of the idle timeout keeps expiry
 /// within 25 % of it, and 5 s is plenty for the 30 min default.
 const EXPIRY_SWEEP_MAX: Duration = Duration::from_secs(5);
+/// The final checkpoint at SIGTERM must finish within a pod's default 30 s grace period.
+const FINAL_CHECKPOINT_DEADLINE: Duration = Duration::from_secs(20);
 /// Event-topic messages waiting for the MQTT publisher; beyond this they are dropped, counted.
 const EVENT_QUEUE: usize = 8192;
 
@@ -53,9 +55,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         broker::start(listen)?;
     }
     let mqtt_options = mqtt::options(&config.mqtt)?;
-
-    let store = Store::from_config(&config.checkpoint.store);
-    checkpoint::restore(&store, &state).await?;
+    let store = Store::open(&config.checkpoint.store).await?;
 
     let (udp, granted) = ingest::bind(&config.udp).map_err(|source| StartError::Udp {
         addr: config.udp.listen,
@@ -69,14 +69,6 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             addr: config.http_listen,
             source,
         })?;
-    tracing::info!(
-        udp = %config.udp.listen,
-        udp_receive_buffer_bytes = granted,
-        http = %config.http_listen,
-        checkpoint = %store.describe(),
-        mqtt = ?config.mqtt.broker,
-        "session-monitor started"
-    );
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let stop_ingest = Arc::new(AtomicBool::new(false));
@@ -87,16 +79,14 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         }
         false => (None, None),
     };
+    // Ingest and HTTP run from the start, also while a checkpoint store is unreachable: the
+    // registry's restore lets sessions seen meanwhile win over the checkpoint's older copies.
     let ingest = {
-        let (socket, udp_config, state, stop) = (
-            udp.try_clone().map_err(|source| StartError::Udp {
-                addr: config.udp.listen,
-                source,
-            })?,
-            config.udp.clone(),
-            state.clone(),
-            stop_ingest.clone(),
-        );
+        let socket = udp.try_clone().map_err(|source| StartError::Udp {
+            addr: config.udp.listen,
+            source,
+        })?;
+        let (udp_config, state, stop) = (config.udp.clone(), state.clone(), stop_ingest.clone());
         std::thread::Builder::new()
             .name("udp-ingest".to_owned())
             .spawn(move || ingest::run(socket, udp_config, state, events_tx, stop))
@@ -106,9 +96,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         let router = http::router(state.clone(), udp.clone());
         let mut shutdown = shutdown.clone();
         async move {
-            let stopped = async move {
-                let _ = crate::state::stop_requested(&mut shutdown).await;
-            };
+            let stopped = async move { crate::state::stop_requested(&mut shutdown).await };
             if let Err(error) = axum::serve(http_listener, router)
                 .with_graceful_shutdown(stopped)
                 .await
@@ -119,31 +107,68 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     });
     let sweep = (config.expiry.idle_timeout / 4).clamp(Duration::from_millis(50), EXPIRY_SWEEP_MAX);
     let expiry = tokio::spawn(sweep_expired(state.clone(), sweep, shutdown.clone()));
-    let checkpointer = tokio::spawn(checkpoint::run(
-        store,
-        state.clone(),
-        config.checkpoint.interval,
-        shutdown.clone(),
-    ));
-    let (stop_mqtt_tx, stop_mqtt) = watch::channel(false);
-    let publisher = tokio::spawn(mqtt::run(
-        config.mqtt.clone(),
-        mqtt_options,
-        state.clone(),
-        events_rx,
-        stop_mqtt,
-    ));
-    state.set_ready();
+    tracing::info!(
+        udp = %config.udp.listen,
+        udp_receive_buffer_bytes = granted,
+        http = %config.http_listen,
+        checkpoint = %store.describe(),
+        mqtt = ?config.mqtt.broker,
+        "session-monitor started"
+    );
 
-    let signal = shutdown_signal().await;
+    // Until the checkpoint is back, the registry is partial: not ready, nothing published to
+    // MQTT (a dashboard would see the count drop), nothing checkpointed (it would overwrite the
+    // full checkpoint with the partial registry).
+    let (signal_tx, mut signal_rx) = watch::channel(false);
+    let signals = tokio::spawn(async move {
+        let signal = shutdown_signal().await;
+        let _ = signal_tx.send(true);
+        signal
+    });
+    let restored = match checkpoint::restore_with_retry(&store, &state, signal_rx.clone()).await {
+        Ok(restored) => restored,
+        Err(error) => {
+            stop_ingest.store(true, Ordering::Relaxed);
+            return Err(error.into());
+        }
+    };
+    let mut workers = Vec::new();
+    let mut publisher = None;
+    let (stop_mqtt_tx, stop_mqtt) = watch::channel(false);
+    if restored {
+        workers.push(tokio::spawn(checkpoint::run(
+            store,
+            state.clone(),
+            config.checkpoint.interval,
+            FINAL_CHECKPOINT_DEADLINE,
+            shutdown.clone(),
+        )));
+        publisher = Some(tokio::spawn(mqtt::run(
+            config.mqtt.clone(),
+            mqtt_options,
+            state.clone(),
+            events_rx,
+            stop_mqtt,
+        )));
+        state.set_ready();
+        tracing::info!("ready");
+        let _ = crate::state::stop_requested(&mut signal_rx).await;
+    }
+    let signal = signals.await.unwrap_or("unknown");
     tracing::info!(signal, "shutting down");
     stop_ingest.store(true, Ordering::Relaxed);
     let _ = tokio::task::spawn_blocking(move || ingest.join()).await;
-    // Publish the last state before saying offline: one more publish interval at most.
+    // The final checkpoint sees every accepted datagram; then MQTT publishes the last state and
+    // says offline.
     let _ = shutdown_tx.send(true);
-    let _ = checkpointer.await;
+    for worker in workers {
+        let _ = worker.await;
+    }
     let _ = stop_mqtt_tx.send(true);
-    let _ = tokio::join!(publisher, http_server, expiry);
+    if let Some(publisher) = publisher {
+        let _ = publisher.await;
+    }
+    let _ = tokio::join!(http_server, expiry);
     tracing::info!("stopped");
     Ok(())
 }

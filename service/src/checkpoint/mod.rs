@@ -4,7 +4,12 @@
 //! to restore at start. The byte format is [`codec`]'s; where the bytes live is a [`Store`].
 
 pub mod codec;
+pub mod configmap;
+#[cfg(test)]
+mod fake_api;
 pub mod file;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -16,12 +21,14 @@ use crate::config::CheckpointStoreConfig;
 use crate::registry::UnixMillis;
 use crate::state::State;
 use codec::Checkpoint;
+use configmap::{ConfigMapError, ConfigMapStore};
 
 /// Where checkpoints live. An enum rather than a trait object: the set of stores is closed and
 /// known, and each variant's errors and set-aside behaviour stay explicit.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub enum Store {
     File(file::FileStore),
+    ConfigMap(Arc<ConfigMapStore>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -31,27 +38,94 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot reach Kubernetes for the checkpoint ConfigMap: {0}")]
+    KubeConfig(String),
+    #[error(transparent)]
+    ConfigMap(#[from] ConfigMapError),
 }
 
+impl StoreError {
+    /// Whether trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::File { .. } | StoreError::KubeConfig(_) => false,
+            StoreError::ConfigMap(e) => e.is_transient(),
+        }
+    }
+
+    fn is_conflict(&self) -> bool {
+        matches!(self, StoreError::ConfigMap(ConfigMapError::Conflict(_)))
+    }
+}
+
+/// What a load found.
+enum Loaded {
+    Nothing,
+    Bytes(Vec<u8>),
+    /// The store itself saw the checkpoint is unreadable (before decoding).
+    Corrupt(String),
+}
+
+/// Where the service account's namespace is mounted in every pod.
+const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
 impl Store {
-    pub fn from_config(config: &CheckpointStoreConfig) -> Store {
+    /// Opens the configured store; for ConfigMaps this builds the Kubernetes client (in-cluster
+    /// config, else KUBECONFIG) and settles the namespace.
+    pub async fn open(config: &CheckpointStoreConfig) -> Result<Store, StoreError> {
         match config {
-            CheckpointStoreConfig::File(path) => Store::File(file::FileStore::new(path.clone())),
+            CheckpointStoreConfig::File(path) => {
+                Ok(Store::File(file::FileStore::new(path.clone())))
+            }
+            CheckpointStoreConfig::ConfigMap {
+                name,
+                namespace,
+                max_shards,
+            } => {
+                let client = kube::Client::try_default()
+                    .await
+                    .map_err(|e| StoreError::KubeConfig(e.to_string()))?;
+                // The flag, else the pod's own namespace, else the kubeconfig's context.
+                let namespace = namespace
+                    .clone()
+                    .or_else(|| {
+                        std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE)
+                            .ok()
+                            .map(|s| s.trim().to_owned())
+                    })
+                    .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                    .filter(|ns| !ns.is_empty())
+                    .unwrap_or_else(|| client.default_namespace().to_owned());
+                Ok(Store::ConfigMap(Arc::new(ConfigMapStore::new(
+                    client,
+                    &namespace,
+                    name,
+                    *max_shards,
+                    configmap::DEFAULT_SHARD_BYTES,
+                ))))
+            }
         }
     }
 
     pub fn describe(&self) -> String {
         match self {
             Store::File(f) => format!("file {}", f.path().display()),
+            Store::ConfigMap(c) => c.describe(),
         }
     }
 
-    async fn load(&self) -> Result<Option<Vec<u8>>, StoreError> {
+    async fn load(&self) -> Result<Loaded, StoreError> {
         match self {
             Store::File(f) => {
                 let f = f.clone();
-                blocking(move || f.load().map_err(|e| file_error(&f, e))).await
+                let bytes = blocking(move || f.load().map_err(|e| file_error(&f, e))).await?;
+                Ok(bytes.map_or(Loaded::Nothing, Loaded::Bytes))
             }
+            Store::ConfigMap(c) => match c.load().await {
+                Ok(bytes) => Ok(bytes.map_or(Loaded::Nothing, Loaded::Bytes)),
+                Err(ConfigMapError::Corrupt { reason, .. }) => Ok(Loaded::Corrupt(reason)),
+                Err(e) => Err(e.into()),
+            },
         }
     }
 
@@ -61,16 +135,25 @@ impl Store {
                 let f = f.clone();
                 blocking(move || f.save(&bytes).map_err(|e| file_error(&f, e))).await
             }
+            Store::ConfigMap(c) => Ok(c.save(&bytes).await?),
         }
     }
 
-    async fn set_aside(&self) -> Result<String, StoreError> {
+    async fn set_aside(&self, reason: &str) -> Result<String, StoreError> {
         let now_secs = UnixMillis::now().0 / 1000;
         match self {
             Store::File(f) => {
                 let f = f.clone();
                 blocking(move || f.set_aside(now_secs).map_err(|e| file_error(&f, e))).await
             }
+            Store::ConfigMap(c) => Ok(c.set_aside(now_secs, reason).await?),
+        }
+    }
+
+    async fn shards_in_use(&self) -> usize {
+        match self {
+            Store::File(_) => 0,
+            Store::ConfigMap(c) => c.shards_in_use().await,
         }
     }
 }
@@ -88,18 +171,55 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
         .expect("checkpoint IO does not panic")
 }
 
+/// Backoff between attempts after transient store errors.
+const MIN_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// [`restore`], retrying transient errors (API server unreachable, 5xx) with backoff until it
+/// succeeds or `shutdown` fires. Permanent errors (an unreadable file) are returned.
+pub async fn restore_with_retry(
+    store: &Store,
+    state: &State,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<bool, StoreError> {
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        match restore(store, state).await {
+            Ok(()) => return Ok(true),
+            Err(error) if error.is_transient() => {
+                state
+                    .metrics
+                    .checkpoint_restores
+                    .with_label_values(&["failed"])
+                    .inc();
+                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "checkpoint restore failed; retrying (not ready until it succeeds)");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = crate::state::stop_requested(&mut shutdown) => return Ok(false),
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 /// Loads the checkpoint into the registry at start. A corrupt checkpoint is set aside and
 /// reported, and the service starts empty; only a store that cannot be read at all is an error.
 #[tracing::instrument(name = "checkpoint_restore", skip_all, fields(store = %store.describe()))]
 pub async fn restore(store: &Store, state: &State) -> Result<(), StoreError> {
-    let Some(bytes) = store.load().await? else {
-        tracing::info!("no checkpoint yet: first start with an empty registry");
-        state
-            .metrics
-            .checkpoint_restores
-            .with_label_values(&["empty"])
-            .inc();
-        return Ok(());
+    let bytes = match store.load().await? {
+        Loaded::Nothing => {
+            tracing::info!("no checkpoint yet: first start with an empty registry");
+            state
+                .metrics
+                .checkpoint_restores
+                .with_label_values(&["empty"])
+                .inc();
+            return Ok(());
+        }
+        Loaded::Corrupt(reason) => return set_aside(store, state, &reason).await,
+        Loaded::Bytes(bytes) => bytes,
     };
     match codec::decode(&bytes) {
         Ok(checkpoint) => {
@@ -115,28 +235,56 @@ pub async fn restore(store: &Store, state: &State) -> Result<(), StoreError> {
                 .metrics
                 .checkpoint_restored_sessions
                 .set(restored as i64);
-            tracing::info!(
-                restored,
-                expired_meanwhile = checkpoint.sessions.len() - restored,
-                saved_at_ms = checkpoint.saved_at.0,
-                "restored sessions from checkpoint"
-            );
-        }
-        Err(error) => {
             state
                 .metrics
-                .checkpoint_restores
-                .with_label_values(&["corrupt"])
-                .inc();
-            let aside = store.set_aside().await?;
-            tracing::error!(%error, set_aside_to = %aside, "checkpoint unreadable: kept aside for inspection, starting with an empty registry");
+                .checkpoint_shards
+                .set(store.shards_in_use().await as i64);
+            tracing::info!(
+                restored,
+                skipped = checkpoint.sessions.len() - restored,
+                saved_at_ms = checkpoint.saved_at.0,
+                bytes = bytes.len(),
+                "restored sessions from checkpoint"
+            );
+            Ok(())
         }
+        Err(error) => set_aside(store, state, &error.to_string()).await,
     }
+}
+
+async fn set_aside(store: &Store, state: &State, reason: &str) -> Result<(), StoreError> {
+    state
+        .metrics
+        .checkpoint_restores
+        .with_label_values(&["corrupt"])
+        .inc();
+    let aside = store.set_aside(reason).await?;
+    tracing::error!(reason, kept_at = %aside, "checkpoint unreadable: kept aside for inspection, starting with an empty registry");
     Ok(())
 }
 
-/// Encodes and writes the registry now.
+/// Encodes and writes the registry now. A conflict (someone else wrote the store) is resolved
+/// by writing the current registry again, a few times at most.
 pub async fn save(store: &Store, state: &State) -> Result<(), StoreError> {
+    const ATTEMPTS: usize = 3;
+    let mut attempt = 1;
+    loop {
+        match save_once(store, state).await {
+            Err(error) if error.is_conflict() && attempt < ATTEMPTS => {
+                state.metrics.checkpoint_conflicts.inc();
+                tracing::warn!(%error, attempt, "checkpoint conflict; writing the current registry again");
+                attempt += 1;
+            }
+            Err(error) if error.is_conflict() => {
+                state.metrics.checkpoint_conflicts.inc();
+                return Err(error);
+            }
+            result => return result,
+        }
+    }
+}
+
+async fn save_once(store: &Store, state: &State) -> Result<(), StoreError> {
     let started = Instant::now();
     let revision = state.revision.load(Ordering::Acquire);
     let checkpoint = Checkpoint {
@@ -155,6 +303,7 @@ pub async fn save(store: &Store, state: &State) -> Result<(), StoreError> {
             state.saved_revision.store(revision, Ordering::Release);
             m.checkpoint_writes.with_label_values(&["success"]).inc();
             m.checkpoint_size_bytes.set(size as i64);
+            m.checkpoint_shards.set(store.shards_in_use().await as i64);
             tracing::debug!(
                 sessions,
                 bytes = size,
@@ -170,30 +319,40 @@ pub async fn save(store: &Store, state: &State) -> Result<(), StoreError> {
     result
 }
 
-/// Saves whenever the registry changed, at most every `interval`, until `shutdown` fires; then
-/// saves once more if anything is unsaved.
+/// Saves whenever the registry changed, at most every `interval` (backing off while the store
+/// fails), until `shutdown` fires; then saves once more if anything is unsaved, within
+/// `final_deadline` so that it fits a pod's termination grace period.
 pub async fn run(
     store: Store,
     state: Arc<State>,
     interval: Duration,
+    final_deadline: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next = tokio::time::Instant::now() + interval;
+    let mut backoff = interval;
     loop {
         tokio::select! {
-            _ = tick.tick() => {
+            _ = tokio::time::sleep_until(next) => {
                 if state.unsaved() {
-                    let _ = save(&store, &state).await;
+                    match save(&store, &state).await {
+                        Ok(()) => backoff = interval,
+                        Err(_) => backoff = (backoff * 2).min(MAX_BACKOFF.max(interval)),
+                    }
                 }
+                next = tokio::time::Instant::now() + backoff;
             }
             _ = crate::state::stop_requested(&mut shutdown) => break,
         }
     }
     if state.unsaved() {
-        match save(&store, &state).await {
-            Ok(()) => tracing::info!("final checkpoint written"),
-            Err(error) => tracing::error!(%error, "final checkpoint failed"),
+        match tokio::time::timeout(final_deadline, save(&store, &state)).await {
+            Ok(Ok(())) => tracing::info!("final checkpoint written"),
+            Ok(Err(error)) => tracing::error!(%error, "final checkpoint failed"),
+            Err(_) => tracing::error!(
+                deadline_s = final_deadline.as_secs(),
+                "final checkpoint timed out"
+            ),
         }
     }
 }

@@ -1,0 +1,420 @@
+//! The ConfigMap checkpoint store: the registry's home in Kubernetes, so the service itself
+//! keeps no state and a restart, upgrade or node drain loses no session.
+//!
+//! Layout. The checkpoint bytes are cut into chunks of at most `shard_bytes` (a safe margin under
+//! the API server's 1 MiB limit per ConfigMap). The main ConfigMap `NAME` holds chunk 0 and the
+//! *manifest* (generation, length, CRC-32, and the names of the shard ConfigMaps holding the
+//! other chunks, in order). Shards are named `NAME-1` … `NAME-<max_shards>`: a fixed set, so RBAC
+//! can name every object the service may touch.
+//!
+//! Atomicity. A write puts its chunks into shards the current manifest does *not* use, and only
+//! then replaces `NAME` — chunk 0 and the new manifest in one request, the commit point. Until
+//! then the old manifest, its chunk 0 and its shards are untouched; after it, the new ones are
+//! complete. A reader therefore sees the old or the new checkpoint, never a mix; each shard also
+//! carries its generation, so a reader racing a writer notices and reads again.
+//!
+//! Concurrency. Every write replaces an object with the resourceVersion last seen; a 409 means
+//! someone else wrote in between. The store then re-reads that object and reports a conflict,
+//! and the caller writes the current registry again: the running service's state is the newest.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Api;
+use kube::api::PostParams;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+pub const MANIFEST_ANNOTATION: &str = "sessionmonitor.io/checkpoint-manifest";
+pub const GENERATION_ANNOTATION: &str = "sessionmonitor.io/checkpoint-generation";
+/// Set on `NAME` when a checkpoint could not be read and could not be copied aside, so that the
+/// next write, which replaces it, leaves a trace.
+pub const CORRUPT_ANNOTATION: &str = "sessionmonitor.io/corrupt-checkpoint";
+const DATA_KEY: &str = "checkpoint";
+/// The API server refuses ConfigMaps whose data and binaryData exceed 1 MiB together; the rest
+/// of the object (metadata, the manifest) needs room as well.
+pub const DEFAULT_SHARD_BYTES: usize = 900 * 1024;
+/// Manifest layout version.
+const MANIFEST_FORMAT: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Manifest {
+    format: u32,
+    generation: u64,
+    bytes: usize,
+    crc32: u32,
+    /// Shard ConfigMaps holding chunks 1.. in order (chunk 0 is in `NAME`).
+    shards: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigMapError {
+    #[error("Kubernetes API: {0}")]
+    Api(#[from] kube::Error),
+    #[error("ConfigMap {0} was written by someone else since we read it (409 Conflict)")]
+    Conflict(String),
+    #[error(
+        "a checkpoint of {bytes} bytes needs {needed} shard ConfigMaps, but only {free} of \
+         checkpoint_configmap_shards={max} are free while the current checkpoint uses the others; \
+         raise checkpoint_configmap_shards"
+    )]
+    TooLarge {
+        bytes: usize,
+        needed: usize,
+        free: usize,
+        max: usize,
+    },
+    #[error("checkpoint in ConfigMap {name} is unreadable: {reason}")]
+    Corrupt { name: String, reason: String },
+}
+
+impl ConfigMapError {
+    /// Whether trying again later may succeed (API outages, conflicts), as opposed to a
+    /// checkpoint that will never fit or never decode.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ConfigMapError::Api(_) | ConfigMapError::Conflict(_))
+    }
+}
+
+pub struct ConfigMapStore {
+    api: Api<ConfigMap>,
+    name: String,
+    namespace: String,
+    max_shards: usize,
+    shard_bytes: usize,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Metadata per object as last read or written (`None`: known not to exist). Replacing an
+    /// object starts from it, which keeps its resourceVersion for optimistic concurrency and
+    /// keeps labels and owner references that the operator set.
+    objects: HashMap<String, Option<ObjectMeta>>,
+    /// The committed manifest; its shards must not be overwritten.
+    manifest: Option<Manifest>,
+    /// What the last load read, kept for setting it aside if it does not decode.
+    last_loaded: Option<Vec<u8>>,
+    /// A note for [`CORRUPT_ANNOTATION`], written with every later commit.
+    corrupt_note: Option<String>,
+}
+
+impl ConfigMapStore {
+    pub fn new(
+        client: kube::Client,
+        namespace: &str,
+        name: &str,
+        max_shards: usize,
+        shard_bytes: usize,
+    ) -> Self {
+        ConfigMapStore {
+            api: Api::namespaced(client, namespace),
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            max_shards,
+            shard_bytes,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "ConfigMap {}/{} (up to {} shards)",
+            self.namespace, self.name, self.max_shards
+        )
+    }
+
+    /// Shard ConfigMaps in use by the committed checkpoint.
+    pub async fn shards_in_use(&self) -> usize {
+        self.inner
+            .lock()
+            .await
+            .manifest
+            .as_ref()
+            .map_or(0, |m| m.shards.len())
+    }
+
+    fn shard_name(&self, index: usize) -> String {
+        format!("{}-{index}", self.name)
+    }
+
+    fn corrupt(&self, reason: impl Into<String>) -> ConfigMapError {
+        ConfigMapError::Corrupt {
+            name: self.name.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Reads the checkpoint; `None` when there is none yet (no ConfigMap, or an empty one that
+    /// the operator created in advance).
+    pub async fn load(&self) -> Result<Option<Vec<u8>>, ConfigMapError> {
+        let mut inner = self.inner.lock().await;
+        // A writer elsewhere may replace shards between our reads; the generations tell.
+        for _ in 0..3 {
+            let Some(main) = self.get(&mut inner, &self.name).await? else {
+                return Ok(None);
+            };
+            let Some(manifest) = self.manifest_of(&main)? else {
+                if chunk(&main).is_some() {
+                    return Err(self.corrupt("data without a manifest annotation"));
+                }
+                return Ok(None);
+            };
+            let mut bytes = chunk(&main)
+                .ok_or_else(|| self.corrupt("no checkpoint data"))?
+                .to_vec();
+            let mut mixed = false;
+            for shard in &manifest.shards {
+                let cm = self
+                    .get(&mut inner, shard)
+                    .await?
+                    .ok_or_else(|| self.corrupt(format!("shard {shard} is missing")))?;
+                if generation_of(&cm) != Some(manifest.generation) {
+                    mixed = true;
+                    break;
+                }
+                bytes.extend_from_slice(
+                    chunk(&cm).ok_or_else(|| self.corrupt(format!("shard {shard} has no data")))?,
+                );
+            }
+            if mixed {
+                continue;
+            }
+            if bytes.len() != manifest.bytes || crc32fast::hash(&bytes) != manifest.crc32 {
+                inner.last_loaded = Some(bytes);
+                return Err(self.corrupt("length or CRC-32 does not match the manifest"));
+            }
+            inner.manifest = Some(manifest);
+            inner.last_loaded = Some(bytes.clone());
+            return Ok(Some(bytes));
+        }
+        Err(self.corrupt("shards keep changing under the reader (another writer?)"))
+    }
+
+    /// Writes a checkpoint: free shards first, then `NAME` with chunk 0 and the manifest.
+    pub async fn save(&self, bytes: &[u8]) -> Result<(), ConfigMapError> {
+        let mut inner = self.inner.lock().await;
+        let chunks: Vec<&[u8]> = if bytes.is_empty() {
+            vec![&[]]
+        } else {
+            bytes.chunks(self.shard_bytes).collect()
+        };
+        let in_use: HashSet<&str> = inner
+            .manifest
+            .iter()
+            .flat_map(|m| m.shards.iter().map(String::as_str))
+            .collect();
+        let free: Vec<String> = (1..=self.max_shards)
+            .map(|i| self.shard_name(i))
+            .filter(|n| !in_use.contains(n.as_str()))
+            .collect();
+        let needed = chunks.len() - 1;
+        if needed > free.len() {
+            return Err(ConfigMapError::TooLarge {
+                bytes: bytes.len(),
+                needed,
+                free: free.len(),
+                max: self.max_shards,
+            });
+        }
+        let generation = inner.manifest.as_ref().map_or(0, |m| m.generation) + 1;
+        let shards: Vec<String> = free.into_iter().take(needed).collect();
+        for (shard, chunk) in shards.iter().zip(&chunks[1..]) {
+            let annotations =
+                BTreeMap::from([(GENERATION_ANNOTATION.to_owned(), generation.to_string())]);
+            self.put(&mut inner, shard, annotations, chunk).await?;
+        }
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            generation,
+            bytes: bytes.len(),
+            crc32: crc32fast::hash(bytes),
+            shards,
+        };
+        let mut annotations = BTreeMap::from([(
+            MANIFEST_ANNOTATION.to_owned(),
+            serde_json::to_string(&manifest).expect("manifest serializes"),
+        )]);
+        if let Some(note) = &inner.corrupt_note {
+            annotations.insert(CORRUPT_ANNOTATION.to_owned(), note.clone());
+        }
+        self.put(&mut inner, &self.name.clone(), annotations, chunks[0])
+            .await?;
+        inner.manifest = Some(manifest);
+        Ok(())
+    }
+
+    /// Keeps an unreadable checkpoint: copied to `NAME-corrupt-<unix time>` if RBAC allows
+    /// creating it, else recorded in [`CORRUPT_ANNOTATION`] on `NAME` by every later write.
+    /// Returns where the trace is.
+    pub async fn set_aside(
+        &self,
+        now_unix_secs: u64,
+        reason: &str,
+    ) -> Result<String, ConfigMapError> {
+        let mut inner = self.inner.lock().await;
+        let copy_name = format!("{}-corrupt-{now_unix_secs}", self.name);
+        let mut data = inner.last_loaded.take().unwrap_or_default();
+        data.truncate(self.shard_bytes);
+        let copy = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(copy_name.clone()),
+                labels: Some(labels()),
+                annotations: Some(BTreeMap::from([(
+                    CORRUPT_ANNOTATION.to_owned(),
+                    reason.to_owned(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            binary_data: Some(BTreeMap::from([(DATA_KEY.to_owned(), ByteString(data))])),
+            ..ConfigMap::default()
+        };
+        // Its shards are left alone by the bank rule only while the manifest names them; the
+        // manifest is unreadable, so forget it and let the next write use any shard.
+        inner.manifest = None;
+        match self.api.create(&PostParams::default(), &copy).await {
+            Ok(_) => Ok(format!("ConfigMap {}/{copy_name}", self.namespace)),
+            Err(error) => {
+                inner.corrupt_note = Some(format!(
+                    "unreadable checkpoint found at unix time {now_unix_secs}: {reason}"
+                ));
+                Ok(format!(
+                    "annotation {CORRUPT_ANNOTATION} on ConfigMap {}/{} (a copy was refused: {error})",
+                    self.namespace, self.name
+                ))
+            }
+        }
+    }
+
+    fn manifest_of(&self, cm: &ConfigMap) -> Result<Option<Manifest>, ConfigMapError> {
+        let Some(text) = cm
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(MANIFEST_ANNOTATION))
+        else {
+            return Ok(None);
+        };
+        let manifest: Manifest = serde_json::from_str(text)
+            .map_err(|e| self.corrupt(format!("manifest annotation: {e}")))?;
+        if manifest.format > MANIFEST_FORMAT {
+            return Err(self.corrupt(format!(
+                "manifest format {} is newer than this build",
+                manifest.format
+            )));
+        }
+        // Read only objects this store owns, whatever the annotation says.
+        let allowed: HashSet<String> = (1..=self.max_shards.max(manifest.shards.len()))
+            .map(|i| self.shard_name(i))
+            .collect();
+        if let Some(stranger) = manifest.shards.iter().find(|s| !allowed.contains(*s)) {
+            return Err(self.corrupt(format!(
+                "manifest names {stranger}, not one of this store's shards"
+            )));
+        }
+        Ok(Some(manifest))
+    }
+
+    async fn get(
+        &self,
+        inner: &mut Inner,
+        name: &str,
+    ) -> Result<Option<ConfigMap>, ConfigMapError> {
+        let cm = self.api.get_opt(name).await?;
+        inner
+            .objects
+            .insert(name.to_owned(), cm.as_ref().map(|cm| cm.metadata.clone()));
+        Ok(cm)
+    }
+
+    /// Creates or replaces one object with our annotations and data.
+    async fn put(
+        &self,
+        inner: &mut Inner,
+        name: &str,
+        annotations: BTreeMap<String, String>,
+        data: &[u8],
+    ) -> Result<(), ConfigMapError> {
+        if !inner.objects.contains_key(name) {
+            self.get(inner, name).await?;
+        }
+        let existing = inner.objects.get(name).cloned().flatten();
+        let exists = existing.is_some();
+        let mut metadata = existing.unwrap_or_else(|| ObjectMeta {
+            name: Some(name.to_owned()),
+            labels: Some(labels()),
+            ..ObjectMeta::default()
+        });
+        let all = metadata.annotations.get_or_insert_with(BTreeMap::new);
+        all.retain(|k, _| !k.starts_with("sessionmonitor.io/"));
+        all.extend(annotations);
+        metadata.managed_fields = None;
+        let cm = ConfigMap {
+            metadata,
+            binary_data: Some(BTreeMap::from([(
+                DATA_KEY.to_owned(),
+                ByteString(data.to_vec()),
+            )])),
+            ..ConfigMap::default()
+        };
+        let result = if exists {
+            self.api.replace(name, &PostParams::default(), &cm).await
+        } else {
+            self.api.create(&PostParams::default(), &cm).await
+        };
+        match result {
+            Ok(written) => {
+                inner
+                    .objects
+                    .insert(name.to_owned(), Some(written.metadata));
+                Ok(())
+            }
+            Err(kube::Error::Api(status)) if status.is_conflict() => {
+                // Learn the current version (and, for NAME, the manifest really committed),
+                // so the caller's next attempt can succeed.
+                if let Some(current) = self.get(inner, name).await? {
+                    if name == self.name {
+                        inner.manifest = self.manifest_of(&current).ok().flatten();
+                    }
+                }
+                Err(ConfigMapError::Conflict(name.to_owned()))
+            }
+            Err(error) => {
+                // Deleted behind our back, or anything else: read afresh next time.
+                inner.objects.remove(name);
+                Err(error.into())
+            }
+        }
+    }
+}
+
+fn labels() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_owned(),
+            "session-monitor".to_owned(),
+        ),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            "checkpoint".to_owned(),
+        ),
+    ])
+}
+
+fn chunk(cm: &ConfigMap) -> Option<&[u8]> {
+    cm.binary_data
+        .as_ref()?
+        .get(DATA_KEY)
+        .map(|b| b.0.as_slice())
+}
+
+fn generation_of(cm: &ConfigMap) -> Option<u64> {
+    cm.metadata
+        .annotations
+        .as_ref()?
+        .get(GENERATION_ANNOTATION)?
+        .parse()
+        .ok()
+}
