@@ -101,6 +101,11 @@ pub struct Settings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exclude_users: Option<Vec<String>>,
 
+    /// Distinct proxy host names tracked at most; datagrams naming further hosts are dropped [default: 1000]
+    #[arg(long, env = "SESSION_MONITOR_MAX_PROXY_HOSTS", value_name = "N")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_proxy_hosts: Option<usize>,
+
     /// MQTT broker, mqtt://HOST[:PORT] or mqtts://HOST[:PORT]; without it an embedded broker runs
     #[arg(long, env = "SESSION_MONITOR_MQTT_URL", value_name = "URL")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -313,7 +318,18 @@ pub struct Settings {
     /// flags show in process listings.
     #[arg(skip)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mqtt_password: Option<String>,
+    pub mqtt_password: Option<Secret>,
+}
+
+/// A secret string: serialized as is (settings files may hold it), never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -400,6 +416,7 @@ pub mod defaults {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub udp: UdpConfig,
+    pub max_proxy_hosts: usize,
     pub http_listen: SocketAddr,
     pub expiry: ExpiryPolicy,
     pub exclusions: Exclusions,
@@ -540,17 +557,17 @@ impl Config {
             },
             Some(url) => parse_mqtt_url(url, &s)?,
         };
-        let password = match (
-            &s.mqtt_password_file,
-            env_password.or(s.mqtt_password.clone()),
-        ) {
-            (Some(path), _) => Some(
+        // The environment variable wins, as environment wins over files everywhere; then the
+        // password file; then a password written in the config file itself.
+        let password = match (env_password, &s.mqtt_password_file) {
+            (Some(password), _) => Some(password),
+            (None, Some(path)) => Some(
                 std::fs::read_to_string(path)
                     .map_err(|e| invalid("mqtt_password_file", format!("{}: {e}", path.display())))?
                     .trim_end_matches(['\r', '\n'])
                     .to_owned(),
             ),
-            (None, password) => password,
+            (None, None) => s.mqtt_password.clone().map(|p| p.0),
         };
         let credentials = match (s.mqtt_username.clone(), password) {
             (Some(username), password) => Some(MqttCredentials {
@@ -613,7 +630,29 @@ impl Config {
                 .map_err(|e| invalid("log_level", e.to_string()))?;
         }
 
+        let max_proxy_hosts = positive("max_proxy_hosts", s.max_proxy_hosts)?
+            .unwrap_or(crate::registry::DEFAULT_MAX_HOSTS);
+        for (key, value, max) in [
+            ("idle_timeout", s.idle_timeout, LONGEST_TIMEOUT),
+            ("max_idle", s.max_idle, LONGEST_TIMEOUT),
+            ("publish_interval", s.publish_interval, LONGEST_INTERVAL),
+            (
+                "checkpoint_interval",
+                s.checkpoint_interval,
+                LONGEST_INTERVAL,
+            ),
+            // MQTT carries keep-alive in 16 bits of seconds.
+            (
+                "mqtt_keep_alive",
+                s.mqtt_keep_alive,
+                Duration::from_secs(u64::from(u16::MAX)),
+            ),
+        ] {
+            at_most(key, value, max)?;
+        }
+
         Ok(Config {
+            max_proxy_hosts,
             udp: UdpConfig {
                 listen: s
                     .udp_listen
@@ -730,6 +769,20 @@ fn positive<T: Default + PartialEq>(
     match value {
         Some(v) if v == T::default() => Err(invalid(key, "must be greater than zero")),
         v => Ok(v),
+    }
+}
+
+/// Durations beyond these are surely mistakes (and would overflow timers).
+const LONGEST_TIMEOUT: Duration = Duration::from_secs(90 * 24 * 3600);
+const LONGEST_INTERVAL: Duration = Duration::from_secs(3600);
+
+fn at_most(key: &'static str, value: Option<Duration>, max: Duration) -> Result<(), ConfigError> {
+    match value {
+        Some(v) if v > max => Err(invalid(
+            key,
+            format!("must be at most {}", humantime::format_duration(max)),
+        )),
+        _ => Ok(()),
     }
 }
 

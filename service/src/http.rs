@@ -12,7 +12,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 
-use crate::registry::{HostSummary, UserView};
+use crate::registry::{HostSummary, UnixMillis, UserView};
 use crate::state::State;
 
 #[derive(Clone)]
@@ -39,11 +39,7 @@ async fn metrics(AxumState(http): AxumState<Http>) -> Response {
         state.with_registry(|r| (r.active_users(), r.active_sessions(), r.hosts()));
     state.metrics.set_counts(users, sessions, &hosts);
     if let Some(drops) = crate::ingest::kernel_drops(&http.udp) {
-        let counted = state.metrics.udp_kernel_drops.get();
-        state
-            .metrics
-            .udp_kernel_drops
-            .inc_by(drops.saturating_sub(counted));
+        state.metrics.set_kernel_drops(drops);
     }
     (
         [(
@@ -70,15 +66,31 @@ struct Summary {
     /// Active users per host, for a quick look; `hosts` has the detail.
     active_users_per_host: BTreeMap<String, usize>,
     hosts: Vec<HostSummary>,
-    /// Names of the active users, sorted; `/api/v1/users` has the detail.
-    users: Vec<String>,
+    /// The active users, sorted by name; `/api/v1/users` adds hosts and connections.
+    users: Vec<UserSummary>,
+}
+
+#[derive(Serialize)]
+struct UserSummary {
+    name: String,
+    sessions: usize,
+    first_seen: UnixMillis,
+    last_seen: UnixMillis,
 }
 
 async fn summary(AxumState(http): AxumState<Http>) -> Json<Summary> {
-    let (active_users, active_sessions, hosts, users) = http.state.with_registry(|r| {
-        let names = r.user_names().into_iter().map(str::to_owned).collect();
-        (r.active_users(), r.active_sessions(), r.hosts(), names)
-    });
+    let (active_users, active_sessions, hosts, users) = http
+        .state
+        .with_registry(|r| (r.active_users(), r.active_sessions(), r.hosts(), r.users()));
+    let users = users
+        .into_iter()
+        .map(|u| UserSummary {
+            name: u.name,
+            sessions: u.sessions,
+            first_seen: u.first_seen,
+            last_seen: u.last_seen,
+        })
+        .collect();
     Json(Summary {
         active_users,
         active_sessions,

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use crate::config::UdpConfig;
 use crate::parser::{self, Reject};
 use crate::ratelimit::RateLimiter;
-use crate::registry::UnixMillis;
+use crate::registry::{Outcome, UnixMillis};
 use crate::state::State;
 
 /// How often the blocking receive wakes up to check for shutdown.
@@ -138,9 +138,14 @@ fn accept(
     let event = parser::parse(&text, &config.limits)?;
     let now = UnixMillis::now();
     let outcome = state.with_registry(|r| r.apply(&event, now));
+    if outcome == Outcome::HostLimitReached {
+        return Err(Reject::TooManyHosts);
+    }
     state.metrics.event(event.format, event.command, outcome);
-    if outcome != crate::registry::Outcome::Excluded {
-        state.changed(outcome.changes_membership());
+    if let Some(membership) = outcome.changes_registry() {
+        state.changed(membership);
+    }
+    if outcome != Outcome::Excluded {
         if let Some(events) = events {
             let message = EventMessage {
                 command: event.command,

@@ -27,11 +27,14 @@ pub struct Metrics {
     events: Vec<IntCounter>,
     pub excluded_events: IntCounter,
     pub unknown_session_stops: IntCounter,
+    pub unknown_session_closes: IntCounter,
     pub sessions_recovered: IntCounter,
     expired_idle: IntCounter,
     expired_max_idle: IntCounter,
     pub udp_receive_buffer_bytes: IntGauge,
     pub udp_kernel_drops: IntCounter,
+    /// The kernel's count as last read, so concurrent scrapes add each drop once.
+    kernel_drops_seen: std::sync::atomic::AtomicU64,
     pub mqtt_connected: IntGauge,
     pub mqtt_connections: IntCounter,
     pub mqtt_connection_errors: IntCounter,
@@ -115,6 +118,10 @@ impl Metrics {
                 "unknown_session_stops_total",
                 "Stop events for sessions that were not active (no-ops).",
             ),
+            unknown_session_closes: counter(
+                "unknown_session_closes_total",
+                "Connection closes for sessions that were not active (no-ops).",
+            ),
             sessions_recovered: counter(
                 "sessions_recovered_total",
                 "Sessions first seen through a connection event rather than a start.",
@@ -129,6 +136,7 @@ impl Metrics {
                 "udp_kernel_drops_total",
                 "Datagrams the kernel dropped because the socket's receive buffer was full.",
             ),
+            kernel_drops_seen: std::sync::atomic::AtomicU64::new(0),
             mqtt_connected: gauge("mqtt_connected", "1 while connected to the MQTT broker."),
             mqtt_connections: counter(
                 "mqtt_connections_total",
@@ -233,14 +241,28 @@ impl Metrics {
         match outcome {
             Outcome::Excluded => self.excluded_events.inc(),
             Outcome::UnknownSessionStopped => self.unknown_session_stops.inc(),
+            Outcome::UnknownSessionClosed => self.unknown_session_closes.inc(),
             Outcome::SessionRecovered => self.sessions_recovered.inc(),
-            Outcome::SessionStarted | Outcome::SessionRefreshed | Outcome::SessionStopped => {}
+            Outcome::SessionStarted
+            | Outcome::SessionRefreshed
+            | Outcome::SessionStopped
+            | Outcome::HostLimitReached => {}
         }
     }
 
     pub fn expired(&self, expired: Expired) {
         self.expired_idle.inc_by(expired.idle as u64);
         self.expired_max_idle.inc_by(expired.max_idle as u64);
+    }
+
+    /// Brings `udp_kernel_drops_total` up to the kernel's own count.
+    pub fn set_kernel_drops(&self, kernel_count: u64) {
+        let seen = self
+            .kernel_drops_seen
+            .fetch_max(kernel_count, std::sync::atomic::Ordering::AcqRel);
+        if kernel_count > seen {
+            self.udp_kernel_drops.inc_by(kernel_count - seen);
+        }
     }
 
     /// Sets the gauges that mirror the registry's counts.

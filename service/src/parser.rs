@@ -130,10 +130,12 @@ pub enum Reject {
     MissingHost,
     MissingUser,
     FieldTooLong,
+    /// A new proxy host beyond `max_proxy_hosts` (decided by the registry).
+    TooManyHosts,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 9] = [
+    pub const ALL: [Reject; 10] = [
         Reject::SourceNotAllowed,
         Reject::TooLarge,
         Reject::Empty,
@@ -143,6 +145,7 @@ impl Reject {
         Reject::MissingHost,
         Reject::MissingUser,
         Reject::FieldTooLong,
+        Reject::TooManyHosts,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -156,6 +159,7 @@ impl Reject {
             Reject::MissingHost => "missing_host",
             Reject::MissingUser => "missing_user",
             Reject::FieldTooLong => "field_too_long",
+            Reject::TooManyHosts => "too_many_hosts",
         }
     }
 }

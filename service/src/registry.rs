@@ -66,6 +66,12 @@ pub enum Outcome {
     SessionStopped,
     /// A stop for a session we do not know: nothing to do.
     UnknownSessionStopped,
+    /// A connection close for a session we do not know: nothing to do. (Not a recovery: the
+    /// proxy may log a close after the session's stop, and UDP may reorder the two; creating
+    /// the session would bring back a user who just left.)
+    UnknownSessionClosed,
+    /// The event names a new proxy host beyond the limit; it was not applied.
+    HostLimitReached,
 }
 
 impl Outcome {
@@ -75,6 +81,15 @@ impl Outcome {
             self,
             Outcome::SessionStarted | Outcome::SessionRecovered | Outcome::SessionStopped
         )
+    }
+
+    /// `None` if the registry is unchanged; else whether the set of sessions changed.
+    pub fn changes_registry(self) -> Option<bool> {
+        match self {
+            Outcome::SessionRefreshed => Some(false),
+            o if o.changes_membership() => Some(true),
+            _ => None,
+        }
     }
 }
 
@@ -86,6 +101,9 @@ pub struct Expired {
 }
 
 type HostId = u32;
+
+/// Proxy hosts a registry tracks at most unless configured otherwise; a Qlik site has a few.
+pub const DEFAULT_MAX_HOSTS: usize = 1000;
 type UserId = u32;
 
 #[derive(Debug)]
@@ -137,6 +155,9 @@ enum SessionKey<'a> {
 pub struct Registry {
     expiry: ExpiryPolicy,
     exclusions: Exclusions,
+    /// Host names come from the network: bounded, so a flood of invented names cannot grow the
+    /// registry, the MQTT topics and the metric series without end.
+    max_hosts: usize,
     hosts: Vec<Host>,
     host_index: HashMap<Box<str>, HostId>,
     users: Vec<Option<User>>,
@@ -195,7 +216,25 @@ impl Registry {
         Registry {
             expiry,
             exclusions,
+            max_hosts: DEFAULT_MAX_HOSTS,
             ..Registry::default()
+        }
+    }
+
+    pub fn with_max_hosts(self, max_hosts: usize) -> Registry {
+        Registry { max_hosts, ..self }
+    }
+
+    /// Every host known, including those at zero sessions, for the checkpoint: after a restart
+    /// their per-host counts must still be published (as 0), not left stale on the broker.
+    pub fn host_names(&self) -> Vec<String> {
+        self.hosts.iter().map(|h| h.name.to_string()).collect()
+    }
+
+    /// Re-creates hosts from the checkpoint (within the host limit).
+    pub fn restore_hosts(&mut self, names: &[String]) {
+        for name in names {
+            let _ = self.intern_host(name);
         }
     }
 
@@ -222,10 +261,7 @@ impl Registry {
                     self.find_host(event.host),
                     self.find_user(event.user_directory, event.user_id),
                 ) else {
-                    return match event.command {
-                        Command::StopSession => Outcome::UnknownSessionStopped,
-                        _ => self.insert_new(event, now),
-                    };
+                    return self.unknown_session(event, now);
                 };
                 SessionKey::HostUser(host, user)
             }
@@ -250,8 +286,16 @@ impl Registry {
                     self.user_mut(user).last_seen = now;
                     Outcome::SessionRefreshed
                 }
-                None => self.insert_new(event, now),
+                None => self.unknown_session(event, now),
             },
+        }
+    }
+
+    fn unknown_session(&mut self, event: &ProxyEvent<'_>, now: UnixMillis) -> Outcome {
+        match event.command {
+            Command::StopSession => Outcome::UnknownSessionStopped,
+            Command::CloseConnection => Outcome::UnknownSessionClosed,
+            Command::StartSession | Command::OpenConnection => self.insert_new(event, now),
         }
     }
 
@@ -329,7 +373,9 @@ impl Registry {
             if live {
                 continue;
             }
-            let host = self.intern_host(&r.host);
+            let Some(host) = self.intern_host(&r.host) else {
+                continue;
+            };
             let user = self.intern_user(&r.user_directory, &r.user_id, r.started);
             let session = Session {
                 user,
@@ -338,18 +384,15 @@ impl Registry {
                 last_seen: r.last_seen,
                 open_connections: r.open_connections,
             };
-            let replaced = match &r.proxy_session_id {
+            // Not already live (checked above), so this adds a session.
+            match &r.proxy_session_id {
                 Some(id) => self.by_session_id.insert(id.as_str().into(), session),
                 None => self.by_host_user.insert((host, user), session),
             };
-            if let Some(old) = replaced {
-                // A duplicate in the checkpoint: keep the later record, undo the earlier count.
-                self.release(old.host, old.user);
-            }
+            self.retain(host, user);
             let u = self.user_mut(user);
             u.first_seen = u.first_seen.min(r.started);
             u.last_seen = u.last_seen.max(r.last_seen);
-            self.retain(host, user);
             restored += 1;
         }
         restored
@@ -427,7 +470,9 @@ impl Registry {
     }
 
     fn insert_new(&mut self, event: &ProxyEvent<'_>, now: UnixMillis) -> Outcome {
-        let host = self.intern_host(event.host);
+        let Some(host) = self.intern_host(event.host) else {
+            return Outcome::HostLimitReached;
+        };
         let user = self.intern_user(event.user_directory, event.user_id, now);
         let open_connections = u32::from(event.command == Command::OpenConnection);
         let session = Session {
@@ -509,9 +554,13 @@ impl Registry {
         self.host_index.get(self.scratch.as_str()).copied()
     }
 
-    fn intern_host(&mut self, name: &str) -> HostId {
+    /// `None` when `name` is new and the host limit is reached.
+    fn intern_host(&mut self, name: &str) -> Option<HostId> {
         if let Some(id) = self.find_host(name) {
-            return id;
+            return Some(id);
+        }
+        if self.hosts.len() >= self.max_hosts {
+            return None;
         }
         let id = self.hosts.len() as HostId;
         self.host_index.insert(self.scratch.as_str().into(), id);
@@ -520,7 +569,7 @@ impl Registry {
             sessions: 0,
             active_users: 0,
         });
-        id
+        Some(id)
     }
 
     fn find_user(&mut self, directory: &str, user_id: &str) -> Option<UserId> {
@@ -758,15 +807,7 @@ mod tests {
             Outcome::SessionRecovered
         );
         assert_eq!(r.users()[0].open_connections, 1);
-        assert_eq!(
-            r.apply(
-                &event(CloseConnection, "p1", "LAB", "ann", Some("s9")),
-                at(0)
-            ),
-            Outcome::SessionRecovered
-        );
-        assert_eq!(r.active_users(), 2);
-        assert_eq!(r.users()[0].open_connections, 0, "ann closed, not opened");
+        assert_eq!(r.active_users(), 1);
         assert_consistent(&r);
     }
 
@@ -939,6 +980,85 @@ mod tests {
             "the live session's state wins"
         );
         assert_consistent(&r);
+    }
+
+    #[test]
+    fn a_close_for_an_unknown_session_does_not_bring_a_user_back() {
+        let mut r = registry();
+        r.apply(&event(StartSession, "p1", "LAB", "ann", Some("s9")), at(0));
+        r.apply(&event(StopSession, "p1", "LAB", "ann", Some("s9")), at(1));
+        // The proxy logged the tab's close after the stop (or UDP reordered them).
+        assert_eq!(
+            r.apply(
+                &event(CloseConnection, "p1", "LAB", "ann", Some("s9")),
+                at(1)
+            ),
+            Outcome::UnknownSessionClosed
+        );
+        assert_eq!(
+            r.apply(&event(CloseConnection, "p1", "LAB", "bob", None), at(1)),
+            Outcome::UnknownSessionClosed
+        );
+        assert_eq!((r.active_users(), r.active_sessions()), (0, 0));
+    }
+
+    #[test]
+    fn new_hosts_beyond_the_limit_are_refused() {
+        let mut r = registry().with_max_hosts(2);
+        r.apply(&event(StartSession, "p1", "LAB", "a", None), at(0));
+        r.apply(&event(StartSession, "p2", "LAB", "b", None), at(0));
+        assert_eq!(
+            r.apply(&event(StartSession, "p3", "LAB", "c", None), at(0)),
+            Outcome::HostLimitReached
+        );
+        assert_eq!(
+            r.apply(&event(OpenConnection, "P2", "LAB", "c", None), at(0)),
+            Outcome::SessionRecovered
+        );
+        assert_eq!(r.hosts().len(), 2);
+        assert_eq!(r.active_users(), 3);
+        assert_consistent(&r);
+    }
+
+    #[test]
+    fn hosts_at_zero_survive_a_checkpoint() {
+        let mut r = registry();
+        r.apply(&event(StartSession, "p1", "LAB", "a", None), at(0));
+        r.apply(&event(StopSession, "p1", "LAB", "a", None), at(1));
+        let mut back = registry();
+        back.restore_hosts(&r.host_names());
+        back.restore(&r.snapshot(), at(2));
+        assert_eq!(
+            back.hosts(),
+            vec![HostSummary {
+                host: "p1".into(),
+                active_users: 0,
+                active_sessions: 0
+            }]
+        );
+    }
+
+    #[test]
+    fn duplicate_records_in_a_checkpoint_do_not_break_restore() {
+        let mut r = registry();
+        r.apply(
+            &event(OpenConnection, "p1", "LAB", "joe", Some("s1")),
+            at(0),
+        );
+        r.apply(&event(StartSession, "p1", "LAB", "ann", None), at(0));
+        let mut records = r.snapshot();
+        records.extend(r.snapshot());
+        let mut ann_again = records
+            .iter()
+            .find(|x| x.proxy_session_id.is_none())
+            .unwrap()
+            .clone();
+        ann_again.host = "P1".into();
+        records.push(ann_again);
+        let mut back = registry();
+        assert_eq!(back.restore(&records, at(1)), 2);
+        assert_eq!((back.active_users(), back.active_sessions()), (2, 2));
+        assert_consistent(&back);
     }
 
     #[test]

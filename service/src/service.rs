@@ -47,15 +47,15 @@ pub enum StartError {
 }
 
 pub async fn run(config: Config) -> Result<(), StartError> {
-    let state = Arc::new(State::new(
-        Registry::new(config.expiry.clone(), config.exclusions.clone()),
-        Metrics::new(),
-    ));
+    let registry = Registry::new(config.expiry.clone(), config.exclusions.clone())
+        .with_max_hosts(config.max_proxy_hosts);
+    let state = Arc::new(State::new(registry, Metrics::new()));
     if let MqttBroker::Embedded { listen } = config.mqtt.broker {
         broker::start(listen)?;
     }
     let mqtt_options = mqtt::options(&config.mqtt)?;
     let store = Store::open(&config.checkpoint.store).await?;
+    store.check_writable().await?;
 
     let (udp, granted) = ingest::bind(&config.udp).map_err(|source| StartError::Udp {
         addr: config.udp.listen,

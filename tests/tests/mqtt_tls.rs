@@ -214,7 +214,10 @@ fn a_wrong_password_from_the_environment_is_refused_and_retried() {
     });
     assert_eq!(service.metric("session_monitor_mqtt_connected"), Some(0.0));
     assert!(
-        service.log_text().contains("MQTT connection failed"),
+        // An authentication refusal, not a TLS or network failure.
+        service
+            .log_text()
+            .contains("Connection refused, return code: `NotAuthorized`"),
         "{}",
         service.log_text()
     );

@@ -31,14 +31,17 @@ const MAGIC: &[u8; 4] = b"SMCP";
 /// Bump when the layout changes; readers refuse versions newer than they know, and keep
 /// decoding every older one.
 pub const VERSION: u8 = 1;
-/// A decoded checkpoint may not claim more than this (a guard against a corrupt count making
-/// us allocate gigabytes).
-const MAX_BODY_BYTES: u64 = 2 << 30;
+/// A decoded checkpoint may not be larger than this: a guard against a small crafted file that
+/// decompresses to gigabytes. A million sessions take well under 100 MiB.
+const MAX_BODY_BYTES: u64 = 512 << 20;
 
 /// The registry as saved at one moment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Checkpoint {
     pub saved_at: UnixMillis,
+    /// Every proxy host known, also those without sessions (so their counts are republished
+    /// as 0 after a restart). Hosts of `sessions` are written even if missing here.
+    pub hosts: Vec<String>,
     pub sessions: Vec<SessionRecord>,
 }
 
@@ -58,6 +61,12 @@ pub fn encode(checkpoint: &Checkpoint) -> Vec<u8> {
     let mut users: Vec<(&str, &str)> = Vec::new();
     let mut user_index: HashMap<(&str, &str), u64> = HashMap::new();
     let mut sessions = Vec::with_capacity(checkpoint.sessions.len() * 48);
+    for h in &checkpoint.hosts {
+        host_index.entry(h).or_insert_with(|| {
+            hosts.push(h);
+            hosts.len() as u64 - 1
+        });
+    }
     for s in &checkpoint.sessions {
         let host = *host_index.entry(&s.host).or_insert_with(|| {
             hosts.push(&s.host);
@@ -120,6 +129,9 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, DecodeError> {
         .take(MAX_BODY_BYTES)
         .read_to_end(&mut body)
         .map_err(|e| DecodeError::Corrupt(format!("decompression failed: {e}")))?;
+    if body.len() as u64 >= MAX_BODY_BYTES {
+        return Err(corrupt("larger than any checkpoint this build writes"));
+    }
 
     let mut r = Reader { buf: &body };
     let saved_at = UnixMillis(r.varint()?);
@@ -166,7 +178,11 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, DecodeError> {
     if !r.buf.is_empty() {
         return Err(corrupt("trailing bytes after the last session"));
     }
-    Ok(Checkpoint { saved_at, sessions })
+    Ok(Checkpoint {
+        saved_at,
+        hosts,
+        sessions,
+    })
 }
 
 fn corrupt(what: &str) -> DecodeError {
@@ -250,6 +266,7 @@ mod tests {
     fn round_trip() {
         let c = Checkpoint {
             saved_at: UnixMillis(1_700_000_100_000),
+            hosts: vec!["qs1".into(), "qs2".into(), "idle-proxy".into()],
             sessions: vec![
                 record(
                     Some("4b0a7e2c-aaaa"),
@@ -289,6 +306,7 @@ mod tests {
     fn truncation_and_bit_flips_are_detected() {
         let c = Checkpoint {
             saved_at: UnixMillis(10_000),
+            hosts: vec!["h".into()],
             sessions: (0..50)
                 .map(|i| record(Some(&format!("id-{i}")), "h", "D", &format!("u{i}"), i))
                 .collect(),
@@ -308,6 +326,7 @@ mod tests {
     fn times_after_saved_at_do_not_underflow() {
         let c = Checkpoint {
             saved_at: UnixMillis(5),
+            hosts: vec!["h".into()],
             sessions: vec![record(None, "h", "D", "u", 10)],
         };
         let back = decode(&encode(&c)).unwrap();
@@ -323,8 +342,9 @@ mod tests {
                 0..40,
             ),
         ) {
-            let c = Checkpoint {
+            let mut c = Checkpoint {
                 saved_at: UnixMillis(saved_at),
+                hosts: vec!["zero-sessions".into()],
                 sessions: sessions.into_iter().map(|(id, host, dir, user, age, open)| SessionRecord {
                     proxy_session_id: id,
                     host,
@@ -335,6 +355,12 @@ mod tests {
                     open_connections: open,
                 }).collect(),
             };
+            // Decoding lists every host: the given ones, then those of sessions, first seen first.
+            for s in &c.sessions {
+                if !c.hosts.contains(&s.host) {
+                    c.hosts.push(s.host.clone());
+                }
+            }
             prop_assert_eq!(decode(&encode(&c)).unwrap(), c);
         }
 

@@ -29,10 +29,7 @@ impl FileStore {
     }
 
     pub fn save(&self, bytes: &[u8]) -> std::io::Result<()> {
-        let dir = match self.path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
+        let dir = self.dir();
         std::fs::create_dir_all(dir)?;
         let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
         tmp.write_all(bytes)?;
@@ -40,6 +37,20 @@ impl FileStore {
         tmp.persist(&self.path).map_err(|e| e.error)?;
         // The rename is durable only once the directory entry is.
         std::fs::File::open(dir)?.sync_all()
+    }
+
+    /// Creates the directory and a temporary file in it, then removes the file.
+    pub fn check_writable(&self) -> std::io::Result<()> {
+        let dir = self.dir();
+        std::fs::create_dir_all(dir)?;
+        tempfile::NamedTempFile::new_in(dir)?.close()
+    }
+
+    fn dir(&self) -> &Path {
+        match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        }
     }
 
     /// Moves an unreadable checkpoint aside so it is kept for inspection and the next save does

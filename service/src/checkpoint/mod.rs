@@ -42,13 +42,17 @@ pub enum StoreError {
     KubeConfig(String),
     #[error(transparent)]
     ConfigMap(#[from] ConfigMapError),
+    #[error("{0}; run a build that understands it, or move the checkpoint away to start empty")]
+    NewerFormat(String),
 }
 
 impl StoreError {
     /// Whether trying again later may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            StoreError::File { .. } | StoreError::KubeConfig(_) => false,
+            StoreError::File { .. } | StoreError::KubeConfig(_) | StoreError::NewerFormat(_) => {
+                false
+            }
             StoreError::ConfigMap(e) => e.is_transient(),
         }
     }
@@ -150,6 +154,19 @@ impl Store {
         }
     }
 
+    /// Fails now, at start, if the store can never be written (e.g. a read-only directory for
+    /// the file store), rather than warning every few seconds while the service looks ready.
+    /// A ConfigMap store is checked by its first write: API faults there are transient.
+    pub async fn check_writable(&self) -> Result<(), StoreError> {
+        match self {
+            Store::File(f) => {
+                let f = f.clone();
+                blocking(move || f.check_writable().map_err(|e| file_error(&f, e))).await
+            }
+            Store::ConfigMap(_) => Ok(()),
+        }
+    }
+
     async fn shards_in_use(&self) -> usize {
         match self {
             Store::File(_) => 0,
@@ -224,7 +241,10 @@ pub async fn restore(store: &Store, state: &State) -> Result<(), StoreError> {
     match codec::decode(&bytes) {
         Ok(checkpoint) => {
             let now = UnixMillis::now();
-            let restored = state.with_registry(|r| r.restore(&checkpoint.sessions, now));
+            let restored = state.with_registry(|r| {
+                r.restore_hosts(&checkpoint.hosts);
+                r.restore(&checkpoint.sessions, now)
+            });
             state.changed(true);
             state
                 .metrics
@@ -247,6 +267,11 @@ pub async fn restore(store: &Store, state: &State) -> Result<(), StoreError> {
                 "restored sessions from checkpoint"
             );
             Ok(())
+        }
+        // Written by a newer build (a rollback after an upgrade): not corrupt, and not ours to
+        // set aside. Stop with a clear message rather than silently start empty.
+        Err(error @ codec::DecodeError::UnsupportedVersion(_)) => {
+            Err(StoreError::NewerFormat(error.to_string()))
         }
         Err(error) => set_aside(store, state, &error.to_string()).await,
     }
@@ -287,9 +312,11 @@ pub async fn save(store: &Store, state: &State) -> Result<(), StoreError> {
 async fn save_once(store: &Store, state: &State) -> Result<(), StoreError> {
     let started = Instant::now();
     let revision = state.revision.load(Ordering::Acquire);
+    let (hosts, sessions) = state.with_registry(|r| (r.host_names(), r.snapshot()));
     let checkpoint = Checkpoint {
         saved_at: UnixMillis::now(),
-        sessions: state.with_registry(|r| r.snapshot()),
+        hosts,
+        sessions,
     };
     let sessions = checkpoint.sessions.len();
     let bytes = blocking(move || codec::encode(&checkpoint)).await;
