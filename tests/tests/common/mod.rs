@@ -151,6 +151,8 @@ pub struct Service {
     child: Option<Child>,
     log: PathBuf,
     udp: UdpSocket,
+    /// Whether the harness passes `--checkpoint-file` in [`Service::dir`] (the default).
+    checkpoint_file: bool,
 }
 
 pub fn binary() -> &'static str {
@@ -177,6 +179,25 @@ impl Service {
 
     /// [`Service::start`] with extra environment variables (for settings that are not flags).
     pub fn start_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Service {
+        Service::start_with_store(dir, args, env, true)
+    }
+
+    /// [`Service::start_with_env`] without the harness's `--checkpoint-file`, for tests whose
+    /// `args` choose another checkpoint store (`--checkpoint-configmap`). `dir` holds the log.
+    pub fn start_without_checkpoint_file(
+        dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Service {
+        Service::start_with_store(dir, args, env, false)
+    }
+
+    fn start_with_store(
+        dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        checkpoint_file: bool,
+    ) -> Service {
         let mut service = Service {
             env: env
                 .iter()
@@ -188,6 +209,7 @@ impl Service {
             child: None,
             log: dir.join(format!("service-{}.log", std::process::id())),
             udp: UdpSocket::bind("127.0.0.1:0").unwrap(),
+            checkpoint_file,
         };
         service.spawn(args);
         service
@@ -199,13 +221,17 @@ impl Service {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = command()
+        let mut command = command();
+        command
             .args(["--udp-listen", &format!("127.0.0.1:{}", self.udp_port)])
-            .args(["--http-listen", &format!("127.0.0.1:{}", self.http_port)])
-            .args([
+            .args(["--http-listen", &format!("127.0.0.1:{}", self.http_port)]);
+        if self.checkpoint_file {
+            command.args([
                 "--checkpoint-file",
                 &self.dir.join("checkpoint").display().to_string(),
-            ])
+            ]);
+        }
+        let child = command
             .args(["--log-level", "debug,rumqttd=off"])
             .args(args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
