@@ -897,7 +897,8 @@ fn parse_mqtt_url(url: &str, s: &Settings) -> Result<MqttBroker, ConfigError> {
     })
 }
 
-fn local_hostname() -> String {
+/// The machine's host name (the pod name in Kubernetes), for default identities.
+pub fn local_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())

@@ -1,0 +1,127 @@
+//! The binary's entry point: `session-monitor-operator [run flags]` or `… crdgen`.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::run::{self, Options};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Reconciles SessionMonitor resources into running session-monitor services"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the SessionMonitor CustomResourceDefinition as YAML (the file in crds/)
+    Crdgen,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Image of the service for monitors that name none
+    #[arg(long, env = "SESSION_MONITOR_OPERATOR_DEFAULT_IMAGE", default_value_t = run::default_image())]
+    default_image: String,
+    /// Namespaces to watch (comma-separated); default: all
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_OPERATOR_WATCH_NAMESPACES",
+        value_delimiter = ','
+    )]
+    watch_namespaces: Vec<String>,
+    /// Address of /metrics, /healthz and /readyz
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_OPERATOR_HTTP_LISTEN",
+        default_value = "0.0.0.0:8080"
+    )]
+    http_listen: SocketAddr,
+    /// Elect a leader on a Lease, so that only one of several replicas reconciles
+    #[arg(long, env = "SESSION_MONITOR_OPERATOR_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Name of the leader-election Lease
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_OPERATOR_LEASE_NAME",
+        default_value = "session-monitor-operator"
+    )]
+    lease_name: String,
+    /// Namespace of the Lease; default: the operator's own (POD_NAMESPACE), else `default`
+    #[arg(long, env = "SESSION_MONITOR_OPERATOR_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// A `tracing` filter, e.g. `info` or `info,kube=debug`
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_OPERATOR_LOG_LEVEL",
+        default_value = "info"
+    )]
+    log_level: String,
+    /// `text` or `json`
+    #[arg(long, env = "SESSION_MONITOR_OPERATOR_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Crdgen) = cli.command {
+        print!("{}", crate::crdgen::yaml());
+        return ExitCode::SUCCESS;
+    }
+    let args = cli.run;
+    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
+        Ok(filter) => filter,
+        Err(e) => {
+            eprintln!(
+                "session-monitor-operator: invalid --log-level {:?}: {e}",
+                args.log_level
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if args.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    // One TLS provider for the whole process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let options = Options {
+        default_image: args.default_image,
+        watch_namespaces: args.watch_namespaces,
+        http_listen: args.http_listen,
+        leader_election: args.leader_election,
+        lease_name: args.lease_name,
+        lease_namespace: args
+            .lease_namespace
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".to_owned()),
+        identity: std::env::var("POD_NAME").unwrap_or_else(|_| {
+            format!(
+                "{}-{}",
+                session_monitor::config::local_hostname(),
+                std::process::id()
+            )
+        }),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run::run(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "operator stopped");
+            eprintln!("session-monitor-operator: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

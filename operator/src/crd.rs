@@ -1,0 +1,391 @@
+//! The `SessionMonitor` custom resource (`sessionmonitor.io/v1alpha1`): what a platform team
+//! declares per Qlik Sense environment. The CRD YAML in `crds/` is generated from these types
+//! (`session-monitor-operator crdgen`), so the schema, its defaults and its validation live here.
+//!
+//! Fields the service has a default for are optional and left out of the rendered configuration
+//! when unset, so the service's own defaults (documented in its README) apply. Only what the
+//! operator itself needs to build objects (ports, shard count, Service type) is defaulted here.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A Go-style duration as the service reads it: `250ms`, `30s`, `30m`, `24h`, `1h30m`.
+const DURATION: &str = r"^([0-9]+(ns|us|ms|s|m|h|d))+$";
+/// IPv4 or IPv6 network in CIDR notation; the operator parses it exactly.
+const CIDR: &str = r"^[0-9a-fA-F:.]+/[0-9]{1,3}$";
+const MQTT_URL: &str = r"^(mqtt|mqtts)://[^/?#@]+/?$";
+
+// Each printcolumn repeats `type_`, which clippy takes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[kube(
+    group = "sessionmonitor.io",
+    version = "v1alpha1",
+    kind = "SessionMonitor",
+    namespaced,
+    shortname = "smon",
+    status = "SessionMonitorStatus",
+    doc = "A session-monitor service tracking the active users of one Qlik Sense environment",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+    ),
+    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionMonitorSpec {
+    /// Container image of the service; default: the image the operator was started with
+    /// (`--default-image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// `Always`, `IfNotPresent` or `Never`; default: Kubernetes' rule for the tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<ImagePullPolicy>,
+    /// The UDP listener the Qlik proxies' log4net appenders send to.
+    #[serde(default)]
+    pub udp: UdpSpec,
+    /// The Kubernetes Service in front of the UDP listener and the HTTP port.
+    #[serde(default)]
+    pub service: ServiceSpec,
+    /// Session expiry and excluded users.
+    #[serde(default)]
+    pub sessions: SessionsSpec,
+    /// The MQTT broker and topics the active users are published to.
+    pub mqtt: MqttSpec,
+    /// Registry checkpoints (ConfigMaps `<name>-checkpoint`, `<name>-checkpoint-1`…).
+    #[serde(default)]
+    pub checkpoint: CheckpointSpec,
+    /// The HTTP port (`/metrics`, probes, API) and an optional ServiceMonitor.
+    #[serde(default)]
+    pub metrics: MetricsSpec,
+    /// A `tracing` filter, e.g. `info` or `info,session_monitor::mqtt=debug`; default `info`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub log_level: Option<String>,
+    /// `text` or `json`; default `json` (for log collectors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+    /// CPU and memory of the service container; default: requests 50m CPU and 64Mi, limit 256Mi.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
+pub enum ImagePullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UdpSpec {
+    /// UDP port of the listener and of the Service.
+    #[serde(default = "default_udp_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+    /// Networks (CIDRs) datagrams may come from; default: any. With a LoadBalancer or NodePort
+    /// Service, set `service.externalTrafficPolicy: Local` so the proxies' addresses are kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(pattern(CIDR)))]
+    pub allowed_sources: Vec<String>,
+    /// Socket receive buffer; default 8 MiB (capped by the node's `net.core.rmem_max`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub receive_buffer_bytes: Option<u64>,
+}
+
+impl Default for UdpSpec {
+    fn default() -> Self {
+        UdpSpec {
+            port: default_udp_port(),
+            allowed_sources: Vec::new(),
+            receive_buffer_bytes: None,
+        }
+    }
+}
+
+fn default_udp_port() -> u16 {
+    9997
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// `ClusterIP` (default), `NodePort` or `LoadBalancer`. Qlik proxies outside the cluster
+    /// need `LoadBalancer` or `NodePort`.
+    #[serde(default, rename = "type")]
+    pub type_: ServiceType,
+    /// `Cluster` or `Local`; `Local` keeps the proxies' source addresses (for `udp.allowedSources`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_traffic_policy: Option<ExternalTrafficPolicy>,
+    /// Annotations for the Service, e.g. for a cloud load balancer.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
+pub enum ExternalTrafficPolicy {
+    Cluster,
+    Local,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionsSpec {
+    /// A session without open connections expires after this long without events; default `30m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION))]
+    pub idle_timeout: Option<String>,
+    /// Any session expires after this long without events; default `24h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION))]
+    pub max_idle: Option<String>,
+    /// `DIRECTORY\userid` patterns with `*` wildcards that are not counted, e.g. `INTERNAL\sa_*`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(length(min = 1)))]
+    pub exclude_users: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MqttSpec {
+    /// `mqtt://HOST[:1883]` or `mqtts://HOST[:8883]`.
+    #[schemars(pattern(MQTT_URL))]
+    pub url: String,
+    /// A Secret in the monitor's namespace holding the user name and password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<CredentialsSecret>,
+    /// TLS material for `mqtts://`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<MqttTlsSpec>,
+    /// MQTT client id; default `session-monitor-<pod name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub client_id: Option<String>,
+    /// QoS of state and event publishes; default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 2))]
+    pub qos: Option<u8>,
+    /// Publish state topics retained; default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retain: Option<bool>,
+    /// MQTT keep-alive; default `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION))]
+    pub keep_alive: Option<String>,
+    /// `directory-and-id` (`LAB\joe`, default) or `user-id` (`joe`, Butler's payload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_list_format: Option<UserListFormat>,
+    /// A change is published at most this long after it; default `250ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION))]
+    pub publish_interval: Option<String>,
+    #[serde(default)]
+    pub topics: TopicsSpec,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum UserListFormat {
+    DirectoryAndId,
+    UserId,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialsSecret {
+    pub name: String,
+    /// Key of the user name; default `username`.
+    #[serde(default = "default_username_key")]
+    pub username_key: String,
+    /// Key of the password; default `password`.
+    #[serde(default = "default_password_key")]
+    pub password_key: String,
+}
+
+fn default_username_key() -> String {
+    "username".to_owned()
+}
+
+fn default_password_key() -> String {
+    "password".to_owned()
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MqttTlsSpec {
+    /// A Secret with the PEM CA bundle that signs the broker's certificate; default: system roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret: Option<CaSecret>,
+    /// A `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`) for mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_secret: Option<SecretName>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CaSecret {
+    pub name: String,
+    /// Key of the CA bundle; default `ca.crt`.
+    #[serde(default = "default_ca_key")]
+    pub key: String,
+}
+
+fn default_ca_key() -> String {
+    "ca.crt".to_owned()
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+pub struct SecretName {
+    pub name: String,
+}
+
+/// Topic names; unset ones keep the service's Butler-compatible defaults. Event topics are off
+/// unless named.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TopicsSpec {
+    /// Default `qliksense/users/active/count`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub user_count: Option<String>,
+    /// Default `qliksense/users/active/usernames`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub user_list: Option<String>,
+    /// Default `qliksense/users/activeperserver` (counts at `<prefix>/<host>/count`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub host_prefix: Option<String>,
+    /// Default `qliksense/session-monitor/status` (`online` / `offline`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub status: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub session_start: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub session_stop: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub connection_open: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub connection_close: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointSpec {
+    /// The registry is saved at most this often when it changed; default `5s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION))]
+    pub interval: Option<String>,
+    /// Shard ConfigMaps `<name>-checkpoint-1`…`-N` a checkpoint may use (RBAC names each one).
+    /// A checkpoint uses at most about half of them; 8 hold 100,000 sessions with room to spare.
+    #[serde(default = "default_shards")]
+    #[schemars(range(min = 1, max = 100))]
+    pub shards: u16,
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        CheckpointSpec {
+            interval: None,
+            shards: default_shards(),
+        }
+    }
+}
+
+fn default_shards() -> u16 {
+    8
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricsSpec {
+    /// HTTP port of `/metrics`, `/healthz`, `/readyz` and the API (Service port `http-metrics`).
+    #[serde(default = "default_http_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+    /// A Prometheus Operator ServiceMonitor, created only where its CRD is installed.
+    #[serde(default)]
+    pub service_monitor: ServiceMonitorSpec,
+}
+
+impl Default for MetricsSpec {
+    fn default() -> Self {
+        MetricsSpec {
+            port: default_http_port(),
+            service_monitor: ServiceMonitorSpec::default(),
+        }
+    }
+}
+
+fn default_http_port() -> u16 {
+    9842
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceMonitorSpec {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Scrape interval; default: Prometheus's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION))]
+    pub interval: Option<String>,
+    /// Extra labels, e.g. the `release` label a Prometheus selects ServiceMonitors by.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionMonitorStatus {
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing` and `Degraded`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// `HOST:PORT` the Qlik proxies' UDP appenders must send to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}

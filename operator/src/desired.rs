@@ -1,0 +1,796 @@
+//! Build: the objects a [`Plan`] needs, as the operator will apply them. Pure: no client, no
+//! clock; the reconciler applies exactly what these functions return, and unit tests assert it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource,
+    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec as CoreServiceSpec, Volume,
+    VolumeMount,
+};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::crd::{ExternalTrafficPolicy, ImagePullPolicy, ServiceType, SessionMonitor};
+use crate::validate::{Plan, config_map_name, paths};
+
+pub const MANAGER: &str = "session-monitor-operator";
+pub const CONTAINER: &str = "session-monitor";
+pub const UDP_PORT_NAME: &str = "udp-ingest";
+pub const HTTP_PORT_NAME: &str = "http-metrics";
+/// On the pod template: a change of configuration (or of a referenced Secret) rolls the pod,
+/// since the service reads both only at start.
+pub const CHECKSUM_ANNOTATION: &str = "sessionmonitor.io/config-checksum";
+/// Tells the config ConfigMap (watched) from the checkpoint ConfigMaps (written by the service
+/// every few seconds, so not watched: each write would trigger a reconcile).
+pub const ROLE_LABEL: &str = "sessionmonitor.io/role";
+pub const MANAGED_BY_SELECTOR: &str = "app.kubernetes.io/managed-by=session-monitor-operator";
+/// Non-root user of the image (the distroless `nonroot` user).
+const RUN_AS: i64 = 65532;
+
+/// Every object a monitor needs; the ServiceMonitor only when requested.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    pub service_account: ServiceAccount,
+    pub role: Role,
+    pub role_binding: RoleBinding,
+    pub config_map: ConfigMap,
+    pub checkpoint_config_maps: Vec<ConfigMap>,
+    pub deployment: Deployment,
+    pub service: Service,
+    pub service_monitor: Option<serde_json::Value>,
+}
+
+/// `secret_versions`: resourceVersion of each referenced Secret, so a rotated credential rolls
+/// the pod too.
+pub fn build(
+    monitor: &SessionMonitor,
+    plan: &Plan,
+    secret_versions: &BTreeMap<String, String>,
+) -> Desired {
+    let owner = monitor
+        .controller_owner_ref(&())
+        .expect("a SessionMonitor read from the API server has a uid");
+    let checkpoint_config_maps = plan
+        .checkpoint_configmaps()
+        .map(|name| checkpoint_config_map(plan, &owner, name))
+        .collect();
+    Desired {
+        service_account: ServiceAccount {
+            metadata: metadata(plan, &owner, &plan.name),
+            ..ServiceAccount::default()
+        },
+        role: role(plan, &owner),
+        role_binding: role_binding(plan, &owner),
+        config_map: config_map(plan, &owner),
+        checkpoint_config_maps,
+        deployment: deployment(monitor, plan, &owner, secret_versions),
+        service: service(monitor, plan, &owner),
+        service_monitor: service_monitor(monitor, plan, &owner),
+    }
+}
+
+/// Labels on everything; the selector is the stable subset.
+pub fn labels(plan: &Plan) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(plan);
+    labels.insert(
+        "app.kubernetes.io/managed-by".into(),
+        "session-monitor-operator".into(),
+    );
+    labels.insert(
+        "app.kubernetes.io/component".into(),
+        "session-tracking".into(),
+    );
+    labels
+}
+
+pub fn selector_labels(plan: &Plan) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "session-monitor".into()),
+        ("app.kubernetes.io/instance".into(), plan.name.clone()),
+    ])
+}
+
+fn metadata(plan: &Plan, owner: &OwnerReference, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: Some(plan.namespace.clone()),
+        labels: Some(labels(plan)),
+        owner_references: Some(vec![owner.clone()]),
+        ..ObjectMeta::default()
+    }
+}
+
+fn role(plan: &Plan, owner: &OwnerReference) -> Role {
+    Role {
+        metadata: metadata(plan, owner, &plan.name),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["configmaps".into()]),
+            // Named objects only: the service can read and replace its checkpoints, nothing else.
+            resource_names: Some(plan.checkpoint_configmaps().map(str::to_owned).collect()),
+            verbs: vec!["get".into(), "update".into()],
+            ..PolicyRule::default()
+        }]),
+    }
+}
+
+fn role_binding(plan: &Plan, owner: &OwnerReference) -> RoleBinding {
+    RoleBinding {
+        metadata: metadata(plan, owner, &plan.name),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: plan.name.clone(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: plan.name.clone(),
+            namespace: Some(plan.namespace.clone()),
+            ..Subject::default()
+        }]),
+    }
+}
+
+fn config_map(plan: &Plan, owner: &OwnerReference) -> ConfigMap {
+    let mut metadata = metadata(plan, owner, &config_map_name(&plan.name));
+    metadata
+        .labels
+        .get_or_insert_default()
+        .insert(ROLE_LABEL.into(), "config".into());
+    ConfigMap {
+        metadata,
+        data: Some(BTreeMap::from([(
+            paths::CONFIG_KEY.into(),
+            plan.config_toml.clone(),
+        )])),
+        ..ConfigMap::default()
+    }
+}
+
+/// Metadata only: the service owns the data. Applying no `data` field with server-side apply
+/// leaves the service's checkpoint untouched, creates an empty object (a first start for the
+/// service) where none exists, and lets least-privilege RBAC name every object.
+fn checkpoint_config_map(plan: &Plan, owner: &OwnerReference, name: &str) -> ConfigMap {
+    let mut metadata = metadata(plan, owner, name);
+    metadata
+        .labels
+        .get_or_insert_default()
+        .insert(ROLE_LABEL.into(), "checkpoint".into());
+    ConfigMap {
+        metadata,
+        ..ConfigMap::default()
+    }
+}
+
+pub fn config_checksum(plan: &Plan, secret_versions: &BTreeMap<String, String>) -> String {
+    let mut hash = Sha256::new();
+    hash.update(plan.config_toml.as_bytes());
+    for key in &plan.secret_keys {
+        hash.update(b"\0");
+        hash.update(key.secret.as_bytes());
+        hash.update(b"/");
+        hash.update(key.key.as_bytes());
+        hash.update(b"@");
+        hash.update(
+            secret_versions
+                .get(&key.secret)
+                .map(String::as_str)
+                .unwrap_or("")
+                .as_bytes(),
+        );
+    }
+    hash.finalize()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn deployment(
+    monitor: &SessionMonitor,
+    plan: &Plan,
+    owner: &OwnerReference,
+    secret_versions: &BTreeMap<String, String>,
+) -> Deployment {
+    let spec = &monitor.spec;
+    let mut volumes = vec![Volume {
+        name: "config".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: config_map_name(&plan.name),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    }];
+    let mut mounts = vec![mount("config", paths::CONFIG_DIR)];
+    let mut env = vec![EnvVar {
+        name: "POD_NAMESPACE".into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "metadata.namespace".into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }];
+    if let Some(credentials) = &spec.mqtt.credentials_secret {
+        env.push(EnvVar {
+            name: "SESSION_MONITOR_MQTT_USERNAME".into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: credentials.name.clone(),
+                    key: credentials.username_key.clone(),
+                    optional: Some(false),
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        });
+        volumes.push(secret_volume(
+            "mqtt-credentials",
+            &credentials.name,
+            &[(&credentials.password_key, "password")],
+        ));
+        mounts.push(mount("mqtt-credentials", paths::MQTT_CREDENTIALS_DIR));
+    }
+    if let Some(tls) = &spec.mqtt.tls {
+        if let Some(ca) = &tls.ca_secret {
+            volumes.push(secret_volume("mqtt-ca", &ca.name, &[(&ca.key, "ca.crt")]));
+            mounts.push(mount("mqtt-ca", paths::MQTT_CA_DIR));
+        }
+        if let Some(client) = &tls.client_cert_secret {
+            volumes.push(secret_volume(
+                "mqtt-client-cert",
+                &client.name,
+                &[("tls.crt", "tls.crt"), ("tls.key", "tls.key")],
+            ));
+            mounts.push(mount("mqtt-client-cert", paths::MQTT_CLIENT_CERT_DIR));
+        }
+    }
+    let probe = |path: &str, period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String(HTTP_PORT_NAME.into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    };
+    let container = Container {
+        name: CONTAINER.into(),
+        image: Some(plan.image.clone()),
+        image_pull_policy: spec.image_pull_policy.map(|p| {
+            match p {
+                ImagePullPolicy::Always => "Always",
+                ImagePullPolicy::IfNotPresent => "IfNotPresent",
+                ImagePullPolicy::Never => "Never",
+            }
+            .to_owned()
+        }),
+        args: Some(vec!["--config".into(), paths::CONFIG_FILE.into()]),
+        env: Some(env),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some(UDP_PORT_NAME.into()),
+                container_port: i32::from(spec.udp.port),
+                protocol: Some("UDP".into()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some(HTTP_PORT_NAME.into()),
+                container_port: i32::from(spec.metrics.port),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+        ]),
+        // Ready once the checkpoint is restored and UDP is bound; it may take a while when the
+        // API server is slow, which readiness (not liveness) is for.
+        readiness_probe: Some(probe("/readyz", 5, 3)),
+        liveness_probe: Some(probe("/healthz", 10, 6)),
+        resources: Some(spec.resources.clone().unwrap_or_else(default_resources)),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUN_AS),
+            run_as_group: Some(RUN_AS),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            seccomp_profile: Some(runtime_default()),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(mounts),
+        ..Container::default()
+    };
+    let mut template_metadata = ObjectMeta {
+        labels: Some(labels(plan)),
+        annotations: Some(BTreeMap::from([(
+            CHECKSUM_ANNOTATION.into(),
+            config_checksum(plan, secret_versions),
+        )])),
+        ..ObjectMeta::default()
+    };
+    template_metadata.name = None;
+    Deployment {
+        metadata: metadata(plan, owner, &plan.name),
+        spec: Some(DeploymentSpec {
+            // One replica: the registry is one process's memory, and UDP events cannot be
+            // split between replicas without losing the per-user view.
+            replicas: Some(1),
+            // The old pod stops (and writes its final checkpoint) before the new one restores.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("Recreate".into()),
+                ..DeploymentStrategy::default()
+            }),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(plan)),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(template_metadata),
+                spec: Some(PodSpec {
+                    service_account_name: Some(plan.name.clone()),
+                    // The final checkpoint gets 20 s inside this.
+                    termination_grace_period_seconds: Some(30),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(RUN_AS),
+                        run_as_group: Some(RUN_AS),
+                        seccomp_profile: Some(runtime_default()),
+                        ..PodSecurityContext::default()
+                    }),
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    node_selector: (!spec.node_selector.is_empty())
+                        .then(|| spec.node_selector.clone()),
+                    tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
+                    affinity: spec.affinity.clone(),
+                    priority_class_name: spec.priority_class_name.clone(),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        status: None,
+    }
+}
+
+fn default_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".into(), Quantity("50m".into())),
+            ("memory".into(), Quantity("64Mi".into())),
+        ])),
+        limits: Some(BTreeMap::from([(
+            "memory".into(),
+            Quantity("256Mi".into()),
+        )])),
+        ..ResourceRequirements::default()
+    }
+}
+
+fn runtime_default() -> SeccompProfile {
+    SeccompProfile {
+        type_: "RuntimeDefault".into(),
+        ..SeccompProfile::default()
+    }
+}
+
+fn mount(volume: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: volume.into(),
+        mount_path: path.into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }
+}
+
+fn secret_volume(volume: &str, secret: &str, items: &[(&str, &str)]) -> Volume {
+    Volume {
+        name: volume.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.into()),
+            items: Some(
+                items
+                    .iter()
+                    .map(|(key, path)| KeyToPath {
+                        key: (*key).into(),
+                        path: (*path).into(),
+                        ..KeyToPath::default()
+                    })
+                    .collect(),
+            ),
+            // Readable by the non-root user only.
+            default_mode: Some(0o400),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+fn service(monitor: &SessionMonitor, plan: &Plan, owner: &OwnerReference) -> Service {
+    let spec = &monitor.spec;
+    let mut metadata = metadata(plan, owner, &plan.name);
+    if !spec.service.annotations.is_empty() {
+        metadata.annotations = Some(spec.service.annotations.clone());
+    }
+    let exposed = spec.service.type_ != ServiceType::ClusterIP;
+    Service {
+        metadata,
+        spec: Some(CoreServiceSpec {
+            type_: Some(
+                match spec.service.type_ {
+                    ServiceType::ClusterIP => "ClusterIP",
+                    ServiceType::NodePort => "NodePort",
+                    ServiceType::LoadBalancer => "LoadBalancer",
+                }
+                .into(),
+            ),
+            selector: Some(selector_labels(plan)),
+            // `protocol` is stated on each port: Kubernetes 1.20's server-side apply needs it.
+            ports: Some(vec![
+                ServicePort {
+                    name: Some(UDP_PORT_NAME.into()),
+                    port: i32::from(spec.udp.port),
+                    target_port: Some(IntOrString::String(UDP_PORT_NAME.into())),
+                    protocol: Some("UDP".into()),
+                    ..ServicePort::default()
+                },
+                ServicePort {
+                    name: Some(HTTP_PORT_NAME.into()),
+                    port: i32::from(spec.metrics.port),
+                    target_port: Some(IntOrString::String(HTTP_PORT_NAME.into())),
+                    protocol: Some("TCP".into()),
+                    ..ServicePort::default()
+                },
+            ]),
+            external_traffic_policy: spec
+                .service
+                .external_traffic_policy
+                .filter(|_| exposed)
+                .map(|p| {
+                    match p {
+                        ExternalTrafficPolicy::Cluster => "Cluster",
+                        ExternalTrafficPolicy::Local => "Local",
+                    }
+                    .into()
+                }),
+            ..CoreServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+pub const SERVICE_MONITOR_API_VERSION: &str = "monitoring.coreos.com/v1";
+
+fn service_monitor(
+    monitor: &SessionMonitor,
+    plan: &Plan,
+    owner: &OwnerReference,
+) -> Option<serde_json::Value> {
+    let sm = &monitor.spec.metrics.service_monitor;
+    if !sm.enabled {
+        return None;
+    }
+    let mut labels = labels(plan);
+    labels.extend(sm.labels.clone());
+    let mut endpoint = json!({"port": HTTP_PORT_NAME, "path": "/metrics"});
+    if let Some(interval) = &sm.interval {
+        endpoint["interval"] = json!(interval);
+    }
+    Some(json!({
+        "apiVersion": SERVICE_MONITOR_API_VERSION,
+        "kind": "ServiceMonitor",
+        "metadata": {
+            "name": plan.name,
+            "namespace": plan.namespace,
+            "labels": labels,
+            "ownerReferences": [owner],
+        },
+        "spec": {
+            "selector": {"matchLabels": selector_labels(plan)},
+            "endpoints": [endpoint],
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::testing::{self, NAME, NAMESPACE, UID, monitor};
+    use crate::validate::validate;
+
+    fn built(m: &SessionMonitor) -> (Plan, Desired) {
+        let plan = validate(m, "example/session-monitor:1").unwrap();
+        let desired = build(m, &plan, &BTreeMap::new());
+        (plan, desired)
+    }
+
+    fn all_metadata(d: &Desired) -> Vec<&ObjectMeta> {
+        let mut all = vec![
+            &d.service_account.metadata,
+            &d.role.metadata,
+            &d.role_binding.metadata,
+            &d.config_map.metadata,
+            &d.deployment.metadata,
+            &d.service.metadata,
+        ];
+        all.extend(d.checkpoint_config_maps.iter().map(|c| &c.metadata));
+        all
+    }
+
+    #[test]
+    fn every_object_is_owned_labelled_and_named_for_the_monitor() {
+        let (_, d) = built(&testing::example());
+        let names: Vec<_> = all_metadata(&d)
+            .iter()
+            .map(|m| m.name.clone().unwrap())
+            .collect();
+        assert_eq!(
+            names[..6],
+            [NAME, NAME, NAME, "qlik-prod-config", NAME, NAME]
+        );
+        assert_eq!(names[6], "qlik-prod-checkpoint");
+        assert_eq!(names[14], "qlik-prod-checkpoint-8");
+        assert_eq!(names.len(), 6 + 9);
+        for meta in all_metadata(&d) {
+            assert_eq!(meta.namespace.as_deref(), Some(NAMESPACE));
+            let owner = &meta.owner_references.as_ref().unwrap()[0];
+            assert_eq!(owner.uid, UID);
+            assert_eq!(owner.kind, "SessionMonitor");
+            assert_eq!(owner.api_version, "sessionmonitor.io/v1alpha1");
+            assert_eq!(owner.controller, Some(true));
+            let labels = meta.labels.as_ref().unwrap();
+            assert_eq!(labels["app.kubernetes.io/instance"], NAME);
+            assert_eq!(labels["app.kubernetes.io/name"], "session-monitor");
+            assert_eq!(
+                labels["app.kubernetes.io/managed-by"],
+                "session-monitor-operator"
+            );
+        }
+    }
+
+    #[test]
+    fn the_service_may_only_read_and_replace_its_own_checkpoints() {
+        let (plan, d) = built(&testing::example());
+        let rules = d.role.rules.unwrap();
+        assert_eq!(rules.len(), 1);
+        assert_eq!(rules[0].api_groups, Some(vec![String::new()]));
+        assert_eq!(rules[0].resources, Some(vec!["configmaps".to_owned()]));
+        assert_eq!(rules[0].verbs, ["get", "update"]);
+        let names = rules[0].resource_names.clone().unwrap();
+        assert_eq!(names.len(), 9);
+        assert_eq!(names, plan.checkpoint_configmaps().collect::<Vec<_>>());
+        assert!(!names.contains(&"qlik-prod-config".to_owned()));
+        assert_eq!(d.role_binding.role_ref.name, NAME);
+        let subject = &d.role_binding.subjects.unwrap()[0];
+        assert_eq!(
+            (subject.kind.as_str(), subject.name.as_str()),
+            ("ServiceAccount", NAME)
+        );
+        assert_eq!(subject.namespace.as_deref(), Some(NAMESPACE));
+    }
+
+    #[test]
+    fn checkpoint_config_maps_carry_no_data_so_the_service_keeps_its_own() {
+        let (_, d) = built(&testing::minimal());
+        for cm in &d.checkpoint_config_maps {
+            assert_eq!(cm.data, None);
+            assert_eq!(cm.binary_data, None);
+            assert_eq!(
+                cm.metadata.labels.as_ref().unwrap()[ROLE_LABEL],
+                "checkpoint"
+            );
+        }
+        assert_eq!(
+            d.config_map.metadata.labels.as_ref().unwrap()[ROLE_LABEL],
+            "config"
+        );
+        let data = d.config_map.data.unwrap();
+        assert!(
+            data[paths::CONFIG_KEY].contains("checkpoint_configmap = \"qlik-prod-checkpoint\"")
+        );
+    }
+
+    #[test]
+    fn the_deployment_runs_one_hardened_pod_with_probes() {
+        let (_, d) = built(&testing::example());
+        let spec = d.deployment.spec.unwrap();
+        assert_eq!(spec.replicas, Some(1));
+        assert_eq!(spec.strategy.unwrap().type_.as_deref(), Some("Recreate"));
+        assert_eq!(spec.selector.match_labels.unwrap().len(), 2);
+        let pod = spec.template.spec.unwrap();
+        assert_eq!(pod.service_account_name.as_deref(), Some(NAME));
+        let pod_security = pod.security_context.unwrap();
+        assert_eq!(pod_security.run_as_non_root, Some(true));
+        assert_eq!(
+            pod_security.seccomp_profile.unwrap().type_,
+            "RuntimeDefault"
+        );
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("example/session-monitor:1"));
+        assert_eq!(c.args.as_ref().unwrap(), &["--config", paths::CONFIG_FILE]);
+        let security = c.security_context.clone().unwrap();
+        assert_eq!(security.run_as_non_root, Some(true));
+        assert_eq!(security.read_only_root_filesystem, Some(true));
+        assert_eq!(security.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            security.capabilities.unwrap().drop,
+            Some(vec!["ALL".to_owned()])
+        );
+        assert_eq!(security.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        let readiness = c.readiness_probe.clone().unwrap().http_get.unwrap();
+        assert_eq!(readiness.path.as_deref(), Some("/readyz"));
+        assert_eq!(readiness.port, IntOrString::String(HTTP_PORT_NAME.into()));
+        let liveness = c.liveness_probe.clone().unwrap().http_get.unwrap();
+        assert_eq!(liveness.path.as_deref(), Some("/healthz"));
+        let ports: Vec<_> = c
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| {
+                (
+                    p.name.clone().unwrap(),
+                    p.container_port,
+                    p.protocol.clone().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                (UDP_PORT_NAME.to_owned(), 9997, "UDP".to_owned()),
+                (HTTP_PORT_NAME.to_owned(), 9842, "TCP".to_owned())
+            ]
+        );
+        let env = c.env.clone().unwrap();
+        let namespace = env.iter().find(|e| e.name == "POD_NAMESPACE").unwrap();
+        assert_eq!(
+            namespace
+                .value_from
+                .as_ref()
+                .unwrap()
+                .field_ref
+                .as_ref()
+                .unwrap()
+                .field_path,
+            "metadata.namespace"
+        );
+        let username = env
+            .iter()
+            .find(|e| e.name == "SESSION_MONITOR_MQTT_USERNAME")
+            .unwrap();
+        let secret_ref = username
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (secret_ref.name.as_str(), secret_ref.key.as_str()),
+            ("qlik-mqtt", "username")
+        );
+        assert!(
+            env.iter().all(|e| e.value.is_none()),
+            "no literal values, no secrets in the spec"
+        );
+        let volumes = pod.volumes.unwrap();
+        let password = volumes
+            .iter()
+            .find(|v| v.name == "mqtt-credentials")
+            .unwrap();
+        let secret = password.secret.as_ref().unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("qlik-mqtt"));
+        assert_eq!(secret.items.as_ref().unwrap()[0].key, "password");
+        assert_eq!(secret.items.as_ref().unwrap()[0].path, "password");
+        let mounts = c.volume_mounts.clone().unwrap();
+        assert!(mounts.iter().all(|m| m.read_only == Some(true)));
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m.mount_path == paths::MQTT_CREDENTIALS_DIR)
+        );
+        let resources = c.resources.clone().unwrap();
+        assert_eq!(
+            resources.limits.unwrap()["memory"],
+            Quantity("256Mi".into())
+        );
+    }
+
+    #[test]
+    fn the_checksum_rolls_the_pod_when_the_config_or_a_secret_changes() {
+        let checksum = |m: &SessionMonitor, versions: &BTreeMap<String, String>| {
+            let plan = validate(m, "img").unwrap();
+            build(m, &plan, versions)
+                .deployment
+                .spec
+                .unwrap()
+                .template
+                .metadata
+                .unwrap()
+                .annotations
+                .unwrap()[CHECKSUM_ANNOTATION]
+                .clone()
+        };
+        let none = BTreeMap::new();
+        let example = testing::example();
+        let first = checksum(&example, &none);
+        assert_eq!(first, checksum(&example, &none), "stable");
+        assert_eq!(first.len(), 32);
+        let mut changed = example.clone();
+        changed.spec.sessions.idle_timeout = Some("45m".into());
+        assert_ne!(first, checksum(&changed, &none));
+        let rotated = BTreeMap::from([("qlik-mqtt".to_owned(), "42".to_owned())]);
+        assert_ne!(first, checksum(&example, &rotated));
+        // Scheduling is not configuration: no checksum change (the template changes anyway).
+        let mut scheduled = example.clone();
+        scheduled
+            .spec
+            .node_selector
+            .insert("zone".into(), "a".into());
+        assert_eq!(first, checksum(&scheduled, &none));
+    }
+
+    #[test]
+    fn the_service_exposes_udp_and_http_metrics() {
+        let (_, d) = built(&testing::example());
+        let spec = d.service.spec.unwrap();
+        assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+        assert_eq!(spec.external_traffic_policy.as_deref(), Some("Local"));
+        let ports: Vec<_> = spec
+            .ports
+            .unwrap()
+            .into_iter()
+            .map(|p| (p.name.unwrap(), p.port, p.protocol.unwrap()))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                ("udp-ingest".to_owned(), 9997, "UDP".to_owned()),
+                ("http-metrics".to_owned(), 9842, "TCP".to_owned())
+            ]
+        );
+        // A ClusterIP Service cannot take an external traffic policy.
+        let m = monitor(json!({
+            "mqtt": {"url": "mqtt://b"},
+            "service": {"externalTrafficPolicy": "Local"}
+        }));
+        let (_, d) = built(&m);
+        let spec = d.service.spec.unwrap();
+        assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+        assert_eq!(spec.external_traffic_policy, None);
+    }
+
+    #[test]
+    fn a_service_monitor_only_when_enabled() {
+        let (_, d) = built(&testing::minimal());
+        assert_eq!(d.service_monitor, None);
+        let (_, d) = built(&testing::example());
+        let sm = d.service_monitor.unwrap();
+        assert_eq!(sm["kind"], "ServiceMonitor");
+        assert_eq!(sm["metadata"]["labels"]["release"], "prometheus");
+        assert_eq!(sm["metadata"]["ownerReferences"][0]["uid"], UID);
+        assert_eq!(sm["spec"]["endpoints"][0]["port"], "http-metrics");
+        assert_eq!(
+            sm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"],
+            NAME
+        );
+    }
+}

@@ -1,0 +1,21 @@
+//! session-monitor-operator: reconciles `SessionMonitor` resources into everything a
+//! session-monitor service needs in Kubernetes.
+//!
+//! The reconcile is a pipeline of small modules: [`validate`] (spec → plan, pure) →
+//! [`desired`] (plan → objects, pure) → [`reconcile`] (Secrets checked, objects applied with
+//! server-side apply) → [`status`] (conditions, pure). [`run`] is the process around it.
+
+pub mod cli;
+pub mod crd;
+pub mod crdgen;
+pub mod desired;
+pub mod http;
+pub mod metrics;
+pub mod rbac;
+pub mod reconcile;
+pub mod run;
+pub mod status;
+pub mod validate;
+
+#[cfg(test)]
+mod testing;

@@ -1,0 +1,437 @@
+//! The reconcile pipeline: validate → build (both pure) → check referenced Secrets → apply with
+//! server-side apply → update status. IO lives here and only carries out what the pure steps
+//! decided; every API call a reconcile makes is asserted by the tests in `tests.rs`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::crd::{SessionMonitor, SessionMonitorStatus};
+use crate::desired::{self, Desired, MANAGER};
+use crate::metrics::Metrics;
+use crate::status::{self, DEGRADED, Outcome, READY};
+use crate::validate::{self, Plan};
+
+/// How often a healthy monitor is re-checked even without a watch event: it restores deleted
+/// checkpoint ConfigMaps (not watched) and picks up rotated Secrets.
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// A missing Secret is not watched (that would need list/watch on all Secrets): look again.
+pub const MISSING_SECRET_RETRY: Duration = Duration::from_secs(60);
+const BACKOFF_BASE: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("applying {kind} {name}: {source}")]
+    Apply {
+        kind: String,
+        name: String,
+        source: kube::Error,
+    },
+}
+
+impl Error {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "Error",
+            Error::Apply { .. } => "ApplyFailed",
+        }
+    }
+}
+
+pub struct Context {
+    pub client: Client,
+    pub default_image: String,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Consecutive failures per monitor, for exponential backoff; cleared by a success.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        default_image: String,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+    ) -> Context {
+        Context {
+            client,
+            default_image,
+            recorder,
+            metrics,
+            failures: Mutex::default(),
+        }
+    }
+}
+
+fn key(monitor: &SessionMonitor) -> String {
+    format!(
+        "{}/{}",
+        monitor.namespace().unwrap_or_default(),
+        monitor.name_any()
+    )
+}
+
+#[tracing::instrument(skip_all, fields(monitor = %key(&monitor), generation = monitor.metadata.generation))]
+pub async fn reconcile(monitor: Arc<SessionMonitor>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_duration.start_timer();
+    let key = key(&monitor);
+    if monitor.metadata.deletion_timestamp.is_some() {
+        // Owner references let the garbage collector remove the children.
+        ctx.metrics.set_conditions(&key, None);
+        return Ok(Action::await_change());
+    }
+    let namespace = monitor.namespace().unwrap_or_default();
+    let result = run_pipeline(&monitor, &ctx, &namespace).await;
+    let (outcome, deployment, endpoint, next) = match result {
+        Ok(done) => done,
+        Err(error) => {
+            // Still say why in the status, then let error_policy back off.
+            let message = error.to_string();
+            let deployment = get_opt::<Deployment>(&ctx.client, &namespace, &monitor.name_any())
+                .await
+                .ok()
+                .flatten();
+            update_status(
+                &monitor,
+                &ctx,
+                &Outcome::ApplyFailed(message),
+                deployment.as_ref(),
+                None,
+            )
+            .await?;
+            ctx.metrics
+                .reconciles
+                .with_label_values(&[error.metric_label()])
+                .inc();
+            return Err(error);
+        }
+    };
+    update_status(&monitor, &ctx, &outcome, deployment.as_ref(), endpoint).await?;
+    ctx.metrics
+        .reconciles
+        .with_label_values(&[outcome.reason()])
+        .inc();
+    ctx.failures.lock().expect("failures lock").remove(&key);
+    Ok(next)
+}
+
+type Done = (Outcome, Option<Deployment>, Option<String>, Action);
+
+async fn run_pipeline(
+    monitor: &SessionMonitor,
+    ctx: &Context,
+    namespace: &str,
+) -> Result<Done, Error> {
+    let plan = match validate::validate(monitor, &ctx.default_image) {
+        Ok(plan) => plan,
+        Err(invalid) => {
+            warn!(reason = %invalid, "invalid SessionMonitor spec; nothing applied");
+            // The previous Deployment, if any, keeps running the last good spec.
+            let deployment =
+                get_opt::<Deployment>(&ctx.client, namespace, &monitor.name_any()).await?;
+            // A spec change triggers the next reconcile; retrying the same spec cannot help.
+            return Ok((
+                Outcome::InvalidSpec(invalid.message),
+                deployment,
+                None,
+                Action::await_change(),
+            ));
+        }
+    };
+    let secret_versions = match check_secrets(&ctx.client, &plan).await? {
+        Ok(versions) => versions,
+        Err(missing) => {
+            warn!(reason = %missing, "referenced Secret missing; nothing applied");
+            let deployment = get_opt::<Deployment>(&ctx.client, namespace, &plan.name).await?;
+            return Ok((
+                Outcome::MissingSecret(missing),
+                deployment,
+                None,
+                Action::requeue(MISSING_SECRET_RETRY),
+            ));
+        }
+    };
+    let desired = desired::build(monitor, &plan, &secret_versions);
+    let (deployment, service) = apply(ctx, namespace, &desired).await?;
+    let endpoint = status::endpoint(&service, monitor.spec.udp.port);
+    Ok((
+        Outcome::Applied,
+        Some(deployment),
+        endpoint,
+        Action::requeue(RESYNC),
+    ))
+}
+
+/// `Ok(Err(message))` when a Secret or key is missing; the resourceVersions otherwise.
+async fn check_secrets(
+    client: &Client,
+    plan: &Plan,
+) -> Result<Result<BTreeMap<String, String>, String>, Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), &plan.namespace);
+    let mut versions = BTreeMap::new();
+    let mut seen: BTreeMap<&str, Option<Secret>> = BTreeMap::new();
+    for key in &plan.secret_keys {
+        if !seen.contains_key(key.secret.as_str()) {
+            let secret = api.get_opt(&key.secret).await?;
+            seen.insert(&key.secret, secret);
+        }
+        let Some(secret) = &seen[key.secret.as_str()] else {
+            return Ok(Err(format!(
+                "Secret {:?} does not exist in namespace {:?}",
+                key.secret, plan.namespace
+            )));
+        };
+        let has_key = secret
+            .data
+            .as_ref()
+            .is_some_and(|d| d.contains_key(&key.key))
+            || secret
+                .string_data
+                .as_ref()
+                .is_some_and(|d| d.contains_key(&key.key));
+        if !has_key {
+            return Ok(Err(format!(
+                "Secret {:?} has no key {:?}",
+                key.secret, key.key
+            )));
+        }
+        versions.insert(
+            key.secret.clone(),
+            secret.resource_version().unwrap_or_default(),
+        );
+    }
+    Ok(Ok(versions))
+}
+
+async fn apply(
+    ctx: &Context,
+    namespace: &str,
+    desired: &Desired,
+) -> Result<(Deployment, Service), Error> {
+    let client = &ctx.client;
+    apply_one(client, namespace, &desired.service_account).await?;
+    apply_one(client, namespace, &desired.role).await?;
+    apply_one(client, namespace, &desired.role_binding).await?;
+    apply_one(client, namespace, &desired.config_map).await?;
+    for checkpoint in &desired.checkpoint_config_maps {
+        apply_one(client, namespace, checkpoint).await?;
+    }
+    let service = apply_one(client, namespace, &desired.service).await?;
+    // Last, so that everything the pod mounts and uses exists when it starts.
+    let deployment = apply_one(client, namespace, &desired.deployment).await?;
+    apply_service_monitor(ctx, namespace, desired).await?;
+    Ok((deployment, service))
+}
+
+async fn apply_one<K>(client: &Client, namespace: &str, object: &K) -> Result<K, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let name = object.meta().name.clone().unwrap_or_default();
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    api.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await
+    .map_err(|source| Error::Apply {
+        kind: K::kind(&()).into_owned(),
+        name,
+        source,
+    })
+}
+
+fn service_monitor_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor"),
+        "servicemonitors",
+    )
+}
+
+/// Applies the ServiceMonitor where the Prometheus Operator's API exists, and removes one that
+/// was switched off. Without the API, a requested ServiceMonitor is reported as an Event.
+async fn apply_service_monitor(
+    ctx: &Context,
+    namespace: &str,
+    desired: &Desired,
+) -> Result<(), Error> {
+    let available = match ctx
+        .client
+        .list_api_group_resources(desired::SERVICE_MONITOR_API_VERSION)
+        .await
+    {
+        Ok(list) => list.resources.iter().any(|r| r.name == "servicemonitors"),
+        Err(kube::Error::Api(status)) if status.is_not_found() => false,
+        Err(e) => return Err(e.into()),
+    };
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), namespace, &service_monitor_resource());
+    let name = desired.deployment.metadata.name.clone().unwrap_or_default();
+    match (&desired.service_monitor, available) {
+        (Some(object), true) => {
+            api.patch(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(object),
+            )
+            .await
+            .map_err(|source| Error::Apply {
+                kind: "ServiceMonitor".into(),
+                name: name.clone(),
+                source,
+            })?;
+        }
+        (Some(_), false) => {
+            warn!(
+                "spec.metrics.serviceMonitor.enabled, but monitoring.coreos.com/v1 is not \
+                 installed: no ServiceMonitor created"
+            );
+        }
+        (None, true) => match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => info!("ServiceMonitor switched off: deleted"),
+            Err(kube::Error::Api(status)) if status.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        },
+        (None, false) => {}
+    }
+    Ok(())
+}
+
+async fn get_opt<K>(client: &Client, namespace: &str, name: &str) -> Result<Option<K>, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    Ok(Api::<K>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await?)
+}
+
+/// Writes the status when it changed, and records an Event for each transition an
+/// administrator would want in `kubectl describe`.
+async fn update_status(
+    monitor: &SessionMonitor,
+    ctx: &Context,
+    outcome: &Outcome,
+    deployment: Option<&Deployment>,
+    endpoint: Option<String>,
+) -> Result<(), Error> {
+    let previous = monitor.status.as_ref();
+    let next = status::compute(
+        outcome,
+        monitor.metadata.generation,
+        deployment,
+        endpoint,
+        previous,
+        Time(k8s_openapi::jiff::Timestamp::now()),
+    );
+    ctx.metrics.set_conditions(&key(monitor), Some(&next));
+    for event in transitions(previous, &next) {
+        if let Err(e) = ctx.recorder.publish(&event, &monitor.object_ref(&())).await {
+            warn!(error = %e, reason = %event.reason, "could not record Event");
+        }
+    }
+    if previous == Some(&next) {
+        return Ok(());
+    }
+    let api: Api<SessionMonitor> =
+        Api::namespaced(ctx.client.clone(), &monitor.namespace().unwrap_or_default());
+    let patch = json!({
+        "apiVersion": SessionMonitor::api_version(&()),
+        "kind": SessionMonitor::kind(&()),
+        "status": next,
+    });
+    api.patch_status(
+        &monitor.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Events for condition changes: Degraded appearing (with its reason) or clearing, Ready.
+fn transitions(previous: Option<&SessionMonitorStatus>, next: &SessionMonitorStatus) -> Vec<Event> {
+    let was = |t| status::condition(previous, t).map(|c| (c.status.clone(), c.reason.clone()));
+    let now = |t| status::condition(Some(next), t).expect("computed conditions are complete");
+    let mut events = Vec::new();
+    let degraded = now(DEGRADED);
+    if was(DEGRADED) != Some((degraded.status.clone(), degraded.reason.clone())) {
+        if degraded.status == "True" {
+            events.push(Event {
+                type_: EventType::Warning,
+                reason: degraded.reason.clone(),
+                note: Some(truncate(&degraded.message, 1000)),
+                action: "Reconcile".into(),
+                secondary: None,
+            });
+        } else if was(DEGRADED).is_some_and(|(s, _)| s == "True") {
+            events.push(Event {
+                type_: EventType::Normal,
+                reason: "Recovered".into(),
+                note: Some("the spec is valid and every object is applied".into()),
+                action: "Reconcile".into(),
+                secondary: None,
+            });
+        }
+    }
+    let ready = now(READY);
+    if ready.status == "True" && was(READY).is_none_or(|(s, _)| s != "True") {
+        events.push(Event {
+            type_: EventType::Normal,
+            reason: "Ready".into(),
+            note: Some(format!(
+                "the session-monitor pod is ready; Qlik appenders send to {}",
+                next.endpoint.as_deref().unwrap_or("its Service")
+            )),
+            action: "Reconcile".into(),
+            secondary: None,
+        });
+    }
+    events
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
+}
+
+/// Exponential backoff per monitor: 5 s, 10 s, 20 s … at most 5 min.
+pub fn error_policy(monitor: Arc<SessionMonitor>, error: &Error, ctx: Arc<Context>) -> Action {
+    let mut failures = ctx.failures.lock().expect("failures lock");
+    let count = failures.entry(key(&monitor)).or_insert(0);
+    *count = count.saturating_add(1);
+    let delay = backoff(*count);
+    warn!(monitor = %key(&monitor), error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+pub fn backoff(failures: u32) -> Duration {
+    let factor = 1u32 << failures.saturating_sub(1).min(10);
+    (BACKOFF_BASE * factor).min(BACKOFF_MAX)
+}

@@ -1,0 +1,399 @@
+//! Update status: what a reconcile found, turned into `status` (conditions and endpoint). Pure:
+//! the time is passed in, and a condition keeps its `lastTransitionTime` while its status holds.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::crd::SessionMonitorStatus;
+
+pub const READY: &str = "Ready";
+pub const PROGRESSING: &str = "Progressing";
+pub const DEGRADED: &str = "Degraded";
+
+/// What the reconcile achieved; every failure carries the message shown in `Degraded`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every object applied.
+    Applied,
+    /// The spec cannot be deployed; nothing was applied.
+    InvalidSpec(String),
+    /// A referenced Secret or key does not exist; nothing was applied.
+    MissingSecret(String),
+    /// The API server refused an object.
+    ApplyFailed(String),
+}
+
+impl Outcome {
+    /// The `reason` of `Degraded`, and the `result` label of the reconcile metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Outcome::Applied => "Reconciled",
+            Outcome::InvalidSpec(_) => "InvalidSpec",
+            Outcome::MissingSecret(_) => "MissingSecret",
+            Outcome::ApplyFailed(_) => "ApplyFailed",
+        }
+    }
+}
+
+/// The status after a reconcile. `deployment` and `service` are as the API server last returned
+/// them (absent before the first apply); `previous` is the current status.
+pub fn compute(
+    outcome: &Outcome,
+    generation: Option<i64>,
+    deployment: Option<&Deployment>,
+    endpoint: Option<String>,
+    previous: Option<&SessionMonitorStatus>,
+    now: Time,
+) -> SessionMonitorStatus {
+    let rollout = Rollout::of(deployment);
+    let (ready, ready_reason, ready_message) = match rollout {
+        Rollout::Absent => (
+            false,
+            "NotDeployed",
+            "the service is not deployed yet".to_owned(),
+        ),
+        Rollout::Rolling { available: true } | Rollout::Complete => (
+            true,
+            "Available",
+            "the session-monitor pod is ready".to_owned(),
+        ),
+        Rollout::Rolling { available: false } => (
+            false,
+            "Unavailable",
+            "waiting for the session-monitor pod to become ready".to_owned(),
+        ),
+    };
+    let (progressing, progressing_reason, progressing_message) = match (outcome, rollout) {
+        (Outcome::Applied, Rollout::Complete) => (
+            false,
+            "Complete",
+            "the current spec is rolled out".to_owned(),
+        ),
+        (Outcome::Applied, _) => (
+            true,
+            "RollingOut",
+            "rolling out the current spec".to_owned(),
+        ),
+        (failure, _) => (
+            false,
+            failure.reason(),
+            "the current spec cannot be rolled out; see Degraded".to_owned(),
+        ),
+    };
+    let (degraded, degraded_message) = match outcome {
+        Outcome::Applied => (false, "all objects are applied".to_owned()),
+        Outcome::InvalidSpec(m) | Outcome::MissingSecret(m) | Outcome::ApplyFailed(m) => {
+            (true, m.clone())
+        }
+    };
+    let previous_conditions = previous.map(|s| s.conditions.as_slice()).unwrap_or(&[]);
+    let condition = |type_: &str, status: bool, reason: &str, message: String| {
+        let status = if status { "True" } else { "False" }.to_owned();
+        let since = previous_conditions
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or_else(|| now.clone());
+        Condition {
+            type_: type_.to_owned(),
+            status,
+            reason: reason.to_owned(),
+            message,
+            observed_generation: generation,
+            last_transition_time: since,
+        }
+    };
+    SessionMonitorStatus {
+        observed_generation: generation,
+        conditions: vec![
+            condition(READY, ready, ready_reason, ready_message),
+            condition(
+                PROGRESSING,
+                progressing,
+                progressing_reason,
+                progressing_message,
+            ),
+            condition(DEGRADED, degraded, outcome.reason(), degraded_message),
+        ],
+        endpoint: endpoint.or_else(|| previous.and_then(|p| p.endpoint.clone())),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rollout {
+    Absent,
+    Rolling { available: bool },
+    Complete,
+}
+
+impl Rollout {
+    fn of(deployment: Option<&Deployment>) -> Rollout {
+        let Some(deployment) = deployment else {
+            return Rollout::Absent;
+        };
+        let status = deployment.status.clone().unwrap_or_default();
+        let available = status.available_replicas.unwrap_or(0) >= 1;
+        let observed =
+            status.observed_generation.unwrap_or(0) >= deployment.metadata.generation.unwrap_or(0);
+        // With `Recreate` and one replica, done means: the controller saw the current template,
+        // its one pod is updated and available, and no old pod remains.
+        let complete = observed
+            && available
+            && status.updated_replicas.unwrap_or(0) >= 1
+            && status.replicas.unwrap_or(0) == status.updated_replicas.unwrap_or(0);
+        if complete {
+            Rollout::Complete
+        } else {
+            Rollout::Rolling { available }
+        }
+    }
+}
+
+/// Where the Qlik proxies send datagrams: the load balancer's address once it has one, each
+/// node's NodePort, or the cluster DNS name for in-cluster senders.
+pub fn endpoint(service: &Service, udp_port: u16) -> Option<String> {
+    let name = service.metadata.name.as_deref()?;
+    let namespace = service.metadata.namespace.as_deref()?;
+    let spec = service.spec.as_ref()?;
+    let node_port = spec
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.protocol.as_deref() == Some("UDP"))
+        .and_then(|p| p.node_port);
+    let ingress = service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .and_then(|i| i.first())
+        .and_then(|i| i.ip.clone().or_else(|| i.hostname.clone()));
+    Some(match (spec.type_.as_deref(), ingress, node_port) {
+        (Some("LoadBalancer"), Some(address), _) => format!("{address}:{udp_port}"),
+        (Some("LoadBalancer" | "NodePort"), None, Some(node_port)) => {
+            format!("<node>:{node_port}")
+        }
+        _ => format!("{name}.{namespace}.svc:{udp_port}"),
+    })
+}
+
+/// The condition of `type_` in `status`, if any.
+pub fn condition<'a>(
+    status: Option<&'a SessionMonitorStatus>,
+    type_: &str,
+) -> Option<&'a Condition> {
+    status?.conditions.iter().find(|c| c.type_ == type_)
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::apps::v1::DeploymentStatus;
+    use k8s_openapi::api::core::v1::{
+        LoadBalancerIngress, LoadBalancerStatus, ServicePort, ServiceSpec, ServiceStatus,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    use super::*;
+
+    fn at(seconds: i64) -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(seconds).unwrap())
+    }
+
+    fn deployment(
+        generation: i64,
+        observed: i64,
+        updated: i32,
+        replicas: i32,
+        available: i32,
+    ) -> Deployment {
+        Deployment {
+            metadata: ObjectMeta {
+                generation: Some(generation),
+                ..ObjectMeta::default()
+            },
+            status: Some(DeploymentStatus {
+                observed_generation: Some(observed),
+                updated_replicas: Some(updated),
+                replicas: Some(replicas),
+                available_replicas: Some(available),
+                ..DeploymentStatus::default()
+            }),
+            ..Deployment::default()
+        }
+    }
+
+    fn summary(status: &SessionMonitorStatus) -> Vec<(String, String, String)> {
+        status
+            .conditions
+            .iter()
+            .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone()))
+            .collect()
+    }
+
+    fn triple(t: &str, s: &str, r: &str) -> (String, String, String) {
+        (t.into(), s.into(), r.into())
+    }
+
+    #[test]
+    fn conditions_follow_the_rollout() {
+        let applied = Outcome::Applied;
+        let cases = [
+            (None, ("False", "NotDeployed"), ("True", "RollingOut")),
+            (
+                Some(deployment(2, 1, 0, 0, 0)),
+                ("False", "Unavailable"),
+                ("True", "RollingOut"),
+            ),
+            // The old pod still serves while the new template is not observed: ready, rolling.
+            (
+                Some(deployment(2, 1, 0, 1, 1)),
+                ("True", "Available"),
+                ("True", "RollingOut"),
+            ),
+            (
+                Some(deployment(2, 2, 1, 1, 1)),
+                ("True", "Available"),
+                ("False", "Complete"),
+            ),
+        ];
+        for (d, ready, progressing) in cases {
+            let s = compute(&applied, Some(2), d.as_ref(), None, None, at(0));
+            assert_eq!(
+                summary(&s),
+                [
+                    triple(READY, ready.0, ready.1),
+                    triple(PROGRESSING, progressing.0, progressing.1),
+                    triple(DEGRADED, "False", "Reconciled"),
+                ],
+                "{d:?}"
+            );
+            assert_eq!(s.observed_generation, Some(2));
+            assert!(
+                s.conditions
+                    .iter()
+                    .all(|c| c.observed_generation == Some(2))
+            );
+        }
+    }
+
+    #[test]
+    fn failures_degrade_but_keep_readiness_of_the_running_pod() {
+        let running = deployment(1, 1, 1, 1, 1);
+        for outcome in [
+            Outcome::InvalidSpec("spec.mqtt.qos: 5 is not 0, 1 or 2".into()),
+            Outcome::MissingSecret("Secret \"x\" does not exist".into()),
+            Outcome::ApplyFailed("applying Deployment x: 422".into()),
+        ] {
+            let s = compute(&outcome, Some(2), Some(&running), None, None, at(0));
+            assert_eq!(
+                summary(&s),
+                [
+                    triple(READY, "True", "Available"),
+                    triple(PROGRESSING, "False", outcome.reason()),
+                    triple(DEGRADED, "True", outcome.reason()),
+                ]
+            );
+            let degraded = condition(Some(&s), DEGRADED).unwrap();
+            assert!(matches!(&outcome,
+                Outcome::InvalidSpec(m) | Outcome::MissingSecret(m) | Outcome::ApplyFailed(m)
+                    if degraded.message == *m));
+        }
+    }
+
+    #[test]
+    fn a_condition_keeps_its_transition_time_while_its_status_holds() {
+        let first = compute(&Outcome::Applied, Some(1), None, None, None, at(100));
+        let again = compute(
+            &Outcome::Applied,
+            Some(1),
+            None,
+            None,
+            Some(&first),
+            at(200),
+        );
+        assert_eq!(first, again, "nothing changed, so nothing to write");
+        let ready = deployment(1, 1, 1, 1, 1);
+        let later = compute(
+            &Outcome::Applied,
+            Some(1),
+            Some(&ready),
+            None,
+            Some(&again),
+            at(300),
+        );
+        assert_eq!(
+            condition(Some(&later), READY).unwrap().last_transition_time,
+            at(300)
+        );
+        assert_eq!(
+            condition(Some(&later), DEGRADED)
+                .unwrap()
+                .last_transition_time,
+            at(100)
+        );
+    }
+
+    fn service(
+        type_: &str,
+        node_port: Option<i32>,
+        ingress: Option<LoadBalancerIngress>,
+    ) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                name: Some("smon".into()),
+                namespace: Some("qlik".into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(ServiceSpec {
+                type_: Some(type_.into()),
+                ports: Some(vec![
+                    ServicePort {
+                        port: 9842,
+                        protocol: Some("TCP".into()),
+                        node_port: Some(30001),
+                        ..ServicePort::default()
+                    },
+                    ServicePort {
+                        port: 9997,
+                        protocol: Some("UDP".into()),
+                        node_port,
+                        ..ServicePort::default()
+                    },
+                ]),
+                ..ServiceSpec::default()
+            }),
+            status: ingress.map(|i| ServiceStatus {
+                load_balancer: Some(LoadBalancerStatus {
+                    ingress: Some(vec![i]),
+                }),
+                ..ServiceStatus::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn the_endpoint_is_where_the_proxies_can_send() {
+        assert_eq!(
+            endpoint(&service("ClusterIP", None, None), 9997).as_deref(),
+            Some("smon.qlik.svc:9997")
+        );
+        assert_eq!(
+            endpoint(&service("NodePort", Some(31997), None), 9997).as_deref(),
+            Some("<node>:31997")
+        );
+        let ip = LoadBalancerIngress {
+            ip: Some("10.1.2.3".into()),
+            ..LoadBalancerIngress::default()
+        };
+        assert_eq!(
+            endpoint(&service("LoadBalancer", Some(31997), Some(ip)), 9997).as_deref(),
+            Some("10.1.2.3:9997")
+        );
+        // A load balancer still being provisioned: its node ports already work.
+        assert_eq!(
+            endpoint(&service("LoadBalancer", Some(31997), None), 9997).as_deref(),
+            Some("<node>:31997")
+        );
+    }
+}
