@@ -23,6 +23,8 @@ struct Cli {
 enum Command {
     /// Print the SessionMonitor CustomResourceDefinition as YAML (the file in crds/)
     Crdgen,
+    /// Print the RBAC rules the operator needs as YAML (the chart's files/operator-rules.yaml)
+    RbacRules,
 }
 
 #[derive(clap::Args, Debug)]
@@ -71,9 +73,16 @@ struct RunArgs {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Crdgen) = cli.command {
-        print!("{}", crate::crdgen::yaml());
-        return ExitCode::SUCCESS;
+    match cli.command {
+        Some(Command::Crdgen) => {
+            print!("{}", crate::crdgen::yaml());
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::RbacRules) => {
+            print!("{}", crate::crdgen::rbac_rules_yaml());
+            return ExitCode::SUCCESS;
+        }
+        None => {}
     }
     let args = cli.run;
     let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {

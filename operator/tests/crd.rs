@@ -29,3 +29,23 @@ fn the_readme_shows_the_example_monitor_verbatim() {
         "README.md must contain examples/sessionmonitor.yaml verbatim"
     );
 }
+
+#[test]
+fn the_chart_carries_the_same_crd() {
+    assert!(
+        repo_file(crdgen::CHART_CRD_FILE) == repo_file(crdgen::CRD_FILE),
+        "{} differs from {}: copy it",
+        crdgen::CHART_CRD_FILE,
+        crdgen::CRD_FILE
+    );
+}
+
+#[test]
+fn the_chart_grants_the_rules_the_operator_uses() {
+    assert!(
+        repo_file(crdgen::CHART_RULES_FILE) == crdgen::rbac_rules_yaml(),
+        "{} is stale: run `cargo run -p session-monitor-operator -- rbac-rules > {}`",
+        crdgen::CHART_RULES_FILE,
+        crdgen::CHART_RULES_FILE
+    );
+}
