@@ -13,7 +13,7 @@ use crate::status::{DEGRADED, PROGRESSING, READY};
 
 pub struct Metrics {
     pub registry: Registry,
-    /// `result`: `Reconciled`, `InvalidSpec`, `MissingSecret`, `ApplyFailed`, `Error`.
+    /// `result`: `Reconciled`, `InvalidSpec`, `MissingSecret`, `ApplyFailed`, `ApiError`.
     pub reconciles: IntCounterVec,
     pub reconcile_duration: Histogram,
     /// Monitors by condition and status, e.g. `{condition="Ready",status="True"}`.

@@ -1,6 +1,6 @@
 //! The reconcile pipeline: validate → build (both pure) → check referenced Secrets → apply with
 //! server-side apply → update status. IO lives here and only carries out what the pure steps
-//! decided; every API call a reconcile makes is asserted by the tests in `tests.rs`.
+//! decided; every API call a reconcile makes is asserted by the tests in `reconcile_tests.rs`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -9,7 +9,9 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, Preconditions,
+};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -45,9 +47,10 @@ pub enum Error {
 }
 
 impl Error {
+    /// The reconcile metric's `result` and the reason of `Degraded`.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            Error::Kube(_) => "Error",
+            Error::Kube(_) => "ApiError",
             Error::Apply { .. } => "ApplyFailed",
         }
     }
@@ -107,14 +110,11 @@ pub async fn reconcile(monitor: Arc<SessionMonitor>, ctx: Arc<Context>) -> Resul
                 .await
                 .ok()
                 .flatten();
-            update_status(
-                &monitor,
-                &ctx,
-                &Outcome::ApplyFailed(message),
-                deployment.as_ref(),
-                None,
-            )
-            .await?;
+            let outcome = match &error {
+                Error::Apply { .. } => Outcome::ApplyFailed(message),
+                Error::Kube(_) => Outcome::ApiError(message),
+            };
+            update_status(&monitor, &ctx, &outcome, deployment.as_ref(), None).await?;
             ctx.metrics
                 .reconciles
                 .with_label_values(&[error.metric_label()])
@@ -168,7 +168,7 @@ async fn run_pipeline(
         }
     };
     let desired = desired::build(monitor, &plan, &secret_versions);
-    let (deployment, service) = apply(ctx, namespace, &desired).await?;
+    let (deployment, service) = apply(ctx, monitor, namespace, &desired).await?;
     let endpoint = status::endpoint(&service, monitor.spec.udp.port);
     Ok((
         Outcome::Applied,
@@ -221,6 +221,7 @@ async fn check_secrets(
 
 async fn apply(
     ctx: &Context,
+    monitor: &SessionMonitor,
     namespace: &str,
     desired: &Desired,
 ) -> Result<(Deployment, Service), Error> {
@@ -235,7 +236,7 @@ async fn apply(
     let service = apply_one(client, namespace, &desired.service).await?;
     // Last, so that everything the pod mounts and uses exists when it starts.
     let deployment = apply_one(client, namespace, &desired.deployment).await?;
-    apply_service_monitor(ctx, namespace, desired).await?;
+    apply_service_monitor(ctx, monitor, namespace, desired).await?;
     Ok((deployment, service))
 }
 
@@ -269,10 +270,12 @@ fn service_monitor_resource() -> ApiResource {
     )
 }
 
-/// Applies the ServiceMonitor where the Prometheus Operator's API exists, and removes one that
-/// was switched off. Without the API, a requested ServiceMonitor is reported as an Event.
+/// Applies the ServiceMonitor where the Prometheus Operator's API exists, and removes one this
+/// monitor created once it is switched off. Without the API, a requested ServiceMonitor is
+/// reported as a Warning Event.
 async fn apply_service_monitor(
     ctx: &Context,
+    monitor: &SessionMonitor,
     namespace: &str,
     desired: &Desired,
 ) -> Result<(), Error> {
@@ -282,12 +285,13 @@ async fn apply_service_monitor(
         .await
     {
         Ok(list) => list.resources.iter().any(|r| r.name == "servicemonitors"),
-        Err(kube::Error::Api(status)) if status.is_not_found() => false,
+        // Older API servers answer an absent group with a plain-text 404, without a reason.
+        Err(kube::Error::Api(status)) if status.is_not_found() || status.code == 404 => false,
         Err(e) => return Err(e.into()),
     };
     let api: Api<DynamicObject> =
         Api::namespaced_with(ctx.client.clone(), namespace, &service_monitor_resource());
-    let name = desired.deployment.metadata.name.clone().unwrap_or_default();
+    let name = monitor.name_any();
     match (&desired.service_monitor, available) {
         (Some(object), true) => {
             api.patch(
@@ -303,16 +307,50 @@ async fn apply_service_monitor(
             })?;
         }
         (Some(_), false) => {
-            warn!(
-                "spec.metrics.serviceMonitor.enabled, but monitoring.coreos.com/v1 is not \
-                 installed: no ServiceMonitor created"
-            );
+            let note = "spec.metrics.serviceMonitor.enabled, but the monitoring.coreos.com/v1 API \
+                        (Prometheus Operator) is not installed: no ServiceMonitor created";
+            warn!("{note}");
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "ServiceMonitorUnavailable".into(),
+                note: Some(note.into()),
+                action: "Reconcile".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&event, &monitor.object_ref(&())).await {
+                warn!(error = %e, "could not record Event");
+            }
         }
-        (None, true) => match api.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => info!("ServiceMonitor switched off: deleted"),
-            Err(kube::Error::Api(status)) if status.is_not_found() => {}
-            Err(e) => return Err(e.into()),
-        },
+        (None, true) => {
+            // Only a ServiceMonitor this monitor controls: one of the same name that someone
+            // else made stays.
+            let Some(existing) = api.get_opt(&name).await? else {
+                return Ok(());
+            };
+            let ours = existing
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| {
+                    o.controller == Some(true) && Some(&o.uid) == monitor.metadata.uid.as_ref()
+                });
+            if !ours {
+                return Ok(());
+            }
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: existing.metadata.uid.clone(),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            match api.delete(&name, &params).await {
+                Ok(_) => info!("ServiceMonitor switched off: deleted"),
+                Err(kube::Error::Api(status)) if status.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         (None, false) => {}
     }
     Ok(())
@@ -435,3 +473,7 @@ pub fn backoff(failures: u32) -> Duration {
     let factor = 1u32 << failures.saturating_sub(1).min(10);
     (BACKOFF_BASE * factor).min(BACKOFF_MAX)
 }
+
+#[cfg(test)]
+#[path = "reconcile_tests.rs"]
+mod tests;

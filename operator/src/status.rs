@@ -22,6 +22,8 @@ pub enum Outcome {
     MissingSecret(String),
     /// The API server refused an object.
     ApplyFailed(String),
+    /// Another API call failed (unreachable, forbidden…); retried with backoff.
+    ApiError(String),
 }
 
 impl Outcome {
@@ -32,6 +34,7 @@ impl Outcome {
             Outcome::InvalidSpec(_) => "InvalidSpec",
             Outcome::MissingSecret(_) => "MissingSecret",
             Outcome::ApplyFailed(_) => "ApplyFailed",
+            Outcome::ApiError(_) => "ApiError",
         }
     }
 }
@@ -83,9 +86,10 @@ pub fn compute(
     };
     let (degraded, degraded_message) = match outcome {
         Outcome::Applied => (false, "all objects are applied".to_owned()),
-        Outcome::InvalidSpec(m) | Outcome::MissingSecret(m) | Outcome::ApplyFailed(m) => {
-            (true, m.clone())
-        }
+        Outcome::InvalidSpec(m)
+        | Outcome::MissingSecret(m)
+        | Outcome::ApplyFailed(m)
+        | Outcome::ApiError(m) => (true, m.clone()),
     };
     let previous_conditions = previous.map(|s| s.conditions.as_slice()).unwrap_or(&[]);
     let condition = |type_: &str, status: bool, reason: &str, message: String| {
