@@ -112,7 +112,7 @@ fn run_rate(probe_socket: &UdpSocket, port: u16, seen: &Seen, rate: u64, base: u
                 let due = (start.elapsed().as_secs_f64() * 1000.0 * per_ms) as u64;
                 while sent < due {
                     let i = (sent / 2) as usize % PRELOADED;
-                    let command = if sent % 2 == 0 {
+                    let command = if sent.is_multiple_of(2) {
                         "Open connection"
                     } else {
                         "Close connection"

@@ -730,13 +730,13 @@ fn checkpoint_store(s: &Settings) -> Result<CheckpointStoreConfig, ConfigError> 
             ),
         ));
     }
-    if let Some(ns) = &s.checkpoint_namespace {
-        if !is_dns_label(ns) {
-            return Err(invalid(
-                "checkpoint_namespace",
-                format!("{ns:?} is not a valid namespace name"),
-            ));
-        }
+    if let Some(ns) = &s.checkpoint_namespace
+        && !is_dns_label(ns)
+    {
+        return Err(invalid(
+            "checkpoint_namespace",
+            format!("{ns:?} is not a valid namespace name"),
+        ));
     }
     Ok(CheckpointStoreConfig::ConfigMap {
         name: name.clone(),

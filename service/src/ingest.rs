@@ -145,15 +145,15 @@ fn accept(
     if let Some(membership) = outcome.changes_registry() {
         state.changed(membership);
     }
-    if outcome != Outcome::Excluded {
-        if let Some(events) = events {
-            let message = EventMessage {
-                command: event.command,
-                payload: crate::mqtt::event_payload(&event, now),
-            };
-            if events.try_send(message).is_err() {
-                state.metrics.mqtt_events_dropped.inc();
-            }
+    if outcome != Outcome::Excluded
+        && let Some(events) = events
+    {
+        let message = EventMessage {
+            command: event.command,
+            payload: crate::mqtt::event_payload(&event, now),
+        };
+        if events.try_send(message).is_err() {
+            state.metrics.mqtt_events_dropped.inc();
         }
     }
     Ok(())

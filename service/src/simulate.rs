@@ -386,10 +386,10 @@ impl Traffic {
         // Of an active user's events, in percent: 3 a second session, 6 winding down (closing
         // connections, then stopping), the rest opening and closing apps.
         let action = self.rng.u32(..100);
-        if action < 3 {
-            if let Some(proxy) = self.second_session_proxy(u) {
-                return self.start(u, proxy);
-            }
+        if action < 3
+            && let Some(proxy) = self.second_session_proxy(u)
+        {
+            return self.start(u, proxy);
         }
         let s = self.rng.usize(..self.users[u].sessions.len());
         let open = self.users[u].sessions[s].open_connections;
@@ -538,7 +538,7 @@ impl Traffic {
             2 => line.command = BAD_COMMANDS[choice % BAD_COMMANDS.len()],
             3 => line.user_id = "",
             // log4net renders a property that was never set as "(null)".
-            4 if choice % 2 == 0 => line.user_id = "(null)",
+            4 if choice.is_multiple_of(2) => line.user_id = "(null)",
             4 => line.directory = "(null)",
             _ => {}
         }

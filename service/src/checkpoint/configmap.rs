@@ -374,10 +374,10 @@ impl ConfigMapStore {
             Err(kube::Error::Api(status)) if status.is_conflict() => {
                 // Learn the current version (and, for NAME, the manifest really committed),
                 // so the caller's next attempt can succeed.
-                if let Some(current) = self.get(inner, name).await? {
-                    if name == self.name {
-                        inner.manifest = self.manifest_of(&current).ok().flatten();
-                    }
+                if let Some(current) = self.get(inner, name).await?
+                    && name == self.name
+                {
+                    inner.manifest = self.manifest_of(&current).ok().flatten();
                 }
                 Err(ConfigMapError::Conflict(name.to_owned()))
             }
