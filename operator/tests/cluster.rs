@@ -1,0 +1,1410 @@
+//! Opt-in: the real operator binary against a real kube-apiserver, end to end.
+//!
+//! Runs when `SESSION_MONITOR_TEST_KUBECONFIG` names a kubeconfig (`.ci/run` starts a real API
+//! server for it, see `../shared/k8s/README.md`). Without it each test prints one line saying so
+//! and passes; with it set but the API server unreachable, they fail.
+//!
+//! The main test applies the CRD from `crds/`, creates the example's Secret and SessionMonitor in
+//! a namespace of its own, starts `session-monitor-operator` watching only that namespace (with
+//! its Lease there too, so tests run in parallel), and checks what the operator made of it
+//! through the API, the way an administrator would: children, status, Events, a rollout, drift
+//! correction, an invalid spec, a missing Secret and a graceful shutdown that hands the leader
+//! Lease back.
+//!
+//! The API server runs alone (no controller-manager): Deployments get no pods and no status, and
+//! nothing is garbage-collected. The test plays the Deployment controller where it must, by
+//! writing the Deployment's status itself. The namespace is deleted at the end, also when the
+//! test panics, and never waited for (it stays `Terminating` without a controller-manager).
+//!
+//! Two things differ on the Kubernetes 1.20 of `shared/k8s`, each announced by a `NOTE:` line:
+//! the CRD is applied without the `null` entries of its enums when the server refuses them
+//! (servers without kubernetes/kubernetes#104969), and the example's LoadBalancer Service, which
+//! mixes UDP and TCP ports, becomes a NodePort before 1.24.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::fs::File;
+use std::future::Future;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use session_monitor::config::Settings;
+use session_monitor_operator::crd::{ServiceType, SessionMonitor};
+use session_monitor_operator::crdgen;
+
+const KUBECONFIG_VAR: &str = "SESSION_MONITOR_TEST_KUBECONFIG";
+/// How long any awaited condition may take before the test fails.
+const DEADLINE: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(50);
+/// The field manager of everything the test itself writes.
+const TEST_MANAGER: &str = "session-monitor-e2e";
+const DEFAULT_IMAGE: &str = "example/session-monitor:test";
+
+// The example's objects (examples/sessionmonitor.yaml).
+const NAME: &str = "qlik-prod";
+const SECRET: &str = "qlik-mqtt";
+const PASSWORD: &str = "change-me";
+
+// The documented interface of the children (README, "Operator").
+const CONFIG_MAP: &str = "qlik-prod-config";
+const CONFIG_KEY: &str = "session-monitor.toml";
+const CHECKPOINT: &str = "qlik-prod-checkpoint";
+const CHECKSUM_ANNOTATION: &str = "sessionmonitor.io/config-checksum";
+const ROLE_LABEL: &str = "sessionmonitor.io/role";
+const LEASE: &str = "session-monitor-operator";
+
+/// The API server named by `SESSION_MONITOR_TEST_KUBECONFIG`, with a client on a runtime of its
+/// own: the test itself is synchronous, and so are the guards that clean up on panic.
+struct Cluster {
+    kubeconfig: PathBuf,
+    /// The API server's minor version (`20` for 1.20).
+    minor: u32,
+    runtime: tokio::runtime::Runtime,
+    client: kube::Client,
+}
+
+impl Cluster {
+    /// `None`, after printing why, when the variable is unset or empty. Panics when it is set but
+    /// the kubeconfig is unusable or its API server does not answer.
+    fn from_env(test: &str) -> Option<Cluster> {
+        let Some(path) = std::env::var_os(KUBECONFIG_VAR).filter(|p| !p.is_empty()) else {
+            eprintln!(
+                "skipping {test}: {KUBECONFIG_VAR} is not set (set it to a kubeconfig to run it against a real API server)"
+            );
+            return None;
+        };
+        let kubeconfig = std::path::absolute(PathBuf::from(path)).unwrap();
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        // Multi-threaded (one worker), so the client's background tasks keep running between
+        // the test's requests.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let client = runtime.block_on(async {
+            let config = Kubeconfig::read_from(&kubeconfig)
+                .unwrap_or_else(|e| panic!("{KUBECONFIG_VAR}={}: {e}", kubeconfig.display()));
+            let config =
+                kube::Config::from_custom_kubeconfig(config, &KubeConfigOptions::default())
+                    .await
+                    .unwrap_or_else(|e| panic!("{KUBECONFIG_VAR}={}: {e}", kubeconfig.display()));
+            kube::Client::try_from(config)
+                .unwrap_or_else(|e| panic!("{KUBECONFIG_VAR}={}: {e}", kubeconfig.display()))
+        });
+        let mut cluster = Cluster {
+            kubeconfig,
+            minor: 0,
+            runtime,
+            client,
+        };
+        let what = format!(
+            "the API server of {KUBECONFIG_VAR}={}",
+            cluster.kubeconfig.display()
+        );
+        match cluster.run(&what, cluster.client.apiserver_version()) {
+            Ok(version) => {
+                eprintln!("{test}: API server {}", version.git_version);
+                let digits: String = version
+                    .minor
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                cluster.minor = digits.parse().unwrap_or(0);
+            }
+            Err(error) => {
+                panic!("{what} does not answer (unset the variable to skip this test): {error}")
+            }
+        }
+        Some(cluster)
+    }
+
+    /// Runs `future` (a few API requests) to completion; fails the test after [`DEADLINE`].
+    fn run<F: Future>(&self, what: &str, future: F) -> F::Output {
+        self.runtime
+            .block_on(async { tokio::time::timeout(DEADLINE, future).await })
+            .unwrap_or_else(|_| panic!("timed out after {DEADLINE:?} waiting for {what}"))
+    }
+
+    /// Applies the committed CRD (server-side, so parallel tests may apply it again) and waits
+    /// until the API server serves it.
+    fn apply_crd(&self) {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(crdgen::CRD_FILE);
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        // As a plain document, so exactly the file is applied.
+        let mut crd: serde_json::Value =
+            serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let name = crd["metadata"]["name"].as_str().unwrap().to_owned();
+        let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        let apply = |crd: &serde_json::Value| {
+            self.run(
+                "the CRD to be applied",
+                api.patch(
+                    &name,
+                    &PatchParams::apply(TEST_MANAGER).force(),
+                    &Patch::Apply(crd),
+                ),
+            )
+        };
+        match apply(&crd) {
+            Ok(_) => {}
+            // API servers before 1.20.12, 1.21.6 and 1.22.3 (kubernetes/kubernetes#104969)
+            // mishandle a literal `null` in a schema's `enum` and answer 422 "per-version
+            // schemas may not all be set to identical values". The generated CRD lists `null`
+            // for every optional enum, which `nullable: true` beside it already allows; without
+            // those entries the schema accepts the same documents.
+            Err(kube::Error::Api(status))
+                if status.is_invalid()
+                    && status
+                        .message
+                        .contains("per-version schemas may not all be set") =>
+            {
+                let removed = remove_null_enum_values(&mut crd);
+                assert!(removed > 0, "cannot apply {}: {status}", path.display());
+                eprintln!(
+                    "NOTE: this API server refuses {} as committed (422 \"per-version schemas may \
+                     not all be set to identical values\"); applying it without the {removed} \
+                     `null` enum values it mishandles (kubernetes/kubernetes#104969)",
+                    crdgen::CRD_FILE
+                );
+                apply(&crd).unwrap_or_else(|e| {
+                    panic!(
+                        "cannot apply {} even without null enum values: {e}",
+                        path.display()
+                    )
+                });
+            }
+            Err(e) => panic!("cannot apply {}: {e}", path.display()),
+        }
+        wait_for(&format!("CRD {name} to be Established"), || {
+            let crd = self.run("GET the CRD", api.get(&name)).unwrap();
+            let conditions = crd
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| format!("{}={}", c.type_, c.status))
+                .collect::<Vec<_>>();
+            if conditions.iter().any(|c| c == "Established=True") {
+                Ok(())
+            } else {
+                Err(format!("conditions {conditions:?}"))
+            }
+        });
+    }
+
+    /// A new namespace with a name never used before, deleted when the guard drops.
+    fn create_namespace(&self) -> TestNamespace<'_> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let name = format!(
+            "smon-op-e2e-{}-{nanos}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let namespace = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some(BTreeMap::from([(
+                    "app.kubernetes.io/created-by".to_owned(),
+                    TEST_MANAGER.to_owned(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        // The guard exists before the request, so a creation whose answer was lost is cleaned
+        // up as well.
+        let guard = TestNamespace {
+            cluster: self,
+            name,
+            deleted: false,
+        };
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        self.run(
+            "the namespace to be created",
+            api.create(&PostParams::default(), &namespace),
+        )
+        .unwrap_or_else(|e| panic!("cannot create namespace {}: {e}", guard.name));
+        eprintln!("namespace {}", guard.name);
+        guard
+    }
+}
+
+/// Removes `null` from every `enum` in a schema; returns how many it removed.
+fn remove_null_enum_values(value: &mut serde_json::Value) -> usize {
+    match value {
+        serde_json::Value::Object(object) => object
+            .iter_mut()
+            .map(|(key, value)| match value {
+                serde_json::Value::Array(values) if key == "enum" => {
+                    let before = values.len();
+                    values.retain(|v| !v.is_null());
+                    before - values.len()
+                }
+                other => remove_null_enum_values(other),
+            })
+            .sum(),
+        serde_json::Value::Array(values) => values.iter_mut().map(remove_null_enum_values).sum(),
+        _ => 0,
+    }
+}
+
+/// A namespace for one test. Dropped without [`TestNamespace::delete`] (a test that panicked),
+/// it is deleted on the way out: best effort, bounded in time, never panicking in `drop`.
+struct TestNamespace<'c> {
+    cluster: &'c Cluster,
+    name: String,
+    deleted: bool,
+}
+
+impl TestNamespace<'_> {
+    fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        Api::namespaced(self.cluster.client.clone(), &self.name)
+    }
+
+    fn get<K>(&self, name: &str) -> Option<K>
+    where
+        K: Resource<Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
+        K::DynamicType: Default,
+    {
+        let what = format!(
+            "GET {} {}/{name}",
+            K::kind(&K::DynamicType::default()),
+            self.name
+        );
+        self.cluster
+            .run(&what, self.api::<K>().get_opt(name))
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
+    }
+
+    fn must_get<K>(&self, name: &str) -> K
+    where
+        K: Resource<Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
+        K::DynamicType: Default,
+    {
+        self.get(name).unwrap_or_else(|| {
+            panic!(
+                "{} {}/{name} does not exist",
+                K::kind(&K::DynamicType::default()),
+                self.name
+            )
+        })
+    }
+
+    fn create<K>(&self, object: &K) -> K
+    where
+        K: Resource<Scope = NamespaceResourceScope>
+            + Clone
+            + DeserializeOwned
+            + serde::Serialize
+            + Debug,
+        K::DynamicType: Default,
+    {
+        let what = format!(
+            "POST {} {}",
+            K::kind(&K::DynamicType::default()),
+            object.name_any()
+        );
+        self.cluster
+            .run(
+                &what,
+                self.api::<K>().create(&PostParams::default(), object),
+            )
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
+    }
+
+    fn delete_object<K>(&self, name: &str)
+    where
+        K: Resource<Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
+        K::DynamicType: Default,
+    {
+        let what = format!("DELETE {} {name}", K::kind(&K::DynamicType::default()));
+        self.cluster
+            .run(
+                &what,
+                self.api::<K>().delete(name, &DeleteParams::background()),
+            )
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+
+    /// A JSON merge patch, as `kubectl patch --type merge` or `kubectl edit` would send it.
+    fn merge_patch<K>(&self, name: &str, patch: serde_json::Value) -> K
+    where
+        K: Resource<Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
+        K::DynamicType: Default,
+    {
+        let what = format!(
+            "PATCH {} {name} with {patch}",
+            K::kind(&K::DynamicType::default())
+        );
+        self.cluster
+            .run(
+                &what,
+                self.api::<K>().patch(
+                    name,
+                    &PatchParams {
+                        field_manager: Some(TEST_MANAGER.into()),
+                        ..PatchParams::default()
+                    },
+                    &Patch::Merge(&patch),
+                ),
+            )
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
+    }
+
+    fn monitor(&self) -> SessionMonitor {
+        self.must_get(NAME)
+    }
+
+    /// Events (events.k8s.io/v1) about the object with `uid`.
+    fn events(&self, uid: &str) -> Vec<Event> {
+        let list = self
+            .cluster
+            .run(
+                "LIST Events",
+                self.api::<Event>().list(&ListParams::default()),
+            )
+            .unwrap_or_else(|e| panic!("LIST Events in {}: {e}", self.name));
+        list.items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(uid))
+            .collect()
+    }
+
+    /// Waits for an Event of `type_` and `reason` about `uid` whose note contains `note` and that
+    /// was recorded at least `times` times (the recorder counts repeats in `series`).
+    fn wait_for_event(
+        &self,
+        uid: &str,
+        type_: &str,
+        reason: &str,
+        note: &str,
+        times: i32,
+    ) -> Event {
+        wait_for(
+            &format!("a {type_} Event {reason:?} (×{times}) mentioning {note:?}"),
+            || {
+                let events = self.events(uid);
+                events
+                    .iter()
+                    .find(|e| {
+                        e.type_.as_deref() == Some(type_)
+                            && e.reason.as_deref() == Some(reason)
+                            && e.note.as_deref().unwrap_or_default().contains(note)
+                            && e.series.as_ref().map_or(1, |s| s.count) >= times
+                    })
+                    .cloned()
+                    .ok_or_else(|| describe_events(&events))
+            },
+        )
+    }
+
+    /// Deletes the namespace and checks that the API server took it: it is gone or
+    /// terminating. Does not wait for it to go (it never does without a controller-manager).
+    fn delete(mut self) {
+        self.deleted = true;
+        self.cluster
+            .runtime
+            .block_on(delete_services(&self.api::<Service>()))
+            .unwrap_or_else(|e| panic!("cannot delete the Services in {}: {e}", self.name));
+        let api: Api<Namespace> = Api::all(self.cluster.client.clone());
+        self.cluster
+            .run(
+                "the namespace's deletion",
+                api.delete(&self.name, &DeleteParams::background()),
+            )
+            .unwrap_or_else(|e| panic!("cannot delete namespace {}: {e}", self.name));
+        let after = self
+            .cluster
+            .run("GET namespace", api.get_opt(&self.name))
+            .unwrap();
+        if let Some(namespace) = after {
+            assert!(
+                namespace.metadata.deletion_timestamp.is_some(),
+                "namespace {} is not terminating after DELETE",
+                self.name
+            );
+        }
+    }
+}
+
+impl Drop for TestNamespace<'_> {
+    fn drop(&mut self) {
+        if self.deleted {
+            return;
+        }
+        let services = self.api::<Service>();
+        let api: Api<Namespace> = Api::all(self.cluster.client.clone());
+        let params = DeleteParams::background();
+        let result = self.cluster.runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                if let Err(error) = delete_services(&services).await {
+                    eprintln!("could not delete the Services in {}: {error}", self.name);
+                }
+                api.delete(&self.name, &params).await
+            })
+            .await
+        });
+        match result {
+            Ok(Ok(_)) => eprintln!("deleted namespace {}", self.name),
+            Ok(Err(error)) => eprintln!("could not delete namespace {}: {error}", self.name),
+            Err(_) => eprintln!("timed out deleting namespace {}", self.name),
+        }
+    }
+}
+
+/// Deletes every Service in a namespace. A namespace never finishes terminating without a
+/// controller-manager, and its Services would keep their cluster IPs and node ports for good:
+/// a long-lived test API server (service range /24) would run out after a few hundred runs.
+async fn delete_services(api: &Api<Service>) -> kube::Result<()> {
+    for service in api.list(&ListParams::default()).await? {
+        match api
+            .delete(&service.name_any(), &DeleteParams::background())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.is_not_found() => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
+}
+
+/// Polls `check` until it returns `Ok`, or panics after [`DEADLINE`] with `what` and the last
+/// state `check` described.
+fn wait_for<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let start = Instant::now();
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(last) => assert!(
+                start.elapsed() < DEADLINE,
+                "timed out after {DEADLINE:?} waiting for {what}; last seen: {last}"
+            ),
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` on 127.0.0.1: the status code and the body, `None` while nothing answers.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+/// The operator binary as a child process, watching one namespace; killed when dropped.
+struct Operator {
+    child: Option<Child>,
+    http_port: u16,
+    /// Its leader-election identity (`POD_NAME`).
+    identity: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Operator {
+    /// Starts the operator with `--log-level log_level` and waits until `/readyz` answers 200.
+    fn start(ns: &TestNamespace, log_level: &str) -> Operator {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("operator.log");
+        let out = File::create(&log).unwrap();
+        let http_port = free_tcp_port();
+        let identity = format!("operator-e2e-{}", std::process::id());
+        let mut command = Command::new(env!("CARGO_BIN_EXE_session-monitor-operator"));
+        // No settings leaking in from the environment of whoever runs the test.
+        for (key, _) in std::env::vars() {
+            if key.starts_with("SESSION_MONITOR_OPERATOR_") {
+                command.env_remove(key);
+            }
+        }
+        command
+            .env("KUBECONFIG", &ns.cluster.kubeconfig)
+            .env("POD_NAME", &identity)
+            .env_remove("POD_NAMESPACE")
+            // Plain text in the log file, which failures print.
+            .env("NO_COLOR", "1")
+            .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
+            .args(["--watch-namespaces", &ns.name])
+            .args(["--lease-namespace", &ns.name])
+            .args(["--default-image", DEFAULT_IMAGE])
+            .args(["--log-level", log_level])
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        let child = command.spawn().expect("the operator binary starts");
+        let mut operator = Operator {
+            child: Some(child),
+            http_port,
+            identity,
+            log,
+            _dir: dir,
+        };
+        wait_for("the operator's /readyz to answer 200", || {
+            operator.assert_running();
+            match http_get(http_port, "/readyz") {
+                Some((200, _)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        });
+        operator
+    }
+
+    /// [`Operator::start`], then waits until it holds the leader Lease and says so in
+    /// `/metrics`.
+    fn start_leading(ns: &TestNamespace, log_level: &str) -> Operator {
+        let operator = Operator::start(ns, log_level);
+        operator.wait_for_metric("session_monitor_operator_leader", 1.0);
+        assert_eq!(
+            lease_holder(ns).as_deref(),
+            Some(operator.identity.as_str()),
+            "the leader holds Lease {LEASE} in {}",
+            ns.name
+        );
+        operator
+    }
+
+    /// SIGTERM: a prompt exit 0, and the Lease handed back. kube-lease-manager releases by
+    /// clearing `holderIdentity` (and the times), so a successor need not wait for it to expire.
+    fn stop_and_release_the_lease(&mut self, ns: &TestNamespace) {
+        assert_eq!(
+            lease_holder(ns).as_deref(),
+            Some(self.identity.as_str()),
+            "the operator still leads before SIGTERM"
+        );
+        let term = Instant::now();
+        self.sigterm();
+        let status = self.wait_exit(Duration::from_secs(10));
+        eprintln!(
+            "the operator exited with {status} {:?} after SIGTERM",
+            term.elapsed()
+        );
+        assert!(
+            status.success(),
+            "a graceful shutdown exits 0, not {status}:\n{}",
+            self.log_text()
+        );
+        assert_eq!(
+            lease_holder(ns),
+            None,
+            "the leader Lease is released on shutdown:\n{}",
+            self.log_text()
+        );
+    }
+
+    fn assert_running(&mut self) {
+        let child = self.child.as_mut().expect("the operator was started");
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the operator exited with {status}:\n{}", self.log_text());
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The value of the sample `name` (with its labels, if any) in `/metrics`.
+    fn metric(&self, name: &str) -> Option<f64> {
+        let (status, body) = http_get(self.http_port, "/metrics")?;
+        assert_eq!(status, 200, "/metrics: {body}");
+        body.lines()
+            .filter_map(|line| line.rsplit_once(' '))
+            .find(|(sample, _)| *sample == name)
+            .and_then(|(_, value)| value.parse().ok())
+    }
+
+    fn wait_for_metric(&self, name: &str, value: f64) {
+        wait_for(&format!("{name} {value} in /metrics"), || {
+            match self.metric(name) {
+                Some(v) if v == value => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        });
+    }
+
+    fn sigterm(&self) {
+        let pid = self.child.as_ref().expect("the operator was started").id();
+        // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet.
+        let result = unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(result, 0, "kill -TERM {pid}");
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("the operator was started");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                start.elapsed() < within,
+                "the operator did not exit within {within:?} of SIGTERM:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- the operator's log (last {} lines) ---", tail.len());
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// The example's Secret and SessionMonitor, moved to `namespace`.
+fn example(namespace: &str) -> (Secret, SessionMonitor) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sessionmonitor.yaml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let document = |kind: &str| {
+        text.split("\n---\n")
+            .find(|d| d.contains(&format!("\nkind: {kind}\n")))
+            .unwrap_or_else(|| panic!("{} has no {kind}", path.display()))
+    };
+    let mut secret: Secret = serde_saphyr::from_str(document("Secret")).unwrap();
+    let mut monitor: SessionMonitor = serde_saphyr::from_str(document("SessionMonitor")).unwrap();
+    assert_eq!(secret.name_any(), SECRET);
+    assert_eq!(monitor.name_any(), NAME);
+    secret.metadata.namespace = Some(namespace.to_owned());
+    monitor.metadata.namespace = Some(namespace.to_owned());
+    (secret, monitor)
+}
+
+fn secret(name: &str, username: &str, password: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..ObjectMeta::default()
+        },
+        string_data: Some(BTreeMap::from([
+            ("username".to_owned(), username.to_owned()),
+            ("password".to_owned(), password.to_owned()),
+        ])),
+        ..Secret::default()
+    }
+}
+
+fn condition<'a>(monitor: &'a SessionMonitor, type_: &str) -> Option<&'a Condition> {
+    monitor
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+/// `generation 3, observed 3: Ready=False/Unavailable Progressing=True/RollingOut …`, for
+/// assertion messages.
+fn describe(monitor: &SessionMonitor) -> String {
+    let status = monitor.status.clone().unwrap_or_default();
+    let conditions: Vec<String> = status
+        .conditions
+        .iter()
+        .map(|c| format!("{}={}/{} ({:?})", c.type_, c.status, c.reason, c.message))
+        .collect();
+    format!(
+        "generation {:?}, observed {:?}, endpoint {:?}: {}",
+        monitor.metadata.generation,
+        status.observed_generation,
+        status.endpoint,
+        conditions.join(", ")
+    )
+}
+
+fn describe_events(events: &[Event]) -> String {
+    let all: Vec<String> = events
+        .iter()
+        .map(|e| {
+            format!(
+                "{}/{} ×{} {:?}",
+                e.type_.as_deref().unwrap_or("?"),
+                e.reason.as_deref().unwrap_or("?"),
+                e.series.as_ref().map_or(1, |s| s.count),
+                e.note.as_deref().unwrap_or_default()
+            )
+        })
+        .collect();
+    format!("events {all:?}")
+}
+
+/// Whether the monitor's status describes its current generation with these conditions, each
+/// given as `(status, reason)`.
+fn status_is(monitor: &SessionMonitor, expected: [(&str, (&str, &str)); 3]) -> bool {
+    let current =
+        monitor.status.as_ref().and_then(|s| s.observed_generation) == monitor.metadata.generation;
+    current
+        && expected.iter().all(|(type_, (status, reason))| {
+            condition(monitor, type_).is_some_and(|c| {
+                c.status == *status
+                    && c.reason == *reason
+                    && c.observed_generation == monitor.metadata.generation
+            })
+        })
+}
+
+fn wait_for_monitor(
+    ns: &TestNamespace,
+    what: &str,
+    check: impl Fn(&SessionMonitor) -> bool,
+) -> SessionMonitor {
+    wait_for(&format!("the SessionMonitor: {what}"), || {
+        let monitor = ns.monitor();
+        if check(&monitor) {
+            Ok(monitor)
+        } else {
+            Err(describe(&monitor))
+        }
+    })
+}
+
+fn checksum(deployment: &Deployment) -> String {
+    deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get(CHECKSUM_ANNOTATION))
+        .cloned()
+        .unwrap_or_else(|| panic!("the Deployment's pod template has no {CHECKSUM_ANNOTATION}"))
+}
+
+fn config_text(config_map: &ConfigMap) -> String {
+    config_map
+        .data
+        .as_ref()
+        .and_then(|d| d.get(CONFIG_KEY))
+        .cloned()
+        .unwrap_or_else(|| panic!("ConfigMap {CONFIG_MAP} has no key {CONFIG_KEY}"))
+}
+
+fn settings(config_map: &ConfigMap) -> Settings {
+    let text = config_text(config_map);
+    toml::from_str(&text).unwrap_or_else(|e| panic!("{CONFIG_KEY} is not valid: {e}\n{text}"))
+}
+
+/// The Deployment controller's part, which this API server lacks: its one pod is up to date
+/// and available.
+fn report_rollout_done(ns: &TestNamespace) {
+    let deployment: Deployment = ns.must_get(NAME);
+    let generation = deployment.metadata.generation.unwrap();
+    let status = json!({"status": {
+        "observedGeneration": generation,
+        "replicas": 1,
+        "updatedReplicas": 1,
+        "readyReplicas": 1,
+        "availableReplicas": 1,
+    }});
+    ns.cluster
+        .run(
+            "PATCH the Deployment's status",
+            ns.api::<Deployment>().patch_status(
+                NAME,
+                &PatchParams::default(),
+                &Patch::Merge(&status),
+            ),
+        )
+        .unwrap_or_else(|e| panic!("PATCH Deployment {NAME}/status: {e}"));
+}
+
+/// Labels and a controller owner reference to the monitor: what lets `kubectl get -l` find the
+/// children and the garbage collector remove them.
+fn assert_owned_and_labelled(kind: &str, meta: &ObjectMeta, uid: &str) {
+    let name = meta.name.as_deref().unwrap_or_default();
+    let owners = meta.owner_references.clone().unwrap_or_default();
+    assert!(
+        owners.iter().any(|o| o.uid == uid
+            && o.kind == "SessionMonitor"
+            && o.api_version == "sessionmonitor.io/v1alpha1"
+            && o.name == NAME
+            && o.controller == Some(true)),
+        "{kind} {name}: owner references {owners:?} do not name SessionMonitor {NAME} (uid {uid}) as controller"
+    );
+    let labels = meta.labels.clone().unwrap_or_default();
+    for (key, value) in [
+        ("app.kubernetes.io/name", "session-monitor"),
+        ("app.kubernetes.io/instance", NAME),
+        ("app.kubernetes.io/managed-by", "session-monitor-operator"),
+        ("app.kubernetes.io/component", "session-tracking"),
+    ] {
+        assert_eq!(
+            labels.get(key).map(String::as_str),
+            Some(value),
+            "{kind} {name}: label {key} in {labels:?}"
+        );
+    }
+}
+
+/// Every child of the example monitor, as the operator must have applied it.
+fn assert_children(ns: &TestNamespace, uid: &str, shards: usize, service_type: &str) {
+    let account: ServiceAccount = ns.must_get(NAME);
+    assert_owned_and_labelled("ServiceAccount", &account.metadata, uid);
+
+    let role: Role = ns.must_get(NAME);
+    assert_owned_and_labelled("Role", &role.metadata, uid);
+    let rules = role.rules.clone().unwrap_or_default();
+    assert_eq!(rules.len(), 1, "Role rules {rules:?}");
+    let mut checkpoints = vec![CHECKPOINT.to_owned()];
+    checkpoints.extend((1..=shards).map(|i| format!("{CHECKPOINT}-{i}")));
+    assert_eq!(rules[0].api_groups, Some(vec![String::new()]), "{rules:?}");
+    assert_eq!(
+        rules[0].resources,
+        Some(vec!["configmaps".to_owned()]),
+        "{rules:?}"
+    );
+    assert_eq!(
+        rules[0].resource_names.as_ref(),
+        Some(&checkpoints),
+        "the Role names exactly the checkpoint ConfigMaps"
+    );
+    assert_eq!(rules[0].verbs, ["get", "update"], "{rules:?}");
+
+    let binding: RoleBinding = ns.must_get(NAME);
+    assert_owned_and_labelled("RoleBinding", &binding.metadata, uid);
+    assert_eq!(
+        (
+            binding.role_ref.kind.as_str(),
+            binding.role_ref.name.as_str()
+        ),
+        ("Role", NAME)
+    );
+    let subjects = binding.subjects.clone().unwrap_or_default();
+    assert_eq!(subjects.len(), 1, "RoleBinding subjects {subjects:?}");
+    assert_eq!(
+        (
+            subjects[0].kind.as_str(),
+            subjects[0].name.as_str(),
+            subjects[0].namespace.as_deref()
+        ),
+        ("ServiceAccount", NAME, Some(ns.name.as_str()))
+    );
+
+    let config: ConfigMap = ns.must_get(CONFIG_MAP);
+    assert_owned_and_labelled("ConfigMap", &config.metadata, uid);
+    assert_eq!(
+        config.metadata.labels.as_ref().unwrap()[ROLE_LABEL],
+        "config"
+    );
+    let text = config_text(&config);
+    assert!(
+        text.contains(&format!("checkpoint_configmap = \"{CHECKPOINT}\"")),
+        "{CONFIG_KEY}:\n{text}"
+    );
+    assert!(
+        !text.contains(PASSWORD),
+        "the Secret's password leaked into ConfigMap {CONFIG_MAP}:\n{text}"
+    );
+    let rendered = settings(&config);
+    assert_eq!(rendered.idle_timeout, Some(Duration::from_secs(30 * 60)));
+    assert_eq!(rendered.checkpoint_configmap_shards, Some(shards));
+    assert_eq!(
+        rendered.mqtt_username, None,
+        "credentials stay in the Secret"
+    );
+
+    for name in &checkpoints {
+        let checkpoint: ConfigMap = ns.must_get(name);
+        assert_owned_and_labelled("ConfigMap", &checkpoint.metadata, uid);
+        assert_eq!(
+            checkpoint.metadata.labels.as_ref().unwrap()[ROLE_LABEL],
+            "checkpoint"
+        );
+        assert!(
+            checkpoint.data.is_none() && checkpoint.binary_data.is_none(),
+            "checkpoint ConfigMap {name} must start empty: {checkpoint:?}"
+        );
+    }
+
+    let service: Service = ns.must_get(NAME);
+    assert_owned_and_labelled("Service", &service.metadata, uid);
+    let spec = service.spec.clone().unwrap();
+    assert_eq!(spec.type_.as_deref(), Some(service_type));
+    assert_eq!(spec.external_traffic_policy.as_deref(), Some("Local"));
+    let ports: Vec<_> = spec
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| {
+            (
+                p.name.clone().unwrap_or_default(),
+                p.port,
+                p.protocol.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            ("udp-ingest".to_owned(), 9997, Some("UDP".to_owned())),
+            ("http-metrics".to_owned(), 9842, Some("TCP".to_owned())),
+        ]
+    );
+    assert_eq!(
+        spec.selector,
+        Some(BTreeMap::from([
+            ("app.kubernetes.io/instance".to_owned(), NAME.to_owned()),
+            (
+                "app.kubernetes.io/name".to_owned(),
+                "session-monitor".to_owned()
+            ),
+        ]))
+    );
+
+    let deployment: Deployment = ns.must_get(NAME);
+    assert_owned_and_labelled("Deployment", &deployment.metadata, uid);
+    let spec = deployment.spec.clone().unwrap();
+    assert_eq!(spec.replicas, Some(1));
+    assert_eq!(
+        spec.strategy.as_ref().and_then(|s| s.type_.as_deref()),
+        Some("Recreate")
+    );
+    let sum = checksum(&deployment);
+    assert!(
+        sum.len() == 32 && sum.chars().all(|c| c.is_ascii_hexdigit()),
+        "{CHECKSUM_ANNOTATION}: {sum:?}"
+    );
+    let pod = spec.template.spec.clone().unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some(NAME));
+    let pod_security = pod.security_context.clone().unwrap();
+    assert_eq!(pod_security.run_as_non_root, Some(true));
+    assert_eq!(
+        pod_security.seccomp_profile.map(|p| p.type_).as_deref(),
+        Some("RuntimeDefault")
+    );
+    assert_eq!(pod.containers.len(), 1);
+    let container = &pod.containers[0];
+    assert_eq!(container.image.as_deref(), Some(DEFAULT_IMAGE));
+    let security = container.security_context.clone().unwrap();
+    assert_eq!(security.run_as_non_root, Some(true));
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_eq!(security.privileged, Some(false));
+    assert_eq!(
+        security.capabilities.and_then(|c| c.drop),
+        Some(vec!["ALL".to_owned()])
+    );
+    assert_eq!(
+        security.seccomp_profile.map(|p| p.type_).as_deref(),
+        Some("RuntimeDefault")
+    );
+    let volumes = pod.volumes.clone().unwrap_or_default();
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v.config_map.as_ref().is_some_and(|c| c.name == CONFIG_MAP)),
+        "the pod mounts {CONFIG_MAP}: {volumes:?}"
+    );
+    assert_eq!(credentials_secret(&deployment), SECRET);
+}
+
+/// The Secret the pod reads its MQTT user name from.
+fn credentials_secret(deployment: &Deployment) -> String {
+    let pod = deployment.spec.as_ref().unwrap().template.spec.as_ref();
+    pod.and_then(|p| p.containers.first())
+        .and_then(|c| c.env.as_ref())
+        .and_then(|env| {
+            env.iter()
+                .find(|e| e.name == "SESSION_MONITOR_MQTT_USERNAME")
+        })
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.secret_key_ref.as_ref())
+        .map(|s| s.name.clone())
+        .expect("SESSION_MONITOR_MQTT_USERNAME comes from a Secret")
+}
+
+fn lease_holder(ns: &TestNamespace) -> Option<String> {
+    ns.get::<Lease>(LEASE)
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+}
+
+#[test]
+fn the_operator_deploys_heals_and_reports_a_session_monitor_on_a_real_api_server() {
+    let test = "the_operator_deploys_heals_and_reports_a_session_monitor_on_a_real_api_server";
+    let Some(cluster) = Cluster::from_env(test) else {
+        return;
+    };
+    let started = Instant::now();
+    let phase = |name: &str| eprintln!("[{:>7.2?}] {name}", started.elapsed());
+
+    phase("CRD");
+    cluster.apply_crd();
+    let ns = cluster.create_namespace();
+    let (example_secret, mut example_monitor) = example(&ns.name);
+    // The example's LoadBalancer carries a UDP and a TCP port. Before 1.24 the API server
+    // refuses that unless the MixedProtocolLBService feature gate is on (beta and on by default
+    // in 1.24, GA in 1.26); a NodePort Service takes the same ports and gets the same endpoint
+    // as a load balancer still waiting for its address.
+    let service_type = if cluster.minor >= 24 {
+        "LoadBalancer"
+    } else {
+        eprintln!(
+            "NOTE: Kubernetes 1.{} refuses a LoadBalancer with UDP and TCP ports; \
+             the example's Service is a NodePort here",
+            cluster.minor
+        );
+        example_monitor.spec.service.type_ = ServiceType::NodePort;
+        "NodePort"
+    };
+    ns.create(&example_secret);
+    let created = ns.create(&example_monitor);
+    let uid = created.uid().expect("the API server sets a uid");
+
+    phase("operator start");
+    let mut operator = Operator::start_leading(&ns, "info");
+
+    phase("children and status");
+    let monitor = wait_for_monitor(&ns, "a status for the first generation", |m| {
+        status_is(
+            m,
+            [
+                // No controller-manager: the Deployment never gets a pod.
+                ("Ready", ("False", "Unavailable")),
+                ("Progressing", ("True", "RollingOut")),
+                ("Degraded", ("False", "Reconciled")),
+            ],
+        )
+    });
+    assert_children(
+        &ns,
+        &uid,
+        usize::from(example_monitor.spec.checkpoint.shards),
+        service_type,
+    );
+    let service: Service = ns.must_get(NAME);
+    let udp_node_port = service.spec.unwrap().ports.unwrap()[0].node_port.unwrap();
+    assert_eq!(
+        monitor.status.as_ref().unwrap().endpoint,
+        Some(format!("<node>:{udp_node_port}")),
+        "a {service_type} Service (without a load balancer's address) is reached on its node port"
+    );
+    // The example asks for a ServiceMonitor; without the Prometheus Operator's API the operator
+    // leaves it out, says why in a Warning Event, and still succeeds.
+    ns.wait_for_event(
+        &uid,
+        "Warning",
+        "ServiceMonitorUnavailable",
+        "monitoring.coreos.com/v1",
+        1,
+    );
+    let events = ns.events(&uid);
+    assert!(
+        events.iter().all(|e| e.type_.as_deref() != Some("Warning")
+            || e.reason.as_deref() == Some("ServiceMonitorUnavailable")),
+        "no other Warning Event for a healthy monitor: {}",
+        describe_events(&events)
+    );
+    let reconciled = operator
+        .metric("session_monitor_operator_reconciles_total{result=\"Reconciled\"}")
+        .unwrap_or(0.0);
+    assert!(reconciled >= 1.0, "reconciles counted: {reconciled}");
+
+    phase("Deployment available");
+    report_rollout_done(&ns);
+    wait_for_monitor(&ns, "Ready once its pod is available", |m| {
+        status_is(
+            m,
+            [
+                ("Ready", ("True", "Available")),
+                ("Progressing", ("False", "Complete")),
+                ("Degraded", ("False", "Reconciled")),
+            ],
+        )
+    });
+    ns.wait_for_event(
+        &uid,
+        "Normal",
+        "Ready",
+        &format!("<node>:{udp_node_port}"),
+        1,
+    );
+    operator.wait_for_metric(
+        "session_monitor_operator_monitors{condition=\"Ready\",status=\"True\"}",
+        1.0,
+    );
+
+    phase("spec change rolls the Deployment");
+    let before: Deployment = ns.must_get(NAME);
+    let changed: SessionMonitor =
+        ns.merge_patch(NAME, json!({"spec": {"sessions": {"idleTimeout": "45m"}}}));
+    assert!(changed.metadata.generation > monitor.metadata.generation);
+    wait_for_monitor(&ns, "the new generation observed, rolling out", |m| {
+        status_is(
+            m,
+            [
+                // The old pod serves until the Deployment controller replaces it.
+                ("Ready", ("True", "Available")),
+                ("Progressing", ("True", "RollingOut")),
+                ("Degraded", ("False", "Reconciled")),
+            ],
+        )
+    });
+    let config: ConfigMap = ns.must_get(CONFIG_MAP);
+    assert_eq!(
+        settings(&config).idle_timeout,
+        Some(Duration::from_secs(45 * 60)),
+        "{CONFIG_MAP} renders the new idleTimeout"
+    );
+    let rolled: Deployment = ns.must_get(NAME);
+    assert_ne!(
+        checksum(&rolled),
+        checksum(&before),
+        "a new configuration changes the pod template, so the pod is replaced"
+    );
+    assert!(rolled.metadata.generation > before.metadata.generation);
+    report_rollout_done(&ns);
+    wait_for_monitor(&ns, "the rollout complete", |m| {
+        condition(m, "Progressing").is_some_and(|c| c.status == "False")
+    });
+
+    phase("invalid spec");
+    let good: Deployment = ns.must_get(NAME);
+    let good_config: ConfigMap = ns.must_get(CONFIG_MAP);
+    // The CRD's pattern lets a prefix length of 33 through; the operator parses it exactly.
+    ns.merge_patch::<SessionMonitor>(
+        NAME,
+        json!({"spec": {"udp": {"allowedSources": ["10.0.0.0/33"]}}}),
+    );
+    let broken = wait_for_monitor(&ns, "Degraded by the invalid spec", |m| {
+        status_is(
+            m,
+            [
+                ("Ready", ("True", "Available")),
+                ("Progressing", ("False", "InvalidSpec")),
+                ("Degraded", ("True", "InvalidSpec")),
+            ],
+        )
+    });
+    let message = &condition(&broken, "Degraded").unwrap().message;
+    assert!(
+        message.starts_with("spec.udp.allowedSources[0]: \"10.0.0.0/33\""),
+        "the Degraded message names the field: {message:?}"
+    );
+    ns.wait_for_event(
+        &uid,
+        "Warning",
+        "InvalidSpec",
+        "spec.udp.allowedSources[0]",
+        1,
+    );
+    operator.wait_for_metric(
+        "session_monitor_operator_monitors{condition=\"Degraded\",status=\"True\"}",
+        1.0,
+    );
+    let kept: Deployment = ns.must_get(NAME);
+    assert_eq!(
+        (&kept.metadata.generation, &kept.spec),
+        (&good.metadata.generation, &good.spec),
+        "an invalid spec leaves the running Deployment alone"
+    );
+    assert_eq!(ns.must_get::<ConfigMap>(CONFIG_MAP).data, good_config.data);
+    ns.merge_patch::<SessionMonitor>(
+        NAME,
+        json!({"spec": {"udp": {"allowedSources": ["10.20.0.0/16"]}}}),
+    );
+    wait_for_monitor(&ns, "recovered once the spec is fixed", |m| {
+        status_is(
+            m,
+            [
+                ("Ready", ("True", "Available")),
+                ("Progressing", ("False", "Complete")),
+                ("Degraded", ("False", "Reconciled")),
+            ],
+        )
+    });
+    ns.wait_for_event(&uid, "Normal", "Recovered", "", 1);
+    assert_eq!(
+        checksum(&ns.must_get(NAME)),
+        checksum(&good),
+        "the fixed spec is the configuration that runs: no rollout"
+    );
+
+    phase("drift: deleted and edited children");
+    let old_service: Service = ns.must_get(NAME);
+    ns.delete_object::<Service>(NAME);
+    let restored = wait_for("the deleted Service to be restored", || {
+        match ns.get::<Service>(NAME) {
+            Some(s) if s.uid() != old_service.uid() => Ok(s),
+            other => Err(format!("{:?}", other.map(|s| s.uid()))),
+        }
+    });
+    assert_owned_and_labelled("Service", &restored.metadata, &uid);
+    let node_port = restored.spec.unwrap().ports.unwrap()[0].node_port.unwrap();
+    wait_for_monitor(&ns, "the endpoint of the new Service", |m| {
+        m.status.as_ref().and_then(|s| s.endpoint.clone()) == Some(format!("<node>:{node_port}"))
+    });
+    let old_config: ConfigMap = ns.must_get(CONFIG_MAP);
+    ns.delete_object::<ConfigMap>(CONFIG_MAP);
+    let restored = wait_for("the deleted config ConfigMap to be restored", || {
+        match ns.get::<ConfigMap>(CONFIG_MAP) {
+            Some(c) if c.uid() != old_config.uid() => Ok(c),
+            other => Err(format!("{:?}", other.map(|c| c.uid()))),
+        }
+    });
+    assert_owned_and_labelled("ConfigMap", &restored.metadata, &uid);
+    assert_eq!(restored.data, old_config.data);
+    let scaled: Deployment = ns.merge_patch(NAME, json!({"spec": {"replicas": 3}}));
+    assert_eq!(scaled.spec.unwrap().replicas, Some(3));
+    wait_for("the Deployment scaled back to 1 replica", || {
+        let replicas = ns
+            .must_get::<Deployment>(NAME)
+            .spec
+            .and_then(|s| s.replicas);
+        if replicas == Some(1) {
+            Ok(())
+        } else {
+            Err(format!("replicas {replicas:?}"))
+        }
+    });
+    report_rollout_done(&ns);
+
+    phase("missing Secret");
+    let good: Deployment = ns.must_get(NAME);
+    let rotated = "qlik-mqtt-rotated";
+    ns.merge_patch::<SessionMonitor>(
+        NAME,
+        json!({"spec": {"mqtt": {"credentialsSecret": {"name": rotated}}}}),
+    );
+    let missing = wait_for_monitor(&ns, "Degraded by the missing Secret", |m| {
+        status_is(
+            m,
+            [
+                ("Ready", ("True", "Available")),
+                ("Progressing", ("False", "MissingSecret")),
+                ("Degraded", ("True", "MissingSecret")),
+            ],
+        )
+    });
+    let message = &condition(&missing, "Degraded").unwrap().message;
+    assert!(
+        message.contains(rotated),
+        "the Degraded message names the Secret: {message:?}"
+    );
+    ns.wait_for_event(&uid, "Warning", "MissingSecret", rotated, 1);
+    let kept: Deployment = ns.must_get(NAME);
+    assert_eq!(
+        (&kept.metadata.generation, &kept.spec),
+        (&good.metadata.generation, &good.spec),
+        "a missing Secret leaves the running Deployment alone"
+    );
+    ns.create(&secret(rotated, "session-monitor", "rotated-password"));
+    // Secrets are not watched: the operator looks again after MISSING_SECRET_RETRY (60 s).
+    // Any change to the monitor triggers a reconcile at once; an annotation does not even
+    // change its generation.
+    let touched: SessionMonitor = ns.merge_patch(
+        NAME,
+        json!({"metadata": {"annotations": {"e2e.sessionmonitor.io/touched": "1"}}}),
+    );
+    assert_eq!(touched.metadata.generation, missing.metadata.generation);
+    wait_for_monitor(&ns, "recovered once the Secret exists", |m| {
+        condition(m, "Degraded").is_some_and(|c| c.status == "False" && c.reason == "Reconciled")
+            && m.status.as_ref().unwrap().observed_generation == m.metadata.generation
+    });
+    let now_using: Deployment = ns.must_get(NAME);
+    assert_eq!(credentials_secret(&now_using), rotated);
+    assert_ne!(
+        checksum(&now_using),
+        checksum(&good),
+        "other credentials roll the pod"
+    );
+    ns.wait_for_event(&uid, "Normal", "Recovered", "", 2);
+
+    phase("SIGTERM");
+    operator.stop_and_release_the_lease(&ns);
+    drop(operator);
+    ns.delete();
+    eprintln!("operator end-to-end test took {:?}", started.elapsed());
+}
+
+/// Leader election and shutdown alone, with no SessionMonitor to reconcile.
+#[test]
+fn the_operator_leads_through_a_lease_and_hands_it_back_on_sigterm() {
+    let Some(cluster) =
+        Cluster::from_env("the_operator_leads_through_a_lease_and_hands_it_back_on_sigterm")
+    else {
+        return;
+    };
+    let started = Instant::now();
+    cluster.apply_crd();
+    let ns = cluster.create_namespace();
+    // kube-runtime says at debug level when the controller's cache is filled.
+    let mut operator = Operator::start_leading(&ns, "info,kube_runtime::controller=debug");
+    assert_eq!(
+        http_get(operator.http_port, "/healthz").map(|(status, _)| status),
+        Some(200)
+    );
+    operator.wait_for_metric("session_monitor_operator_ready", 1.0);
+    // A SIGTERM before the controller has listed the SessionMonitors hangs the operator
+    // (kube-runtime 5.0.0's Runner never finishes once its scheduler stopped before the store
+    // was ready; run.rs waits for it without a limit). That is a bug to fix in run.rs; until
+    // then this test waits for the list, so that it checks the ordinary shutdown and does not
+    // fail at random.
+    wait_for("the controller's first list of SessionMonitors", || {
+        operator.assert_running();
+        let log = operator.log_text();
+        if log.contains("store is ready, starting runner") {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    });
+    operator.stop_and_release_the_lease(&ns);
+    drop(operator);
+    ns.delete();
+    eprintln!("lease test took {:?}", started.elapsed());
+}
