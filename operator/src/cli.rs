@@ -95,7 +95,10 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only for a terminal: container logs and files get plain text.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     if args.log_format == "json" {
         builder.json().init();
     } else {

@@ -55,7 +55,8 @@ pub struct SessionMonitorSpec {
     /// The UDP listener the Qlik proxies' log4net appenders send to.
     #[serde(default)]
     pub udp: UdpSpec,
-    /// The Kubernetes Service in front of the UDP listener and the HTTP port.
+    /// The Kubernetes Service in front of the UDP listener (HTTP gets its own ClusterIP
+    /// Service, `<name>-http`, never exposed).
     #[serde(default)]
     pub service: ServiceSpec,
     /// Session expiry and excluded users.
@@ -341,7 +342,8 @@ fn default_shards() -> u16 {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MetricsSpec {
-    /// HTTP port of `/metrics`, `/healthz`, `/readyz` and the API (Service port `http-metrics`).
+    /// HTTP port of `/metrics`, `/healthz`, `/readyz` and the API (port `http-metrics` of the
+    /// ClusterIP Service `<name>-http`).
     #[serde(default = "default_http_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: u16,

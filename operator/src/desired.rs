@@ -32,6 +32,8 @@ pub const CHECKSUM_ANNOTATION: &str = "sessionmonitor.io/config-checksum";
 /// Tells the config ConfigMap (watched) from the checkpoint ConfigMaps (written by the service
 /// every few seconds, so not watched: each write would trigger a reconcile).
 pub const ROLE_LABEL: &str = "sessionmonitor.io/role";
+/// On the HTTP Service, which the ServiceMonitor selects.
+pub const HTTP_ROLE: &str = "http";
 pub const MANAGED_BY_SELECTOR: &str = "app.kubernetes.io/managed-by=session-monitor-operator";
 /// Non-root user of the image (the distroless `nonroot` user).
 const RUN_AS: i64 = 65532;
@@ -45,7 +47,11 @@ pub struct Desired {
     pub config_map: ConfigMap,
     pub checkpoint_config_maps: Vec<ConfigMap>,
     pub deployment: Deployment,
+    /// The UDP ingest, of the type the spec asks for (often a LoadBalancer for the proxies).
     pub service: Service,
+    /// `/metrics`, the probes and the read API (which lists user names): ClusterIP only, so
+    /// exposing the UDP port to the proxies never exposes these.
+    pub http_service: Service,
     pub service_monitor: Option<serde_json::Value>,
 }
 
@@ -74,6 +80,7 @@ pub fn build(
         checkpoint_config_maps,
         deployment: deployment(monitor, plan, &owner, secret_versions),
         service: service(monitor, plan, &owner),
+        http_service: http_service(monitor, plan, &owner),
         service_monitor: service_monitor(monitor, plan, &owner),
     }
 }
@@ -441,23 +448,14 @@ fn service(monitor: &SessionMonitor, plan: &Plan, owner: &OwnerReference) -> Ser
                 .into(),
             ),
             selector: Some(selector_labels(plan)),
-            // `protocol` is stated on each port: Kubernetes 1.20's server-side apply needs it.
-            ports: Some(vec![
-                ServicePort {
-                    name: Some(UDP_PORT_NAME.into()),
-                    port: i32::from(spec.udp.port),
-                    target_port: Some(IntOrString::String(UDP_PORT_NAME.into())),
-                    protocol: Some("UDP".into()),
-                    ..ServicePort::default()
-                },
-                ServicePort {
-                    name: Some(HTTP_PORT_NAME.into()),
-                    port: i32::from(spec.metrics.port),
-                    target_port: Some(IntOrString::String(HTTP_PORT_NAME.into())),
-                    protocol: Some("TCP".into()),
-                    ..ServicePort::default()
-                },
-            ]),
+            // `protocol` is stated: Kubernetes 1.20's server-side apply needs it.
+            ports: Some(vec![ServicePort {
+                name: Some(UDP_PORT_NAME.into()),
+                port: i32::from(spec.udp.port),
+                target_port: Some(IntOrString::String(UDP_PORT_NAME.into())),
+                protocol: Some("UDP".into()),
+                ..ServicePort::default()
+            }]),
             external_traffic_policy: spec
                 .service
                 .external_traffic_policy
@@ -469,6 +467,34 @@ fn service(monitor: &SessionMonitor, plan: &Plan, owner: &OwnerReference) -> Ser
                     }
                     .into()
                 }),
+            ..CoreServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+pub fn http_service_name(monitor: &str) -> String {
+    format!("{monitor}-http")
+}
+
+fn http_service(monitor: &SessionMonitor, plan: &Plan, owner: &OwnerReference) -> Service {
+    let mut metadata = metadata(plan, owner, &http_service_name(&plan.name));
+    metadata
+        .labels
+        .get_or_insert_default()
+        .insert(ROLE_LABEL.into(), HTTP_ROLE.into());
+    Service {
+        metadata,
+        spec: Some(CoreServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(selector_labels(plan)),
+            ports: Some(vec![ServicePort {
+                name: Some(HTTP_PORT_NAME.into()),
+                port: i32::from(monitor.spec.metrics.port),
+                target_port: Some(IntOrString::String(HTTP_PORT_NAME.into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
             ..CoreServiceSpec::default()
         }),
         status: None,
@@ -488,6 +514,8 @@ fn service_monitor(
     }
     let mut labels = labels(plan);
     labels.extend(sm.labels.clone());
+    let mut http_selector = selector_labels(plan);
+    http_selector.insert(ROLE_LABEL.into(), HTTP_ROLE.into());
     let mut endpoint = json!({"port": HTTP_PORT_NAME, "path": "/metrics"});
     if let Some(interval) = &sm.interval {
         endpoint["interval"] = json!(interval);
@@ -502,7 +530,10 @@ fn service_monitor(
             "ownerReferences": [owner],
         },
         "spec": {
-            "selector": {"matchLabels": selector_labels(plan)},
+            // Prometheus's `job` is the monitor's name (not the Service's `NAME-http`), which
+            // the Grafana dashboard selects by.
+            "jobLabel": "app.kubernetes.io/instance",
+            "selector": {"matchLabels": http_selector},
             "endpoints": [endpoint],
         }
     }))
@@ -530,6 +561,7 @@ mod tests {
             &d.config_map.metadata,
             &d.deployment.metadata,
             &d.service.metadata,
+            &d.http_service.metadata,
         ];
         all.extend(d.checkpoint_config_maps.iter().map(|c| &c.metadata));
         all
@@ -543,12 +575,20 @@ mod tests {
             .map(|m| m.name.clone().unwrap())
             .collect();
         assert_eq!(
-            names[..6],
-            [NAME, NAME, NAME, "qlik-prod-config", NAME, NAME]
+            names[..7],
+            [
+                NAME,
+                NAME,
+                NAME,
+                "qlik-prod-config",
+                NAME,
+                NAME,
+                "qlik-prod-http"
+            ]
         );
-        assert_eq!(names[6], "qlik-prod-checkpoint");
-        assert_eq!(names[14], "qlik-prod-checkpoint-8");
-        assert_eq!(names.len(), 6 + 9);
+        assert_eq!(names[7], "qlik-prod-checkpoint");
+        assert_eq!(names[15], "qlik-prod-checkpoint-8");
+        assert_eq!(names.len(), 7 + 9);
         for meta in all_metadata(&d) {
             assert_eq!(meta.namespace.as_deref(), Some(NAMESPACE));
             let owner = &meta.owner_references.as_ref().unwrap()[0];
@@ -748,24 +788,39 @@ mod tests {
         assert_eq!(first, checksum(&scheduled, &none));
     }
 
-    #[test]
-    fn the_service_exposes_udp_and_http_metrics() {
-        let (_, d) = built(&testing::example());
-        let spec = d.service.spec.unwrap();
-        assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
-        assert_eq!(spec.external_traffic_policy.as_deref(), Some("Local"));
-        let ports: Vec<_> = spec
+    fn ports(service: &Service) -> Vec<(String, i32, String)> {
+        service
+            .spec
+            .clone()
+            .unwrap()
             .ports
             .unwrap()
             .into_iter()
             .map(|p| (p.name.unwrap(), p.port, p.protocol.unwrap()))
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn udp_is_exposed_as_asked_and_http_stays_inside_the_cluster() {
+        let (_, d) = built(&testing::example());
         assert_eq!(
-            ports,
-            [
-                ("udp-ingest".to_owned(), 9997, "UDP".to_owned()),
-                ("http-metrics".to_owned(), 9842, "TCP".to_owned())
-            ]
+            ports(&d.service),
+            [("udp-ingest".to_owned(), 9997, "UDP".to_owned())]
+        );
+        let spec = d.service.spec.clone().unwrap();
+        assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+        assert_eq!(spec.external_traffic_policy.as_deref(), Some("Local"));
+        // The read API lists user names: never on the load balancer.
+        assert_eq!(
+            ports(&d.http_service),
+            [("http-metrics".to_owned(), 9842, "TCP".to_owned())]
+        );
+        let http = d.http_service.spec.clone().unwrap();
+        assert_eq!(http.type_.as_deref(), Some("ClusterIP"));
+        assert_eq!(http.selector, spec.selector);
+        assert_eq!(
+            d.http_service.metadata.labels.unwrap()[ROLE_LABEL],
+            HTTP_ROLE
         );
         // A ClusterIP Service cannot take an external traffic policy.
         let m = monitor(json!({
@@ -792,5 +847,8 @@ mod tests {
             sm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"],
             NAME
         );
+        // Only the HTTP Service has the port it scrapes; the job is named for the monitor.
+        assert_eq!(sm["spec"]["selector"]["matchLabels"][ROLE_LABEL], HTTP_ROLE);
+        assert_eq!(sm["spec"]["jobLabel"], "app.kubernetes.io/instance");
     }
 }

@@ -234,6 +234,7 @@ async fn apply(
         apply_one(client, namespace, checkpoint).await?;
     }
     let service = apply_one(client, namespace, &desired.service).await?;
+    apply_one(client, namespace, &desired.http_service).await?;
     // Last, so that everything the pod mounts and uses exists when it starts.
     let deployment = apply_one(client, namespace, &desired.deployment).await?;
     apply_service_monitor(ctx, monitor, namespace, desired).await?;

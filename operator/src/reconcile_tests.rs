@@ -268,7 +268,6 @@ fn children(shards: u16) -> Vec<Call> {
                     service["spec"]["ports"],
                     json!([
                         {"name": "udp-ingest", "port": 9997, "targetPort": "udp-ingest", "protocol": "UDP"},
-                        {"name": "http-metrics", "port": 9842, "targetPort": "http-metrics", "protocol": "TCP"},
                     ])
                 );
             })
@@ -278,6 +277,23 @@ fn children(shards: u16) -> Vec<Call> {
                     "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
                     "sessionAffinity": "None", "internalTrafficPolicy": "Cluster",
                 },
+                "status": {"loadBalancer": {}},
+            }))),
+    );
+    calls.push(
+        apply(CORE, "services", "Service", &format!("{NAME}-http"))
+            .checking(|service| {
+                assert_eq!(service["spec"]["type"], "ClusterIP");
+                assert_eq!(service["metadata"]["labels"][ROLE_LABEL], "http");
+                assert_eq!(
+                    service["spec"]["ports"],
+                    json!([
+                        {"name": "http-metrics", "port": 9842, "targetPort": "http-metrics", "protocol": "TCP"},
+                    ])
+                );
+            })
+            .answering(stored(json!({
+                "spec": {"clusterIP": "10.96.14.8", "clusterIPs": ["10.96.14.8"]},
                 "status": {"loadBalancer": {}},
             }))),
     );
@@ -952,6 +968,7 @@ async fn a_new_monitor_applies_every_child_in_order_then_reports_the_rollout() {
             "PATCH /api/v1/namespaces/qlik/configmaps/qlik-prod-checkpoint-1",
             "PATCH /api/v1/namespaces/qlik/configmaps/qlik-prod-checkpoint-2",
             "PATCH /api/v1/namespaces/qlik/services/qlik-prod",
+            "PATCH /api/v1/namespaces/qlik/services/qlik-prod-http",
             "PATCH /apis/apps/v1/namespaces/qlik/deployments/qlik-prod",
             "GET /apis/monitoring.coreos.com/v1",
             "PATCH /apis/sessionmonitor.io/v1alpha1/namespaces/qlik/sessionmonitors/qlik-prod/status",
@@ -1155,7 +1172,7 @@ async fn a_service_monitor_is_applied_where_the_monitoring_api_exists() {
 
     assert_eq!(run.action(), Action::requeue(RESYNC));
     assert_eq!(
-        run.requests()[9..],
+        run.requests()[10..],
         [
             "GET /apis/monitoring.coreos.com/v1",
             "PATCH /apis/monitoring.coreos.com/v1/namespaces/qlik/servicemonitors/qlik-prod",
@@ -1180,7 +1197,7 @@ async fn a_switched_off_service_monitor_is_deleted_and_none_to_delete_is_fine() 
 
     assert_eq!(run.action(), Action::requeue(RESYNC));
     assert_eq!(
-        run.requests()[9..12],
+        run.requests()[10..13],
         [
             "GET /apis/monitoring.coreos.com/v1",
             "GET /apis/monitoring.coreos.com/v1/namespaces/qlik/servicemonitors/qlik-prod",
@@ -1398,7 +1415,7 @@ async fn a_monitor_being_deleted_is_left_to_the_garbage_collector() {
 
 #[tokio::test]
 #[should_panic(
-    expected = "unexpected request after the 10 expected: PATCH /apis/sessionmonitor.io/"
+    expected = "unexpected request after the 11 expected: PATCH /apis/sessionmonitor.io/"
 )]
 async fn the_verifier_fails_on_an_extra_request() {
     // The status PATCH left out.
@@ -1409,7 +1426,7 @@ async fn the_verifier_fails_on_an_extra_request() {
 
 #[tokio::test]
 #[should_panic(
-    expected = "missing request 12/12: the reconcile returned without POST /apis/events"
+    expected = "missing request 13/13: the reconcile returned without POST /apis/events"
 )]
 async fn the_verifier_fails_on_a_missing_request() {
     let m = new_monitor();
@@ -1418,7 +1435,7 @@ async fn the_verifier_fails_on_a_missing_request() {
 }
 
 #[tokio::test]
-#[should_panic(expected = "request 1/10 after")]
+#[should_panic(expected = "request 1/11 after")]
 async fn the_verifier_fails_on_a_request_out_of_order() {
     let m = new_monitor();
     let mut calls = applies(Rollout::Pending).then([status_patch(&m)]);

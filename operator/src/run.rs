@@ -81,7 +81,13 @@ pub async fn run(options: Options) -> Result<(), RunError> {
 
     if !options.leader_election {
         metrics.leader.set(1);
-        controllers(client, &options, metrics, stop_rx).await;
+        let running = controllers(client, &options, metrics, stop_rx.clone());
+        tokio::pin!(running);
+        let mut stop = stop_rx;
+        tokio::select! {
+            _ = &mut running => {}
+            _ = stop.wait_for(|s| *s) => finish(running).await,
+        }
         return Ok(());
     }
     let manager = LeaseManagerBuilder::new(client.clone(), &options.lease_name)
@@ -120,7 +126,7 @@ pub async fn run(options: Options) -> Result<(), RunError> {
         _ = leader.wait_for(|l| !*l) => true,
     };
     let _ = controller_stop_tx.send(true);
-    running.await;
+    finish(running).await;
     metrics.leader.set(0);
     drop(leader);
     match lease_task.await {
@@ -136,6 +142,17 @@ pub async fn run(options: Options) -> Result<(), RunError> {
         return Err(RunError::LostLeadership);
     }
     Ok(())
+}
+
+/// How long controllers asked to stop get to finish their reconciles. kube-runtime's controller
+/// never finishes when asked to stop before its first list of SessionMonitors completed, so the
+/// process must not wait for it without a limit (the Lease would stay held until SIGKILL).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+async fn finish(running: std::pin::Pin<&mut impl std::future::Future<Output = ()>>) {
+    if tokio::time::timeout(SHUTDOWN_GRACE, running).await.is_err() {
+        warn!(grace = ?SHUTDOWN_GRACE, "controllers did not stop in time; stopping anyway");
+    }
 }
 
 /// Ready once the SessionMonitor API answers: until the CRD is installed there is nothing to do.

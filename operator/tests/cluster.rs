@@ -15,11 +15,6 @@
 //! nothing is garbage-collected. The test plays the Deployment controller where it must, by
 //! writing the Deployment's status itself. The namespace is deleted at the end, also when the
 //! test panics, and never waited for (it stays `Terminating` without a controller-manager).
-//!
-//! Two things differ on the Kubernetes 1.20 of `shared/k8s`, each announced by a `NOTE:` line:
-//! the CRD is applied without the `null` entries of its enums when the server refuses them
-//! (servers without kubernetes/kubernetes#104969), and the example's LoadBalancer Service, which
-//! mixes UDP and TCP ports, becomes a NodePort before 1.24.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -46,7 +41,7 @@ use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use session_monitor::config::Settings;
-use session_monitor_operator::crd::{ServiceType, SessionMonitor};
+use session_monitor_operator::crd::SessionMonitor;
 use session_monitor_operator::crdgen;
 
 const KUBECONFIG_VAR: &str = "SESSION_MONITOR_TEST_KUBECONFIG";
@@ -152,7 +147,7 @@ impl Cluster {
         let text =
             std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         // As a plain document, so exactly the file is applied.
-        let mut crd: serde_json::Value =
+        let crd: serde_json::Value =
             serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let name = crd["metadata"]["name"].as_str().unwrap().to_owned();
         let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
@@ -166,36 +161,7 @@ impl Cluster {
                 ),
             )
         };
-        match apply(&crd) {
-            Ok(_) => {}
-            // API servers before 1.20.12, 1.21.6 and 1.22.3 (kubernetes/kubernetes#104969)
-            // mishandle a literal `null` in a schema's `enum` and answer 422 "per-version
-            // schemas may not all be set to identical values". The generated CRD lists `null`
-            // for every optional enum, which `nullable: true` beside it already allows; without
-            // those entries the schema accepts the same documents.
-            Err(kube::Error::Api(status))
-                if status.is_invalid()
-                    && status
-                        .message
-                        .contains("per-version schemas may not all be set") =>
-            {
-                let removed = remove_null_enum_values(&mut crd);
-                assert!(removed > 0, "cannot apply {}: {status}", path.display());
-                eprintln!(
-                    "NOTE: this API server refuses {} as committed (422 \"per-version schemas may \
-                     not all be set to identical values\"); applying it without the {removed} \
-                     `null` enum values it mishandles (kubernetes/kubernetes#104969)",
-                    crdgen::CRD_FILE
-                );
-                apply(&crd).unwrap_or_else(|e| {
-                    panic!(
-                        "cannot apply {} even without null enum values: {e}",
-                        path.display()
-                    )
-                });
-            }
-            Err(e) => panic!("cannot apply {}: {e}", path.display()),
-        }
+        apply(&crd).unwrap_or_else(|e| panic!("cannot apply {}: {e}", path.display()));
         wait_for(&format!("CRD {name} to be Established"), || {
             let crd = self.run("GET the CRD", api.get(&name)).unwrap();
             let conditions = crd
@@ -255,24 +221,6 @@ impl Cluster {
 }
 
 /// Removes `null` from every `enum` in a schema; returns how many it removed.
-fn remove_null_enum_values(value: &mut serde_json::Value) -> usize {
-    match value {
-        serde_json::Value::Object(object) => object
-            .iter_mut()
-            .map(|(key, value)| match value {
-                serde_json::Value::Array(values) if key == "enum" => {
-                    let before = values.len();
-                    values.retain(|v| !v.is_null());
-                    before - values.len()
-                }
-                other => remove_null_enum_values(other),
-            })
-            .sum(),
-        serde_json::Value::Array(values) => values.iter_mut().map(remove_null_enum_values).sum(),
-        _ => 0,
-    }
-}
-
 /// A namespace for one test. Dropped without [`TestNamespace::delete`] (a test that panicked),
 /// it is deleted on the way out: best effort, bounded in time, never panicking in `drop`.
 struct TestNamespace<'c> {
@@ -989,20 +937,37 @@ fn assert_children(ns: &TestNamespace, uid: &str, shards: usize, service_type: &
         .collect();
     assert_eq!(
         ports,
-        [
-            ("udp-ingest".to_owned(), 9997, Some("UDP".to_owned())),
-            ("http-metrics".to_owned(), 9842, Some("TCP".to_owned())),
-        ]
+        [("udp-ingest".to_owned(), 9997, Some("UDP".to_owned()))]
     );
-    assert_eq!(
-        spec.selector,
-        Some(BTreeMap::from([
-            ("app.kubernetes.io/instance".to_owned(), NAME.to_owned()),
+    let selector = Some(BTreeMap::from([
+        ("app.kubernetes.io/instance".to_owned(), NAME.to_owned()),
+        (
+            "app.kubernetes.io/name".to_owned(),
+            "session-monitor".to_owned(),
+        ),
+    ]));
+    assert_eq!(spec.selector, selector);
+    // HTTP (metrics, probes, the API that lists user names) never on the exposed Service.
+    let http: Service = ns.must_get(&format!("{NAME}-http"));
+    assert_owned_and_labelled("Service", &http.metadata, uid);
+    let http_spec = http.spec.clone().unwrap();
+    assert_eq!(http_spec.type_.as_deref(), Some("ClusterIP"));
+    assert_eq!(http_spec.selector, selector);
+    let http_ports: Vec<_> = http_spec
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| {
             (
-                "app.kubernetes.io/name".to_owned(),
-                "session-monitor".to_owned()
-            ),
-        ]))
+                p.name.clone().unwrap_or_default(),
+                p.port,
+                p.protocol.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        http_ports,
+        [("http-metrics".to_owned(), 9842, Some("TCP".to_owned()))]
     );
 
     let deployment: Deployment = ns.must_get(NAME);
@@ -1085,22 +1050,9 @@ fn the_operator_deploys_heals_and_reports_a_session_monitor_on_a_real_api_server
     phase("CRD");
     cluster.apply_crd();
     let ns = cluster.create_namespace();
-    let (example_secret, mut example_monitor) = example(&ns.name);
-    // The example's LoadBalancer carries a UDP and a TCP port. Before 1.24 the API server
-    // refuses that unless the MixedProtocolLBService feature gate is on (beta and on by default
-    // in 1.24, GA in 1.26); a NodePort Service takes the same ports and gets the same endpoint
-    // as a load balancer still waiting for its address.
-    let service_type = if cluster.minor >= 24 {
-        "LoadBalancer"
-    } else {
-        eprintln!(
-            "NOTE: Kubernetes 1.{} refuses a LoadBalancer with UDP and TCP ports; \
-             the example's Service is a NodePort here",
-            cluster.minor
-        );
-        example_monitor.spec.service.type_ = ServiceType::NodePort;
-        "NodePort"
-    };
+    let (example_secret, example_monitor) = example(&ns.name);
+    // The example's LoadBalancer: without a cloud provider it gets a node port and no address.
+    let service_type = "LoadBalancer";
     ns.create(&example_secret);
     let created = ns.create(&example_monitor);
     let uid = created.uid().expect("the API server sets a uid");

@@ -108,8 +108,10 @@ fn init_logging(level: &str, format: LogFormat) {
         format!("{level},rumqttd=off")
     };
     let filter = tracing_subscriber::EnvFilter::try_new(filter).expect("validated with the config");
+    // Colours only for a terminal: container logs and files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
