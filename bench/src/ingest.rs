@@ -11,6 +11,8 @@ use session_monitor::simulate::Traffic;
 
 use crate::procs::{BareReceiver, ServiceProcess, wait_for};
 
+pub const SENDERS: usize = 2;
+
 pub struct Throughput {
     /// Datagrams per second the receiver counted in the measured window.
     pub received_per_sec: f64,
@@ -65,16 +67,22 @@ fn measure(
 ) -> Throughput {
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
-    let sender = {
-        let (pool, stop, sent) = (pool.clone(), stop.clone(), sent.clone());
-        std::thread::spawn(move || blast(port, pool, stop, sent))
-    };
+    // Two sender threads: one alone is slower than a receiver on loopback, where the sender's
+    // CPU does the kernel's delivery work; two saturate the receiving side of a 2-core machine.
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|_| {
+            let (pool, stop, sent) = (pool.clone(), stop.clone(), sent.clone());
+            std::thread::spawn(move || blast(port, pool, stop, sent))
+        })
+        .collect();
     std::thread::sleep(warmup);
     let (c1, s1, t1) = (count(), sent.load(Ordering::Relaxed), Instant::now());
     std::thread::sleep(window);
     let (c2, s2, t2) = (count(), sent.load(Ordering::Relaxed), Instant::now());
     stop.store(true, Ordering::Relaxed);
-    sender.join().expect("sender");
+    for sender in senders {
+        sender.join().expect("sender");
+    }
     let seconds = (t2 - t1).as_secs_f64();
     // Drained when the count holds still for 200 ms.
     let mut last = count();
