@@ -14,42 +14,32 @@
 //! The API server runs alone (no controller-manager): Deployments get no pods and no status, and
 //! nothing is garbage-collected. The test plays the Deployment controller where it must, by
 //! writing the Deployment's status itself. The namespace is deleted at the end, also when the
-//! test panics, and never waited for (it stays `Terminating` without a controller-manager).
+//! test panics, and never waited for (it stays `Terminating` without a controller-manager); that
+//! harness is `session_monitor_testkit::cluster`, shared with the service's ConfigMap test.
 
 use std::collections::BTreeMap;
-use std::fmt::Debug;
 use std::fs::File;
-use std::future::Future;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Resource, ResourceExt};
-use serde::de::DeserializeOwned;
+use kube::ResourceExt;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use serde_json::json;
 use session_monitor::config::Settings;
 use session_monitor_operator::crd::SessionMonitor;
 use session_monitor_operator::crdgen;
+use session_monitor_testkit::cluster::{
+    Cluster, FIELD_MANAGER, POLL, TestNamespace, free_tcp_port, http_get, wait_for,
+};
 
-const KUBECONFIG_VAR: &str = "SESSION_MONITOR_TEST_KUBECONFIG";
-/// How long any awaited condition may take before the test fails.
-const DEADLINE: Duration = Duration::from_secs(20);
-const POLL: Duration = Duration::from_millis(50);
-/// The field manager of everything the test itself writes.
-const TEST_MANAGER: &str = "session-monitor-e2e";
 const DEFAULT_IMAGE: &str = "example/session-monitor:test";
 
 // The example's objects (examples/sessionmonitor.yaml).
@@ -65,290 +55,73 @@ const CHECKSUM_ANNOTATION: &str = "sessionmonitor.io/config-checksum";
 const ROLE_LABEL: &str = "sessionmonitor.io/role";
 const LEASE: &str = "session-monitor-operator";
 
-/// The API server named by `SESSION_MONITOR_TEST_KUBECONFIG`, with a client on a runtime of its
-/// own: the test itself is synchronous, and so are the guards that clean up on panic.
-struct Cluster {
-    kubeconfig: PathBuf,
-    /// The API server's minor version (`20` for 1.20).
-    minor: u32,
-    runtime: tokio::runtime::Runtime,
-    client: kube::Client,
-}
-
-impl Cluster {
-    /// `None`, after printing why, when the variable is unset or empty. Panics when it is set but
-    /// the kubeconfig is unusable or its API server does not answer.
-    fn from_env(test: &str) -> Option<Cluster> {
-        let Some(path) = std::env::var_os(KUBECONFIG_VAR).filter(|p| !p.is_empty()) else {
-            eprintln!(
-                "skipping {test}: {KUBECONFIG_VAR} is not set (set it to a kubeconfig to run it against a real API server)"
-            );
-            return None;
-        };
-        let kubeconfig = std::path::absolute(PathBuf::from(path)).unwrap();
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        // Multi-threaded (one worker), so the client's background tasks keep running between
-        // the test's requests.
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let client = runtime.block_on(async {
-            let config = Kubeconfig::read_from(&kubeconfig)
-                .unwrap_or_else(|e| panic!("{KUBECONFIG_VAR}={}: {e}", kubeconfig.display()));
-            let config =
-                kube::Config::from_custom_kubeconfig(config, &KubeConfigOptions::default())
-                    .await
-                    .unwrap_or_else(|e| panic!("{KUBECONFIG_VAR}={}: {e}", kubeconfig.display()));
-            kube::Client::try_from(config)
-                .unwrap_or_else(|e| panic!("{KUBECONFIG_VAR}={}: {e}", kubeconfig.display()))
-        });
-        let mut cluster = Cluster {
-            kubeconfig,
-            minor: 0,
-            runtime,
-            client,
-        };
-        let what = format!(
-            "the API server of {KUBECONFIG_VAR}={}",
-            cluster.kubeconfig.display()
-        );
-        match cluster.run(&what, cluster.client.apiserver_version()) {
-            Ok(version) => {
-                eprintln!("{test}: API server {}", version.git_version);
-                let digits: String = version
-                    .minor
-                    .chars()
-                    .take_while(char::is_ascii_digit)
-                    .collect();
-                cluster.minor = digits.parse().unwrap_or(0);
-            }
-            Err(error) => {
-                panic!("{what} does not answer (unset the variable to skip this test): {error}")
-            }
-        }
-        Some(cluster)
-    }
-
-    /// Runs `future` (a few API requests) to completion; fails the test after [`DEADLINE`].
-    fn run<F: Future>(&self, what: &str, future: F) -> F::Output {
-        self.runtime
-            .block_on(async { tokio::time::timeout(DEADLINE, future).await })
-            .unwrap_or_else(|_| panic!("timed out after {DEADLINE:?} waiting for {what}"))
-    }
-
-    /// Applies the committed CRD (server-side, so parallel tests may apply it again) and waits
-    /// until the API server serves it.
-    fn apply_crd(&self) {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join(crdgen::CRD_FILE);
-        let text =
-            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        // As a plain document, so exactly the file is applied.
-        let crd: serde_json::Value =
-            serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let name = crd["metadata"]["name"].as_str().unwrap().to_owned();
-        let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
-        let apply = |crd: &serde_json::Value| {
-            self.run(
-                "the CRD to be applied",
-                api.patch(
-                    &name,
-                    &PatchParams::apply(TEST_MANAGER).force(),
-                    &Patch::Apply(crd),
-                ),
-            )
-        };
-        apply(&crd).unwrap_or_else(|e| panic!("cannot apply {}: {e}", path.display()));
-        wait_for(&format!("CRD {name} to be Established"), || {
-            let crd = self.run("GET the CRD", api.get(&name)).unwrap();
-            let conditions = crd
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|c| format!("{}={}", c.type_, c.status))
-                .collect::<Vec<_>>();
-            if conditions.iter().any(|c| c == "Established=True") {
-                Ok(())
-            } else {
-                Err(format!("conditions {conditions:?}"))
-            }
-        });
-    }
-
-    /// A new namespace with a name never used before, deleted when the guard drops.
-    fn create_namespace(&self) -> TestNamespace<'_> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let name = format!(
-            "smon-op-e2e-{}-{nanos}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let namespace = Namespace {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                labels: Some(BTreeMap::from([(
-                    "app.kubernetes.io/created-by".to_owned(),
-                    TEST_MANAGER.to_owned(),
-                )])),
-                ..ObjectMeta::default()
-            },
-            ..Namespace::default()
-        };
-        // The guard exists before the request, so a creation whose answer was lost is cleaned
-        // up as well.
-        let guard = TestNamespace {
-            cluster: self,
-            name,
-            deleted: false,
-        };
-        let api: Api<Namespace> = Api::all(self.client.clone());
-        self.run(
-            "the namespace to be created",
-            api.create(&PostParams::default(), &namespace),
+/// Applies the committed CRD (server-side, so parallel tests may apply it again) and waits
+/// until the API server serves it.
+fn apply_crd(cluster: &Cluster) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(crdgen::CRD_FILE);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // As a plain document, so exactly the file is applied.
+    let crd: serde_json::Value =
+        serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let name = crd["metadata"]["name"].as_str().unwrap().to_owned();
+    let api: Api<CustomResourceDefinition> = Api::all(cluster.client().clone());
+    let apply = |crd: &serde_json::Value| {
+        cluster.run(
+            "the CRD to be applied",
+            api.patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(crd),
+            ),
         )
-        .unwrap_or_else(|e| panic!("cannot create namespace {}: {e}", guard.name));
-        eprintln!("namespace {}", guard.name);
-        guard
-    }
+    };
+    apply(&crd).unwrap_or_else(|e| panic!("cannot apply {}: {e}", path.display()));
+    wait_for(&format!("CRD {name} to be Established"), || {
+        let crd = cluster.run("GET the CRD", api.get(&name)).unwrap();
+        let conditions = crd
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| format!("{}={}", c.type_, c.status))
+            .collect::<Vec<_>>();
+        if conditions.iter().any(|c| c == "Established=True") {
+            Ok(())
+        } else {
+            Err(format!("conditions {conditions:?}"))
+        }
+    });
 }
 
-/// Removes `null` from every `enum` in a schema; returns how many it removed.
-/// A namespace for one test. Dropped without [`TestNamespace::delete`] (a test that panicked),
-/// it is deleted on the way out: best effort, bounded in time, never panicking in `drop`.
-struct TestNamespace<'c> {
-    cluster: &'c Cluster,
-    name: String,
-    deleted: bool,
+/// What the test reads in its namespace besides the children: the SessionMonitor and the Events
+/// about it.
+trait MonitorNamespace {
+    /// The example's SessionMonitor.
+    fn monitor(&self) -> SessionMonitor;
+
+    /// Events (events.k8s.io/v1) about the object with `uid`.
+    fn events(&self, uid: &str) -> Vec<Event>;
+
+    /// Waits for an Event of `type_` and `reason` about `uid` whose note contains `note` and that
+    /// was recorded at least `times` times (the recorder counts repeats in `series`).
+    fn wait_for_event(&self, uid: &str, type_: &str, reason: &str, note: &str, times: i32)
+    -> Event;
 }
 
-impl TestNamespace<'_> {
-    fn api<K>(&self) -> Api<K>
-    where
-        K: Resource<Scope = NamespaceResourceScope>,
-        K::DynamicType: Default,
-    {
-        Api::namespaced(self.cluster.client.clone(), &self.name)
-    }
-
-    fn get<K>(&self, name: &str) -> Option<K>
-    where
-        K: Resource<Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
-        K::DynamicType: Default,
-    {
-        let what = format!(
-            "GET {} {}/{name}",
-            K::kind(&K::DynamicType::default()),
-            self.name
-        );
-        self.cluster
-            .run(&what, self.api::<K>().get_opt(name))
-            .unwrap_or_else(|e| panic!("{what}: {e}"))
-    }
-
-    fn must_get<K>(&self, name: &str) -> K
-    where
-        K: Resource<Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
-        K::DynamicType: Default,
-    {
-        self.get(name).unwrap_or_else(|| {
-            panic!(
-                "{} {}/{name} does not exist",
-                K::kind(&K::DynamicType::default()),
-                self.name
-            )
-        })
-    }
-
-    fn create<K>(&self, object: &K) -> K
-    where
-        K: Resource<Scope = NamespaceResourceScope>
-            + Clone
-            + DeserializeOwned
-            + serde::Serialize
-            + Debug,
-        K::DynamicType: Default,
-    {
-        let what = format!(
-            "POST {} {}",
-            K::kind(&K::DynamicType::default()),
-            object.name_any()
-        );
-        self.cluster
-            .run(
-                &what,
-                self.api::<K>().create(&PostParams::default(), object),
-            )
-            .unwrap_or_else(|e| panic!("{what}: {e}"))
-    }
-
-    fn delete_object<K>(&self, name: &str)
-    where
-        K: Resource<Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
-        K::DynamicType: Default,
-    {
-        let what = format!("DELETE {} {name}", K::kind(&K::DynamicType::default()));
-        self.cluster
-            .run(
-                &what,
-                self.api::<K>().delete(name, &DeleteParams::background()),
-            )
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
-    }
-
-    /// A JSON merge patch, as `kubectl patch --type merge` or `kubectl edit` would send it.
-    fn merge_patch<K>(&self, name: &str, patch: serde_json::Value) -> K
-    where
-        K: Resource<Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
-        K::DynamicType: Default,
-    {
-        let what = format!(
-            "PATCH {} {name} with {patch}",
-            K::kind(&K::DynamicType::default())
-        );
-        self.cluster
-            .run(
-                &what,
-                self.api::<K>().patch(
-                    name,
-                    &PatchParams {
-                        field_manager: Some(TEST_MANAGER.into()),
-                        ..PatchParams::default()
-                    },
-                    &Patch::Merge(&patch),
-                ),
-            )
-            .unwrap_or_else(|e| panic!("{what}: {e}"))
-    }
-
+impl MonitorNamespace for TestNamespace<'_> {
     fn monitor(&self) -> SessionMonitor {
         self.must_get(NAME)
     }
 
-    /// Events (events.k8s.io/v1) about the object with `uid`.
     fn events(&self, uid: &str) -> Vec<Event> {
-        let list = self
-            .cluster
-            .run(
-                "LIST Events",
-                self.api::<Event>().list(&ListParams::default()),
-            )
-            .unwrap_or_else(|e| panic!("LIST Events in {}: {e}", self.name));
-        list.items
+        self.list::<Event>()
             .into_iter()
             .filter(|e| e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(uid))
             .collect()
     }
 
-    /// Waits for an Event of `type_` and `reason` about `uid` whose note contains `note` and that
-    /// was recorded at least `times` times (the recorder counts repeats in `series`).
     fn wait_for_event(
         &self,
         uid: &str,
@@ -374,116 +147,6 @@ impl TestNamespace<'_> {
             },
         )
     }
-
-    /// Deletes the namespace and checks that the API server took it: it is gone or
-    /// terminating. Does not wait for it to go (it never does without a controller-manager).
-    fn delete(mut self) {
-        self.deleted = true;
-        self.cluster
-            .runtime
-            .block_on(delete_services(&self.api::<Service>()))
-            .unwrap_or_else(|e| panic!("cannot delete the Services in {}: {e}", self.name));
-        let api: Api<Namespace> = Api::all(self.cluster.client.clone());
-        self.cluster
-            .run(
-                "the namespace's deletion",
-                api.delete(&self.name, &DeleteParams::background()),
-            )
-            .unwrap_or_else(|e| panic!("cannot delete namespace {}: {e}", self.name));
-        let after = self
-            .cluster
-            .run("GET namespace", api.get_opt(&self.name))
-            .unwrap();
-        if let Some(namespace) = after {
-            assert!(
-                namespace.metadata.deletion_timestamp.is_some(),
-                "namespace {} is not terminating after DELETE",
-                self.name
-            );
-        }
-    }
-}
-
-impl Drop for TestNamespace<'_> {
-    fn drop(&mut self) {
-        if self.deleted {
-            return;
-        }
-        let services = self.api::<Service>();
-        let api: Api<Namespace> = Api::all(self.cluster.client.clone());
-        let params = DeleteParams::background();
-        let result = self.cluster.runtime.block_on(async {
-            tokio::time::timeout(Duration::from_secs(10), async {
-                if let Err(error) = delete_services(&services).await {
-                    eprintln!("could not delete the Services in {}: {error}", self.name);
-                }
-                api.delete(&self.name, &params).await
-            })
-            .await
-        });
-        match result {
-            Ok(Ok(_)) => eprintln!("deleted namespace {}", self.name),
-            Ok(Err(error)) => eprintln!("could not delete namespace {}: {error}", self.name),
-            Err(_) => eprintln!("timed out deleting namespace {}", self.name),
-        }
-    }
-}
-
-/// Deletes every Service in a namespace. A namespace never finishes terminating without a
-/// controller-manager, and its Services would keep their cluster IPs and node ports for good:
-/// a long-lived test API server (service range /24) would run out after a few hundred runs.
-async fn delete_services(api: &Api<Service>) -> kube::Result<()> {
-    for service in api.list(&ListParams::default()).await? {
-        match api
-            .delete(&service.name_any(), &DeleteParams::background())
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(status)) if status.is_not_found() => {}
-            Err(error) => return Err(error),
-        }
-    }
-    Ok(())
-}
-
-/// Polls `check` until it returns `Ok`, or panics after [`DEADLINE`] with `what` and the last
-/// state `check` described.
-fn wait_for<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
-    let start = Instant::now();
-    loop {
-        match check() {
-            Ok(value) => return value,
-            Err(last) => assert!(
-                start.elapsed() < DEADLINE,
-                "timed out after {DEADLINE:?} waiting for {what}; last seen: {last}"
-            ),
-        }
-        std::thread::sleep(POLL);
-    }
-}
-
-fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `GET path` on 127.0.0.1: the status code and the body, `None` while nothing answers.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let status = head.split(' ').nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
 }
 
 /// The operator binary as a child process, watching one namespace; killed when dropped.
@@ -512,14 +175,14 @@ impl Operator {
             }
         }
         command
-            .env("KUBECONFIG", &ns.cluster.kubeconfig)
+            .env("KUBECONFIG", ns.cluster().kubeconfig())
             .env("POD_NAME", &identity)
             .env_remove("POD_NAMESPACE")
             // Plain text in the log file, which failures print.
             .env("NO_COLOR", "1")
             .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
-            .args(["--watch-namespaces", &ns.name])
-            .args(["--lease-namespace", &ns.name])
+            .args(["--watch-namespaces", ns.name()])
+            .args(["--lease-namespace", ns.name()])
             .args(["--default-image", DEFAULT_IMAGE])
             .args(["--log-level", log_level])
             .stdout(out.try_clone().unwrap())
@@ -551,7 +214,7 @@ impl Operator {
             lease_holder(ns).as_deref(),
             Some(operator.identity.as_str()),
             "the leader holds Lease {LEASE} in {}",
-            ns.name
+            ns.name()
         );
         operator
     }
@@ -798,7 +461,7 @@ fn report_rollout_done(ns: &TestNamespace) {
         "readyReplicas": 1,
         "availableReplicas": 1,
     }});
-    ns.cluster
+    ns.cluster()
         .run(
             "PATCH the Deployment's status",
             ns.api::<Deployment>().patch_status(
@@ -879,7 +542,7 @@ fn assert_children(ns: &TestNamespace, uid: &str, shards: usize, service_type: &
             subjects[0].name.as_str(),
             subjects[0].namespace.as_deref()
         ),
-        ("ServiceAccount", NAME, Some(ns.name.as_str()))
+        ("ServiceAccount", NAME, Some(ns.name()))
     );
 
     let config: ConfigMap = ns.must_get(CONFIG_MAP);
@@ -1048,9 +711,9 @@ fn the_operator_deploys_heals_and_reports_a_session_monitor_on_a_real_api_server
     let phase = |name: &str| eprintln!("[{:>7.2?}] {name}", started.elapsed());
 
     phase("CRD");
-    cluster.apply_crd();
-    let ns = cluster.create_namespace();
-    let (example_secret, example_monitor) = example(&ns.name);
+    apply_crd(&cluster);
+    let ns = cluster.create_namespace("smon-op-e2e");
+    let (example_secret, example_monitor) = example(ns.name());
     // The example's LoadBalancer: without a cloud provider it gets a node port and no address.
     let service_type = "LoadBalancer";
     ns.create(&example_secret);
@@ -1332,8 +995,8 @@ fn the_operator_leads_through_a_lease_and_hands_it_back_on_sigterm() {
         return;
     };
     let started = Instant::now();
-    cluster.apply_crd();
-    let ns = cluster.create_namespace();
+    apply_crd(&cluster);
+    let ns = cluster.create_namespace("smon-op-e2e");
     // kube-runtime says at debug level when the controller's cache is filled.
     let mut operator = Operator::start_leading(&ns, "info,kube_runtime::controller=debug");
     assert_eq!(

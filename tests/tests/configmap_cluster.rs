@@ -6,7 +6,8 @@
 //!
 //! Each test gets a namespace of its own, with a name never used before, deleted at the end, also
 //! when the test panics. The tests do not wait for the deletion: an API server without a
-//! controller-manager leaves a deleted namespace `Terminating` forever.
+//! controller-manager leaves a deleted namespace `Terminating` forever. That harness is
+//! `session_monitor_testkit::cluster`, shared with the operator's test.
 //!
 //! The service talks to the cluster itself (`KUBECONFIG` in its environment); the test reads the
 //! ConfigMaps with its own client, the way the service reads them, to see what really is stored.
@@ -14,20 +15,15 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::path::Path;
+use std::time::Instant;
 
 use common::datagram::{butler, butler_sos, own};
-use common::{DEADLINE, Service, free_tcp_port, wait_for};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
-use kube::Api;
-use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
+use common::{Service, free_tcp_port, wait_for};
+use k8s_openapi::api::core::v1::ConfigMap;
 use session_monitor::checkpoint::codec::{self, Checkpoint};
+use session_monitor_testkit::cluster::{Cluster, TestNamespace};
 
-const KUBECONFIG_VAR: &str = "SESSION_MONITOR_TEST_KUBECONFIG";
 /// The checkpoint's ConfigMap; its shards are `smon-checkpoint-1` … `-8`.
 const NAME: &str = "smon-checkpoint";
 const MAX_SHARDS: usize = 8;
@@ -38,177 +34,6 @@ const DATA_KEY: &str = "checkpoint";
 /// The API server's limit for a ConfigMap's data.
 const MIB: usize = 1024 * 1024;
 const WRITES_OK: &str = "session_monitor_checkpoint_writes_total{result=\"success\"}";
-
-/// The API server named by `SESSION_MONITOR_TEST_KUBECONFIG`, with a client on a runtime of its
-/// own: the tests themselves are synchronous, like the rest of the harness.
-struct Cluster {
-    kubeconfig: PathBuf,
-    runtime: tokio::runtime::Runtime,
-    client: kube::Client,
-}
-
-impl Cluster {
-    /// `None`, after printing why, when the variable is unset or empty. Panics when it is set but
-    /// the kubeconfig is unusable or its API server does not answer: a cluster that was asked
-    /// for and is missing is a failure, not a skip.
-    fn from_env(test: &str) -> Option<Cluster> {
-        let Some(path) = std::env::var_os(KUBECONFIG_VAR).filter(|p| !p.is_empty()) else {
-            eprintln!(
-                "skipping {test}: {KUBECONFIG_VAR} is not set (set it to a kubeconfig to run it against a real API server)"
-            );
-            return None;
-        };
-        let kubeconfig = PathBuf::from(path);
-        // kube's rustls needs a crypto provider; install the one the service uses.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        // Multi-threaded (one worker), so the client's background tasks (connection pool, request
-        // buffer) keep running between the test's requests.
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let client = runtime.block_on(async {
-            let config = Kubeconfig::read_from(&kubeconfig)
-                .unwrap_or_else(|e| panic!("{KUBECONFIG_VAR}={}: {e}", kubeconfig.display()));
-            let config =
-                kube::Config::from_custom_kubeconfig(config, &KubeConfigOptions::default())
-                    .await
-                    .unwrap_or_else(|e| panic!("{KUBECONFIG_VAR}={}: {e}", kubeconfig.display()));
-            kube::Client::try_from(config)
-                .unwrap_or_else(|e| panic!("{KUBECONFIG_VAR}={}: {e}", kubeconfig.display()))
-        });
-        let cluster = Cluster {
-            kubeconfig,
-            runtime,
-            client,
-        };
-        let what = format!(
-            "the API server of {KUBECONFIG_VAR}={}",
-            cluster.kubeconfig.display()
-        );
-        match cluster.run(&what, cluster.client.apiserver_version()) {
-            Ok(version) => eprintln!("{test}: API server {}", version.git_version),
-            Err(error) => {
-                panic!("{what} does not answer (unset the variable to skip these tests): {error}")
-            }
-        }
-        Some(cluster)
-    }
-
-    /// Runs `future` (a few API requests) to completion; fails the test after [`DEADLINE`].
-    fn run<F: Future>(&self, what: &str, future: F) -> F::Output {
-        // The timer is made inside the runtime: `timeout` needs its clock when created.
-        self.runtime
-            .block_on(async { tokio::time::timeout(DEADLINE, future).await })
-            .unwrap_or_else(|_| panic!("timed out after {DEADLINE:?} waiting for {what}"))
-    }
-
-    /// A new namespace with a name never used before, deleted when the guard drops.
-    fn create_namespace(&self) -> TestNamespace<'_> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let name = format!(
-            "smon-e2e-{}-{nanos}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let namespace = Namespace {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                labels: Some(BTreeMap::from([(
-                    "app.kubernetes.io/created-by".to_owned(),
-                    "session-monitor-e2e".to_owned(),
-                )])),
-                ..ObjectMeta::default()
-            },
-            ..Namespace::default()
-        };
-        // The guard exists before the request, so a creation whose answer was lost is cleaned
-        // up as well.
-        let guard = TestNamespace {
-            cluster: self,
-            name,
-            deleted: false,
-        };
-        let api: Api<Namespace> = Api::all(self.client.clone());
-        self.run(
-            "the namespace to be created",
-            api.create(&PostParams::default(), &namespace),
-        )
-        .unwrap_or_else(|e| panic!("cannot create namespace {}: {e}", guard.name));
-        eprintln!("namespace {}", guard.name);
-        guard
-    }
-}
-
-/// A namespace for one test. Dropped without [`TestNamespace::delete`] (a test that panicked),
-/// it is deleted on the way out: best effort, bounded in time, never panicking in `drop`.
-struct TestNamespace<'c> {
-    cluster: &'c Cluster,
-    name: String,
-    deleted: bool,
-}
-
-impl TestNamespace<'_> {
-    fn configmaps(&self) -> Api<ConfigMap> {
-        Api::namespaced(self.cluster.client.clone(), &self.name)
-    }
-
-    fn configmap(&self, name: &str) -> Option<ConfigMap> {
-        self.cluster
-            .run(
-                &format!("GET ConfigMap {}/{name}", self.name),
-                self.configmaps().get_opt(name),
-            )
-            .unwrap_or_else(|e| panic!("GET ConfigMap {}/{name}: {e}", self.name))
-    }
-
-    /// Deletes the namespace and checks that the API server took it: it is gone or
-    /// terminating. Does not wait for it to go (it never does without a controller-manager).
-    fn delete(mut self) {
-        self.deleted = true;
-        let api: Api<Namespace> = Api::all(self.cluster.client.clone());
-        self.cluster
-            .run(
-                "the namespace's deletion",
-                api.delete(&self.name, &DeleteParams::background()),
-            )
-            .unwrap_or_else(|e| panic!("cannot delete namespace {}: {e}", self.name));
-        let after = self
-            .cluster
-            .run("GET namespace", api.get_opt(&self.name))
-            .unwrap();
-        if let Some(namespace) = after {
-            assert!(
-                namespace.metadata.deletion_timestamp.is_some(),
-                "namespace {} is not terminating after DELETE",
-                self.name
-            );
-        }
-    }
-}
-
-impl Drop for TestNamespace<'_> {
-    fn drop(&mut self) {
-        if self.deleted {
-            return;
-        }
-        let api: Api<Namespace> = Api::all(self.cluster.client.clone());
-        let params = DeleteParams::background();
-        let result = self.cluster.runtime.block_on(async {
-            tokio::time::timeout(Duration::from_secs(10), api.delete(&self.name, &params)).await
-        });
-        match result {
-            Ok(Ok(_)) => eprintln!("deleted namespace {}", self.name),
-            Ok(Err(error)) => eprintln!("could not delete namespace {}: {error}", self.name),
-            Err(_) => eprintln!("timed out deleting namespace {}", self.name),
-        }
-    }
-}
 
 /// A checkpoint as stored in the cluster, read and checked the way the service reads it.
 struct Stored {
@@ -271,7 +96,7 @@ fn stored_bytes(cm: &ConfigMap) -> usize {
 /// anything the service must never leave behind: a missing shard, a wrong length or CRC, bytes
 /// that do not decode.
 fn read_checkpoint(ns: &TestNamespace) -> Option<Stored> {
-    let main = ns.configmap(NAME)?;
+    let main = ns.get::<ConfigMap>(NAME)?;
     let text = annotation(&main, MANIFEST_ANNOTATION)
         .unwrap_or_else(|| panic!("ConfigMap {NAME} lacks the annotation {MANIFEST_ANNOTATION}"));
     let manifest: serde_json::Value = serde_json::from_str(text).unwrap();
@@ -287,7 +112,7 @@ fn read_checkpoint(ns: &TestNamespace) -> Option<Stored> {
     let mut shards = Vec::new();
     for name in &names {
         let shard = ns
-            .configmap(name)
+            .get::<ConfigMap>(name)
             .unwrap_or_else(|| panic!("shard {name} in the manifest {text} is missing"));
         if annotation(&shard, GENERATION_ANNOTATION) != Some(generation.to_string().as_str()) {
             return None; // rewritten for a newer checkpoint since we read NAME
@@ -372,7 +197,7 @@ fn service_args(ns: &TestNamespace) -> Vec<String> {
         "--checkpoint-configmap",
         NAME,
         "--checkpoint-namespace",
-        &ns.name,
+        ns.name(),
         "--checkpoint-interval",
         "200ms",
         "--mqtt-embedded-listen",
@@ -385,7 +210,7 @@ fn service_args(ns: &TestNamespace) -> Vec<String> {
 fn start_service(dir: &Path, ns: &TestNamespace) -> Service {
     let args = service_args(ns);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let kubeconfig = ns.cluster.kubeconfig.to_str().unwrap();
+    let kubeconfig = ns.cluster().kubeconfig().to_str().unwrap();
     Service::start_without_checkpoint_file(dir, &args, &[("KUBECONFIG", kubeconfig)])
 }
 
@@ -411,7 +236,7 @@ fn the_configmap_checkpoint_on_a_real_api_server_survives_sigterm_and_sigkill() 
         return;
     };
     let started = Instant::now();
-    let ns = cluster.create_namespace();
+    let ns = cluster.create_namespace("smon-e2e");
     let dir = tempfile::tempdir().unwrap();
     let mut service = start_service(dir.path(), &ns);
     assert_eq!(
@@ -459,7 +284,7 @@ fn the_configmap_checkpoint_on_a_real_api_server_survives_sigterm_and_sigkill() 
         stored.shards.is_empty(),
         "a small checkpoint needs no shard"
     );
-    assert!(ns.configmap(&format!("{NAME}-1")).is_none());
+    assert!(ns.get::<ConfigMap>(&format!("{NAME}-1")).is_none());
     assert_eq!(
         stored.main.metadata.labels.as_ref().unwrap()["app.kubernetes.io/name"],
         "session-monitor"
@@ -568,7 +393,7 @@ fn a_large_registry_is_sharded_across_configmaps_and_restored_exactly() {
         return;
     };
     let started = Instant::now();
-    let ns = cluster.create_namespace();
+    let ns = cluster.create_namespace("smon-e2e");
     let dir = tempfile::tempdir().unwrap();
     let mut service = start_service(dir.path(), &ns);
 
@@ -631,14 +456,9 @@ fn a_large_registry_is_sharded_across_configmaps_and_restored_exactly() {
     );
     // Every object the service wrote, also the shards of earlier, smaller checkpoints: only
     // `NAME` and `NAME-1` … `NAME-8`, each under the API server's limit.
-    let all = cluster
-        .run(
-            "LIST ConfigMaps",
-            ns.configmaps().list(&ListParams::default()),
-        )
-        .unwrap();
-    assert!(all.items.len() > shard_names.len());
-    for cm in &all.items {
+    let all = ns.list::<ConfigMap>();
+    assert!(all.len() > shard_names.len());
+    for cm in &all {
         let name = cm.metadata.name.as_deref().unwrap();
         assert!(
             name == NAME || allowed.iter().any(|a| a == name),
