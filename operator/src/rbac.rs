@@ -42,12 +42,8 @@ pub const OPERATOR_RULES: &[(&str, &str, &[&str])] = &[
         &["get", "patch", "delete"],
     ),
     ("events.k8s.io", "events", &["create", "patch"]),
-    // Leader election.
-    (
-        "coordination.k8s.io",
-        "leases",
-        &["get", "create", "update", "patch"],
-    ),
+    // Leader election: kube-lease-manager reads, creates and server-side applies its Lease.
+    ("coordination.k8s.io", "leases", &["get", "create", "patch"]),
 ];
 
 /// What the service's Role grants, which Kubernetes only lets the operator grant if it holds
