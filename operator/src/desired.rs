@@ -20,7 +20,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::crd::{ExternalTrafficPolicy, ImagePullPolicy, ServiceType, SessionMonitor};
-use crate::validate::{Plan, config_map_name, paths};
+use crate::validate::{CONTAINER_HTTP_PORT, CONTAINER_UDP_PORT, Plan, config_map_name, paths};
 
 pub const MANAGER: &str = "session-monitor-operator";
 pub const CONTAINER: &str = "session-monitor";
@@ -290,13 +290,13 @@ fn deployment(
         ports: Some(vec![
             ContainerPort {
                 name: Some(UDP_PORT_NAME.into()),
-                container_port: i32::from(spec.udp.port),
+                container_port: i32::from(CONTAINER_UDP_PORT),
                 protocol: Some("UDP".into()),
                 ..ContainerPort::default()
             },
             ContainerPort {
                 name: Some(HTTP_PORT_NAME.into()),
-                container_port: i32::from(spec.metrics.port),
+                container_port: i32::from(CONTAINER_HTTP_PORT),
                 protocol: Some("TCP".into()),
                 ..ContainerPort::default()
             },
@@ -357,6 +357,9 @@ fn deployment(
                         run_as_non_root: Some(true),
                         run_as_user: Some(RUN_AS),
                         run_as_group: Some(RUN_AS),
+                        // Mounted Secrets belong to this group, so the non-root user can read
+                        // them (with mode 0440); without it they stay root's.
+                        fs_group: Some(RUN_AS),
                         seccomp_profile: Some(runtime_default()),
                         ..PodSecurityContext::default()
                     }),
@@ -421,8 +424,8 @@ fn secret_volume(volume: &str, secret: &str, items: &[(&str, &str)]) -> Volume {
                     })
                     .collect(),
             ),
-            // Readable by the non-root user only.
-            default_mode: Some(0o400),
+            // Readable by the owner and the pod's fsGroup (the service's group), nobody else.
+            default_mode: Some(0o440),
             ..SecretVolumeSource::default()
         }),
         ..Volume::default()
@@ -456,6 +459,9 @@ fn service(monitor: &SessionMonitor, plan: &Plan, owner: &OwnerReference) -> Ser
                 protocol: Some("UDP".into()),
                 ..ServicePort::default()
             }]),
+            // The service takes datagrams as soon as its socket is bound, before it is ready
+            // (while its checkpoint loads); routing to it only once ready would drop them.
+            publish_not_ready_addresses: Some(true),
             external_traffic_policy: spec
                 .service
                 .external_traffic_policy
@@ -659,6 +665,8 @@ mod tests {
         assert_eq!(pod.service_account_name.as_deref(), Some(NAME));
         let pod_security = pod.security_context.unwrap();
         assert_eq!(pod_security.run_as_non_root, Some(true));
+        // The non-root user reads the mounted Secrets through the pod's group.
+        assert_eq!(pod_security.fs_group, Some(RUN_AS));
         assert_eq!(
             pod_security.seccomp_profile.unwrap().type_,
             "RuntimeDefault"
@@ -740,6 +748,7 @@ mod tests {
         assert_eq!(secret.secret_name.as_deref(), Some("qlik-mqtt"));
         assert_eq!(secret.items.as_ref().unwrap()[0].key, "password");
         assert_eq!(secret.items.as_ref().unwrap()[0].path, "password");
+        assert_eq!(secret.default_mode, Some(0o440));
         let mounts = c.volume_mounts.clone().unwrap();
         assert!(mounts.iter().all(|m| m.read_only == Some(true)));
         assert!(
@@ -810,6 +819,8 @@ mod tests {
         let spec = d.service.spec.clone().unwrap();
         assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
         assert_eq!(spec.external_traffic_policy.as_deref(), Some("Local"));
+        // Datagrams reach the pod while it restores its checkpoint (bound, not yet ready).
+        assert_eq!(spec.publish_not_ready_addresses, Some(true));
         // The read API lists user names: never on the load balancer.
         assert_eq!(
             ports(&d.http_service),
@@ -831,6 +842,36 @@ mod tests {
         let spec = d.service.spec.unwrap();
         assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
         assert_eq!(spec.external_traffic_policy, None);
+    }
+
+    #[test]
+    fn spec_ports_are_service_ports_and_the_pod_keeps_unprivileged_ones() {
+        let m = monitor(json!({
+            "mqtt": {"url": "mqtt://b"},
+            "udp": {"port": 514},
+            "metrics": {"port": 80},
+        }));
+        let (plan, d) = built(&m);
+        let settings: session_monitor::config::Settings =
+            toml::from_str(&plan.config_toml).unwrap();
+        assert_eq!(settings.udp_listen, Some("0.0.0.0:9997".parse().unwrap()));
+        assert_eq!(settings.http_listen, Some("0.0.0.0:9842".parse().unwrap()));
+        let pod = d.deployment.spec.unwrap().template.spec.unwrap();
+        let container_ports: Vec<_> = pod.containers[0]
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| p.container_port)
+            .collect();
+        assert_eq!(container_ports, [9997, 9842]);
+        assert_eq!(
+            ports(&d.service),
+            [("udp-ingest".to_owned(), 514, "UDP".to_owned())]
+        );
+        assert_eq!(
+            ports(&d.http_service),
+            [("http-metrics".to_owned(), 80, "TCP".to_owned())]
+        );
     }
 
     #[test]

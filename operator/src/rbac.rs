@@ -1,45 +1,43 @@
 //! The Kubernetes permissions the operator uses, in one table: the Helm chart's ClusterRole is
 //! tested against it, so code and chart cannot drift apart.
 
-/// `(API group, resource, verbs)`. Server-side apply creates and updates with `patch`.
+/// `(API group, resource, verbs)`. Server-side apply is a `patch`, and also needs `create`
+/// for an object that does not exist yet (the API server checks both).
 pub const OPERATOR_RULES: &[(&str, &str, &[&str])] = &[
-    // The resources it reconciles, and their status.
-    (
-        "sessionmonitor.io",
-        "sessionmonitors",
-        &["get", "list", "watch"],
-    ),
-    (
-        "sessionmonitor.io",
-        "sessionmonitors/status",
-        &["get", "patch"],
-    ),
+    // The resources it reconciles (listed and watched), and their status.
+    ("sessionmonitor.io", "sessionmonitors", &["list", "watch"]),
+    ("sessionmonitor.io", "sessionmonitors/status", &["patch"]),
     // Children: applied, and watched (label-selected) so drift is corrected.
-    // `update` only because the service's Role grants it (see GRANTED_TO_SERVICE).
+    // `get` and `update` on ConfigMaps only because the service's Role grants them (see
+    // GRANTED_TO_SERVICE); the Deployment is read when a spec cannot be applied.
     (
         "",
         "configmaps",
-        &["get", "list", "watch", "patch", "update"],
+        &["get", "list", "watch", "create", "patch", "update"],
     ),
-    ("", "services", &["get", "list", "watch", "patch"]),
-    ("", "serviceaccounts", &["get", "list", "watch", "patch"]),
-    ("apps", "deployments", &["get", "list", "watch", "patch"]),
+    ("", "services", &["list", "watch", "create", "patch"]),
+    ("", "serviceaccounts", &["list", "watch", "create", "patch"]),
+    (
+        "apps",
+        "deployments",
+        &["get", "list", "watch", "create", "patch"],
+    ),
     (
         "rbac.authorization.k8s.io",
         "roles",
-        &["get", "list", "watch", "patch"],
+        &["list", "watch", "create", "patch"],
     ),
     (
         "rbac.authorization.k8s.io",
         "rolebindings",
-        &["get", "list", "watch", "patch"],
+        &["list", "watch", "create", "patch"],
     ),
     // Referenced Secrets are checked (existence and keys), never copied.
     ("", "secrets", &["get"]),
     (
         "monitoring.coreos.com",
         "servicemonitors",
-        &["get", "patch", "delete"],
+        &["get", "create", "patch", "delete"],
     ),
     ("events.k8s.io", "events", &["create", "patch"]),
     // Leader election: kube-lease-manager reads, creates and server-side applies its Lease.

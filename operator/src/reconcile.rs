@@ -36,14 +36,25 @@ const BACKOFF_MAX: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("Kubernetes API: {0}")]
+    #[error("Kubernetes API: {}", describe(.0))]
     Kube(#[from] kube::Error),
-    #[error("applying {kind} {name}: {source}")]
+    #[error("applying {kind} {name}: {}", describe(.source))]
     Apply {
         kind: String,
         name: String,
         source: kube::Error,
     },
+}
+
+/// What the API server said, as a person reads it: its message, code and reason (kube's own
+/// Display adds the whole Status in Debug form, which ends up in `kubectl get` output).
+fn describe(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => {
+            format!("{} ({} {})", status.message, status.code, status.reason)
+        }
+        other => other.to_string(),
+    }
 }
 
 impl Error {

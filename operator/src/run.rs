@@ -128,14 +128,11 @@ pub async fn run(options: Options) -> Result<(), RunError> {
     let _ = controller_stop_tx.send(true);
     finish(running).await;
     metrics.leader.set(0);
+    // Closing the channel makes kube-lease-manager's task release the Lease and end.
     drop(leader);
     match lease_task.await {
-        Ok(Ok(manager)) => {
-            if let Err(e) = manager.release().await {
-                warn!(error = %e, "could not release the leader Lease; it expires by itself");
-            }
-        }
-        Ok(Err(e)) => warn!(error = %e, "leader election task failed"),
+        Ok(Ok(_)) => info!("released the leader Lease"),
+        Ok(Err(e)) => warn!(error = %e, "could not release the leader Lease; it expires by itself"),
         Err(e) => warn!(error = %e, "leader election task panicked"),
     }
     if lost {

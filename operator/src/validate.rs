@@ -27,6 +27,10 @@ pub mod paths {
     pub const MQTT_CLIENT_KEY_FILE: &str = "/etc/session-monitor/mqtt-client/tls.key";
 }
 
+/// The ports the service listens on inside the pod.
+pub const CONTAINER_UDP_PORT: u16 = 9997;
+pub const CONTAINER_HTTP_PORT: u16 = 9842;
+
 /// Why a spec cannot be deployed; `message` names the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
@@ -160,10 +164,12 @@ pub fn validate(monitor: &SessionMonitor, default_image: &str) -> Result<Plan, I
     let tls = spec.mqtt.tls.as_ref();
     let topics = &spec.mqtt.topics;
     let settings = Settings {
-        udp_listen: Some(([0, 0, 0, 0], spec.udp.port).into()),
+        // Fixed, unprivileged ports inside the pod (it runs as non-root without capabilities,
+        // so a spec port under 1024 could not be bound); the Services map the spec's ports.
+        udp_listen: Some(([0, 0, 0, 0], CONTAINER_UDP_PORT).into()),
         udp_allowed_sources: (!allowed_sources.is_empty()).then_some(allowed_sources),
         udp_receive_buffer_bytes: receive_buffer_bytes,
-        http_listen: Some(([0, 0, 0, 0], spec.metrics.port).into()),
+        http_listen: Some(([0, 0, 0, 0], CONTAINER_HTTP_PORT).into()),
         idle_timeout: optional_duration("spec.sessions.idleTimeout", &spec.sessions.idle_timeout)?,
         max_idle: optional_duration("spec.sessions.maxIdle", &spec.sessions.max_idle)?,
         exclude_users: (!spec.sessions.exclude_users.is_empty())
