@@ -27,11 +27,14 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::{
+    ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::ResourceExt;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use kube::config::Kubeconfig;
 use serde_json::json;
 use session_monitor::config::Settings;
 use session_monitor_operator::crd::SessionMonitor;
@@ -149,6 +152,84 @@ impl MonitorNamespace for TestNamespace<'_> {
     }
 }
 
+/// The operator's identity as the Helm chart grants it: a ServiceAccount bound to a ClusterRole
+/// with exactly the rules of the chart's `files/operator-rules.yaml` (generated from
+/// `operator/src/rbac.rs`). Returns a kubeconfig that impersonates that ServiceAccount, so a
+/// permission the code uses and the chart lacks fails the test (the admin identity hid a
+/// missing `create` once). The ClusterRole and its binding are cluster-scoped and named for the
+/// namespace; like the namespace, they stay on the throwaway test server.
+fn least_privileged_kubeconfig(ns: &TestNamespace, dir: &Path) -> PathBuf {
+    const ACCOUNT: &str = "session-monitor-operator";
+    let rules_file = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(crdgen::CHART_RULES_FILE);
+    let text = std::fs::read_to_string(&rules_file).unwrap();
+    let rules: Vec<PolicyRule> =
+        serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", rules_file.display()));
+    let cluster = ns.cluster();
+    if ns.get::<ServiceAccount>(ACCOUNT).is_none() {
+        ns.create(&ServiceAccount {
+            metadata: ObjectMeta {
+                name: Some(ACCOUNT.into()),
+                ..ObjectMeta::default()
+            },
+            ..ServiceAccount::default()
+        });
+    }
+    let role_name = format!("{}-operator", ns.name());
+    let roles: Api<ClusterRole> = Api::all(cluster.client().clone());
+    let bindings: Api<ClusterRoleBinding> = Api::all(cluster.client().clone());
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    cluster.request(
+        "apply the operator's ClusterRole",
+        roles.patch(
+            &role_name,
+            &apply,
+            &Patch::Apply(ClusterRole {
+                metadata: ObjectMeta {
+                    name: Some(role_name.clone()),
+                    ..ObjectMeta::default()
+                },
+                rules: Some(rules),
+                ..ClusterRole::default()
+            }),
+        ),
+    );
+    cluster.request(
+        "apply the operator's ClusterRoleBinding",
+        bindings.patch(
+            &role_name,
+            &apply,
+            &Patch::Apply(ClusterRoleBinding {
+                metadata: ObjectMeta {
+                    name: Some(role_name.clone()),
+                    ..ObjectMeta::default()
+                },
+                role_ref: RoleRef {
+                    api_group: "rbac.authorization.k8s.io".into(),
+                    kind: "ClusterRole".into(),
+                    name: role_name.clone(),
+                },
+                subjects: Some(vec![Subject {
+                    kind: "ServiceAccount".into(),
+                    name: ACCOUNT.into(),
+                    namespace: Some(ns.name().to_owned()),
+                    ..Subject::default()
+                }]),
+            }),
+        ),
+    );
+    let mut config = Kubeconfig::read_from(cluster.kubeconfig()).unwrap();
+    for user in &mut config.auth_infos {
+        if let Some(auth) = user.auth_info.as_mut() {
+            auth.impersonate = Some(format!("system:serviceaccount:{}:{ACCOUNT}", ns.name()));
+        }
+    }
+    let path = dir.join("kubeconfig");
+    std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
+    path
+}
+
 /// The operator binary as a child process, watching one namespace; killed when dropped.
 struct Operator {
     child: Option<Child>,
@@ -174,8 +255,9 @@ impl Operator {
                 command.env_remove(key);
             }
         }
+        let kubeconfig = least_privileged_kubeconfig(ns, dir.path());
         command
-            .env("KUBECONFIG", ns.cluster().kubeconfig())
+            .env("KUBECONFIG", &kubeconfig)
             .env("POD_NAME", &identity)
             .env_remove("POD_NAMESPACE")
             // Plain text in the log file, which failures print.
