@@ -1,14 +1,15 @@
 //! The operator's own Prometheus metrics, prefixed `session_monitor_operator_`.
 
-use std::collections::BTreeMap;
 use std::sync::Mutex;
+
+use kube::runtime::reflector::Store;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 
-use crate::crd::SessionMonitorStatus;
+use crate::crd::SessionMonitor;
 use crate::status::{DEGRADED, PROGRESSING, READY};
 
 pub struct Metrics {
@@ -20,8 +21,8 @@ pub struct Metrics {
     monitors: IntGaugeVec,
     pub leader: IntGauge,
     pub ready: IntGauge,
-    /// The last known conditions per monitor (`namespace/name`), to recount `monitors`.
-    conditions: Mutex<BTreeMap<String, Vec<(String, String)>>>,
+    /// The controllers' caches of SessionMonitors, which `monitors` is counted from.
+    stores: Mutex<Vec<Store<SessionMonitor>>>,
 }
 
 impl Default for Metrics {
@@ -98,28 +99,18 @@ impl Metrics {
             monitors,
             leader,
             ready,
-            conditions: Mutex::default(),
+            stores: Mutex::default(),
         }
     }
 
-    /// Records a monitor's conditions (`None`: it was deleted) and recounts the gauge.
-    pub fn set_conditions(&self, key: &str, status: Option<&SessionMonitorStatus>) {
-        let mut all = self.conditions.lock().expect("metrics lock");
-        match status {
-            Some(status) => {
-                all.insert(
-                    key.to_owned(),
-                    status
-                        .conditions
-                        .iter()
-                        .map(|c| (c.type_.clone(), c.status.clone()))
-                        .collect(),
-                );
-            }
-            None => {
-                all.remove(key);
-            }
-        }
+    /// Counts the monitors of `store` (a controller's cache) in `monitors` at every scrape, so
+    /// the gauge follows the cluster, deletions included (a deleted monitor is never
+    /// reconciled: its children go by garbage collection).
+    pub fn count_monitors_of(&self, store: Store<SessionMonitor>) {
+        self.stores.lock().expect("metrics lock").push(store);
+    }
+
+    fn count_monitors(&self) {
         self.monitors.reset();
         // Every combination is exported, zeros included, so alerts on e.g.
         // `{condition="Degraded",status="True"} > 0` have a series to evaluate.
@@ -128,18 +119,77 @@ impl Metrics {
                 self.monitors.with_label_values(&[condition, value]).set(0);
             }
         }
-        for (condition, value) in all.values().flatten() {
-            self.monitors
-                .with_label_values(&[condition.as_str(), value.as_str()])
-                .inc();
+        for store in self.stores.lock().expect("metrics lock").iter() {
+            for monitor in store.state() {
+                for c in monitor.status.iter().flat_map(|s| &s.conditions) {
+                    self.monitors
+                        .with_label_values(&[c.type_.as_str(), c.status.as_str()])
+                        .inc();
+                }
+            }
         }
     }
 
     pub fn render(&self) -> String {
+        self.count_monitors();
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding");
         String::from_utf8(out).expect("text exposition is UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+    use kube::runtime::watcher::Event;
+
+    use super::*;
+    use crate::crd::SessionMonitorStatus;
+    use crate::testing;
+
+    fn with_ready(name: &str, ready: &str) -> SessionMonitor {
+        let mut m = testing::minimal();
+        m.metadata.name = Some(name.into());
+        m.status = Some(SessionMonitorStatus {
+            conditions: vec![Condition {
+                type_: READY.into(),
+                status: ready.into(),
+                reason: "R".into(),
+                message: String::new(),
+                observed_generation: None,
+                last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+            }],
+            ..SessionMonitorStatus::default()
+        });
+        m
+    }
+
+    fn sample(metrics: &Metrics, condition: &str, status: &str) -> String {
+        let text = metrics.render();
+        let prefix = format!(
+            "session_monitor_operator_monitors{{condition=\"{condition}\",status=\"{status}\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+            .to_owned()
+    }
+
+    #[test]
+    fn monitors_are_counted_from_the_cache_so_deleted_ones_disappear() {
+        let metrics = Metrics::new();
+        let (store, mut writer) = kube::runtime::reflector::store();
+        metrics.count_monitors_of(store);
+        let (a, b) = (with_ready("a", "True"), with_ready("b", "False"));
+        writer.apply_watcher_event(&Event::Apply(a.clone()));
+        writer.apply_watcher_event(&Event::Apply(b));
+        assert_eq!(sample(&metrics, READY, "True"), "1");
+        assert_eq!(sample(&metrics, READY, "False"), "1");
+        assert_eq!(sample(&metrics, DEGRADED, "True"), "0");
+        writer.apply_watcher_event(&Event::Delete(a));
+        assert_eq!(sample(&metrics, READY, "True"), "0");
+        assert_eq!(sample(&metrics, READY, "False"), "1");
     }
 }

@@ -107,7 +107,7 @@ pub async fn reconcile(monitor: Arc<SessionMonitor>, ctx: Arc<Context>) -> Resul
     let key = key(&monitor);
     if monitor.metadata.deletion_timestamp.is_some() {
         // Owner references let the garbage collector remove the children.
-        ctx.metrics.set_conditions(&key, None);
+        ctx.failures.lock().expect("failures lock").remove(&key);
         return Ok(Action::await_change());
     }
     let namespace = monitor.namespace().unwrap_or_default();
@@ -398,7 +398,6 @@ async fn update_status(
         previous,
         Time(k8s_openapi::jiff::Timestamp::now()),
     );
-    ctx.metrics.set_conditions(&key(monitor), Some(&next));
     for event in transitions(previous, &next) {
         if let Err(e) = ctx.recorder.publish(&event, &monitor.object_ref(&())).await {
             warn!(error = %e, reason = %event.reason, "could not record Event");

@@ -220,7 +220,12 @@ async fn controllers(
             namespace = namespace.unwrap_or("<all>"),
             "starting controller"
         );
-        Controller::<SessionMonitor>::new(scoped(&client, namespace), watcher::Config::default())
+        let controller = Controller::<SessionMonitor>::new(
+            scoped(&client, namespace),
+            watcher::Config::default(),
+        );
+        context.metrics.count_monitors_of(controller.store());
+        controller
             .owns::<Deployment>(scoped(&client, namespace), children.clone())
             .owns::<Service>(scoped(&client, namespace), children.clone())
             .owns::<ServiceAccount>(scoped(&client, namespace), children.clone())
