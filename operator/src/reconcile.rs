@@ -448,6 +448,15 @@ fn transitions(previous: Option<&SessionMonitorStatus>, next: &SessionMonitorSta
         }
     }
     let ready = now(READY);
+    if ready.status != "True" && was(READY).is_some_and(|(s, _)| s == "True") {
+        events.push(Event {
+            type_: EventType::Warning,
+            reason: "NotReady".into(),
+            note: Some(ready.message.clone()),
+            action: "Reconcile".into(),
+            secondary: None,
+        });
+    }
     if ready.status == "True" && was(READY).is_none_or(|(s, _)| s != "True") {
         events.push(Event {
             type_: EventType::Normal,

@@ -1476,3 +1476,49 @@ fn event_notes_are_cut_at_a_character_boundary() {
     assert_eq!(cut.chars().count(), 1001);
     assert!(cut.ends_with("é…"));
 }
+
+#[test]
+fn ready_going_away_is_a_warning_event_and_coming_back_a_normal_one() {
+    use crate::reconcile::transitions;
+    use crate::status::{Outcome, compute};
+    use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus};
+    let at = || Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+    let deployment = |available| Deployment {
+        status: Some(DeploymentStatus {
+            available_replicas: Some(available),
+            ..DeploymentStatus::default()
+        }),
+        ..Deployment::default()
+    };
+    let up = compute(
+        &Outcome::Applied,
+        Some(1),
+        Some(&deployment(1)),
+        None,
+        None,
+        at(),
+    );
+    let down = compute(
+        &Outcome::Applied,
+        Some(1),
+        Some(&deployment(0)),
+        None,
+        Some(&up),
+        at(),
+    );
+    let reasons = |events: Vec<kube::runtime::events::Event>| {
+        events
+            .into_iter()
+            .map(|e| (format!("{:?}", e.type_), e.reason))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        reasons(transitions(Some(&up), &down)),
+        [("Warning".to_owned(), "NotReady".to_owned())]
+    );
+    assert_eq!(
+        reasons(transitions(Some(&down), &up)),
+        [("Normal".to_owned(), "Ready".to_owned())]
+    );
+    assert!(transitions(Some(&up), &up).is_empty());
+}

@@ -10,6 +10,8 @@ use crate::crd::SessionMonitorStatus;
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
+/// Reason of `Degraded` when the Deployment exceeded its progress deadline.
+pub const ROLLOUT_FAILED: &str = "RolloutFailed";
 
 /// What the reconcile achieved; every failure carries the message shown in `Degraded`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,28 +52,40 @@ pub fn compute(
     now: Time,
 ) -> SessionMonitorStatus {
     let rollout = Rollout::of(deployment);
-    let (ready, ready_reason, ready_message) = match rollout {
+    let (ready, ready_reason, ready_message) = match &rollout {
         Rollout::Absent => (
             false,
             "NotDeployed",
             "the service is not deployed yet".to_owned(),
         ),
-        Rollout::Rolling { available: true } | Rollout::Complete => (
+        Rollout::Rolling { available: true }
+        | Rollout::Complete
+        | Rollout::Failed {
+            available: true, ..
+        } => (
             true,
             "Available",
             "the session-monitor pod is ready".to_owned(),
         ),
-        Rollout::Rolling { available: false } => (
+        Rollout::Rolling { available: false }
+        | Rollout::Failed {
+            available: false, ..
+        } => (
             false,
             "Unavailable",
             "waiting for the session-monitor pod to become ready".to_owned(),
         ),
     };
-    let (progressing, progressing_reason, progressing_message) = match (outcome, rollout) {
+    let (progressing, progressing_reason, progressing_message) = match (outcome, &rollout) {
         (Outcome::Applied, Rollout::Complete) => (
             false,
             "Complete",
             "the current spec is rolled out".to_owned(),
+        ),
+        (Outcome::Applied, Rollout::Failed { .. }) => (
+            false,
+            ROLLOUT_FAILED,
+            "the rollout stopped; see Degraded".to_owned(),
         ),
         (Outcome::Applied, _) => (
             true,
@@ -84,12 +98,26 @@ pub fn compute(
             "the current spec cannot be rolled out; see Degraded".to_owned(),
         ),
     };
-    let (degraded, degraded_message) = match outcome {
-        Outcome::Applied => (false, "all objects are applied".to_owned()),
-        Outcome::InvalidSpec(m)
-        | Outcome::MissingSecret(m)
-        | Outcome::ApplyFailed(m)
-        | Outcome::ApiError(m) => (true, m.clone()),
+    let (degraded, degraded_reason, degraded_message) = match (outcome, &rollout) {
+        // Everything applied, but the pod does not come up (a crash loop, an image that cannot
+        // be pulled…): the Deployment controller says so once its progress deadline passed.
+        (Outcome::Applied, Rollout::Failed { message, .. }) => (
+            true,
+            ROLLOUT_FAILED,
+            format!("the session-monitor Deployment does not progress: {message}"),
+        ),
+        (Outcome::Applied, _) => (
+            false,
+            outcome.reason(),
+            "all objects are applied".to_owned(),
+        ),
+        (
+            Outcome::InvalidSpec(m)
+            | Outcome::MissingSecret(m)
+            | Outcome::ApplyFailed(m)
+            | Outcome::ApiError(m),
+            _,
+        ) => (true, outcome.reason(), m.clone()),
     };
     let previous_conditions = previous.map(|s| s.conditions.as_slice()).unwrap_or(&[]);
     let condition = |type_: &str, status: bool, reason: &str, message: String| {
@@ -118,17 +146,24 @@ pub fn compute(
                 progressing_reason,
                 progressing_message,
             ),
-            condition(DEGRADED, degraded, outcome.reason(), degraded_message),
+            condition(DEGRADED, degraded, degraded_reason, degraded_message),
         ],
         endpoint: endpoint.or_else(|| previous.and_then(|p| p.endpoint.clone())),
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Rollout {
     Absent,
-    Rolling { available: bool },
+    Rolling {
+        available: bool,
+    },
     Complete,
+    /// The Deployment controller gave up on the current template (`ProgressDeadlineExceeded`).
+    Failed {
+        available: bool,
+        message: String,
+    },
 }
 
 impl Rollout {
@@ -146,8 +181,18 @@ impl Rollout {
             && available
             && status.updated_replicas.unwrap_or(0) >= 1
             && status.replicas.unwrap_or(0) == status.updated_replicas.unwrap_or(0);
+        let deadline_exceeded = status.conditions.iter().flatten().find(|c| {
+            c.type_ == "Progressing"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+        });
         if complete {
             Rollout::Complete
+        } else if let Some(condition) = deadline_exceeded {
+            Rollout::Failed {
+                available,
+                message: condition.message.clone().unwrap_or_default(),
+            }
         } else {
             Rollout::Rolling { available }
         }
@@ -192,7 +237,7 @@ pub fn condition<'a>(
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::apps::v1::DeploymentStatus;
+    use k8s_openapi::api::apps::v1::{DeploymentCondition, DeploymentStatus};
     use k8s_openapi::api::core::v1::{
         LoadBalancerIngress, LoadBalancerStatus, ServicePort, ServiceSpec, ServiceStatus,
     };
@@ -279,6 +324,33 @@ mod tests {
                     .all(|c| c.observed_generation == Some(2))
             );
         }
+    }
+
+    #[test]
+    fn a_rollout_past_its_deadline_degrades() {
+        let mut stuck = deployment(2, 2, 1, 1, 0);
+        stuck.status.as_mut().unwrap().conditions = Some(vec![DeploymentCondition {
+            type_: "Progressing".into(),
+            status: "False".into(),
+            reason: Some("ProgressDeadlineExceeded".into()),
+            message: Some("ReplicaSet \"qlik-prod-5d8\" has timed out progressing.".into()),
+            ..DeploymentCondition::default()
+        }]);
+        let s = compute(&Outcome::Applied, Some(2), Some(&stuck), None, None, at(0));
+        assert_eq!(
+            summary(&s),
+            [
+                triple(READY, "False", "Unavailable"),
+                triple(PROGRESSING, "False", ROLLOUT_FAILED),
+                triple(DEGRADED, "True", ROLLOUT_FAILED),
+            ]
+        );
+        assert!(
+            condition(Some(&s), DEGRADED)
+                .unwrap()
+                .message
+                .contains("has timed out progressing")
+        );
     }
 
     #[test]
