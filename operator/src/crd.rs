@@ -391,4 +391,9 @@ pub struct SessionMonitorStatus {
     /// `HOST:PORT` the Qlik proxies' UDP appenders must send to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// The checkpoint shards the service's Role grants (from the last applied spec). The spec
+    /// may raise `checkpoint.shards` but not lower it below this: a checkpoint may live in the
+    /// higher shards, and the pod could no longer read them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_shards: Option<u16>,
 }

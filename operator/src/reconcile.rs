@@ -390,7 +390,7 @@ async fn update_status(
     endpoint: Option<String>,
 ) -> Result<(), Error> {
     let previous = monitor.status.as_ref();
-    let next = status::compute(
+    let mut next = status::compute(
         outcome,
         monitor.metadata.generation,
         deployment,
@@ -398,6 +398,11 @@ async fn update_status(
         previous,
         Time(k8s_openapi::jiff::Timestamp::now()),
     );
+    // What the applied Role grants; unchanged when nothing was applied.
+    next.checkpoint_shards = match outcome {
+        Outcome::Applied => Some(monitor.spec.checkpoint.shards),
+        _ => previous.and_then(|p| p.checkpoint_shards),
+    };
     for event in transitions(previous, &next) {
         if let Err(e) = ctx.recorder.publish(&event, &monitor.object_ref(&())).await {
             warn!(error = %e, reason = %event.reason, "could not record Event");

@@ -149,6 +149,8 @@ pub fn compute(
             condition(DEGRADED, degraded, degraded_reason, degraded_message),
         ],
         endpoint: endpoint.or_else(|| previous.and_then(|p| p.endpoint.clone())),
+        // The reconciler sets it from what it applied.
+        checkpoint_shards: previous.and_then(|p| p.checkpoint_shards),
     }
 }
 

@@ -133,6 +133,18 @@ pub fn validate(monitor: &SessionMonitor, default_image: &str) -> Result<Plan, I
             ),
         ));
     }
+    let granted = monitor.status.as_ref().and_then(|s| s.checkpoint_shards);
+    if let Some(granted) = granted.filter(|&g| spec.checkpoint.shards < g) {
+        return Err(invalid(
+            "spec.checkpoint.shards",
+            format!(
+                "cannot be lowered from {granted} to {}: the current checkpoint may use shards \
+                 the service could then no longer read; set it back to {granted} or more \
+                 (or recreate the monitor to start without a checkpoint)",
+                spec.checkpoint.shards
+            ),
+        ));
+    }
     if let Some(interval) = &spec.metrics.service_monitor.interval {
         duration("spec.metrics.serviceMonitor.interval", interval)?;
     }
@@ -524,6 +536,27 @@ mod tests {
                 "{spec}: got {message:?}, expected it to start with {expected:?}"
             );
         }
+    }
+
+    #[test]
+    fn checkpoint_shards_may_grow_but_not_shrink_below_what_is_granted() {
+        let with = |shards: u16, granted: Option<u16>| {
+            let mut m =
+                monitor(json!({"mqtt": {"url": "mqtt://b"}, "checkpoint": {"shards": shards}}));
+            m.status = Some(crate::crd::SessionMonitorStatus {
+                checkpoint_shards: granted,
+                ..Default::default()
+            });
+            validate(&m, "img")
+        };
+        assert!(with(8, None).is_ok(), "first apply");
+        assert!(with(8, Some(8)).is_ok());
+        assert!(with(16, Some(8)).is_ok(), "raising is fine");
+        let message = with(4, Some(8)).unwrap_err().message;
+        assert!(
+            message.starts_with("spec.checkpoint.shards: cannot be lowered from 8 to 4"),
+            "{message}"
+        );
     }
 
     #[test]
