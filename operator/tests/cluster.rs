@@ -583,6 +583,22 @@ fn assert_owned_and_labelled(kind: &str, meta: &ObjectMeta, uid: &str) {
     }
 }
 
+/// A Service's ports as (name, port, protocol).
+fn ports_of(service: &Service) -> Vec<(String, i32, Option<String>)> {
+    service
+        .spec
+        .iter()
+        .flat_map(|spec| spec.ports.iter().flatten())
+        .map(|p| {
+            (
+                p.name.clone().unwrap_or_default(),
+                p.port,
+                p.protocol.clone(),
+            )
+        })
+        .collect()
+}
+
 /// Every child of the example monitor, as the operator must have applied it.
 fn assert_children(ns: &TestNamespace, uid: &str, shards: usize, service_type: &str) {
     let account: ServiceAccount = ns.must_get(NAME);
@@ -668,18 +684,7 @@ fn assert_children(ns: &TestNamespace, uid: &str, shards: usize, service_type: &
     let spec = service.spec.clone().unwrap();
     assert_eq!(spec.type_.as_deref(), Some(service_type));
     assert_eq!(spec.external_traffic_policy.as_deref(), Some("Local"));
-    let ports: Vec<_> = spec
-        .ports
-        .iter()
-        .flatten()
-        .map(|p| {
-            (
-                p.name.clone().unwrap_or_default(),
-                p.port,
-                p.protocol.clone(),
-            )
-        })
-        .collect();
+    let ports = ports_of(&service);
     assert_eq!(
         ports,
         [("udp-ingest".to_owned(), 9997, Some("UDP".to_owned()))]
@@ -698,18 +703,7 @@ fn assert_children(ns: &TestNamespace, uid: &str, shards: usize, service_type: &
     let http_spec = http.spec.clone().unwrap();
     assert_eq!(http_spec.type_.as_deref(), Some("ClusterIP"));
     assert_eq!(http_spec.selector, selector);
-    let http_ports: Vec<_> = http_spec
-        .ports
-        .iter()
-        .flatten()
-        .map(|p| {
-            (
-                p.name.clone().unwrap_or_default(),
-                p.port,
-                p.protocol.clone(),
-            )
-        })
-        .collect();
+    let http_ports = ports_of(&http);
     assert_eq!(
         http_ports,
         [("http-metrics".to_owned(), 9842, Some("TCP".to_owned()))]
