@@ -7,7 +7,8 @@ use session_monitor::checkpoint::codec::{self, Checkpoint};
 use session_monitor::checkpoint::configmap::DEFAULT_SHARD_BYTES;
 use session_monitor::checkpoint::file::FileStore;
 use session_monitor::exclusions::Exclusions;
-use session_monitor::registry::{ExpiryPolicy, Registry, UnixMillis};
+use session_monitor::registry::sharded::DEFAULT_SHARDS;
+use session_monitor::registry::{DEFAULT_MAX_HOSTS, ExpiryPolicy, ShardedRegistry, UnixMillis};
 
 use crate::realistic;
 
@@ -47,7 +48,12 @@ pub fn run(n: usize) -> CheckpointCost {
     let (restore, restored) = best_of(runs, || {
         let loaded = store.load().expect("read").expect("present");
         let decoded = codec::decode(&loaded).expect("decodes");
-        let mut registry = Registry::new(ExpiryPolicy::default(), Exclusions::default());
+        let registry = ShardedRegistry::new(
+            ExpiryPolicy::default(),
+            Exclusions::default(),
+            DEFAULT_MAX_HOSTS,
+            DEFAULT_SHARDS,
+        );
         registry.restore_hosts(&decoded.hosts);
         registry.restore(&decoded.sessions, now)
     });

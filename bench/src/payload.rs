@@ -7,7 +7,8 @@ use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use session_monitor::config::{Topics, UserListFormat, defaults};
 use session_monitor::exclusions::Exclusions;
 use session_monitor::mqtt::render_state;
-use session_monitor::registry::{ExpiryPolicy, Registry, UnixMillis};
+use session_monitor::registry::sharded::DEFAULT_SHARDS;
+use session_monitor::registry::{DEFAULT_MAX_HOSTS, ExpiryPolicy, ShardedRegistry, UnixMillis};
 
 use crate::procs::Mosquitto;
 use crate::realistic;
@@ -27,7 +28,12 @@ pub fn run(users: usize) -> Payload {
     records.sort_by(|a, b| (&a.user_directory, &a.user_id).cmp(&(&b.user_directory, &b.user_id)));
     records.dedup_by(|a, b| a.user_directory == b.user_directory && a.user_id == b.user_id);
     records.truncate(users);
-    let mut registry = Registry::new(ExpiryPolicy::default(), Exclusions::default());
+    let registry = ShardedRegistry::new(
+        ExpiryPolicy::default(),
+        Exclusions::default(),
+        DEFAULT_MAX_HOSTS,
+        DEFAULT_SHARDS,
+    );
     registry.restore(&records, now);
     assert_eq!(registry.active_users(), users);
     let topics = Topics {

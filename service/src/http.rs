@@ -35,8 +35,12 @@ pub fn router(state: Arc<State>, udp: Arc<UdpSocket>) -> Router {
 async fn metrics(AxumState(http): AxumState<Http>) -> Response {
     let state = &http.state;
     // Gauges mirroring the registry are set at scrape time: always exact, and no work per event.
-    let (users, sessions, hosts) =
-        state.with_registry(|r| (r.active_users(), r.active_sessions(), r.hosts()));
+    let registry = state.registry();
+    let (users, sessions, hosts) = (
+        registry.active_users(),
+        registry.active_sessions(),
+        registry.hosts(),
+    );
     state.metrics.set_counts(users, sessions, &hosts);
     if let Some(drops) = crate::ingest::kernel_drops(&http.udp) {
         state.metrics.set_kernel_drops(drops);
@@ -79,9 +83,13 @@ struct UserSummary {
 }
 
 async fn summary(AxumState(http): AxumState<Http>) -> Json<Summary> {
-    let (active_users, active_sessions, hosts, users) = http
-        .state
-        .with_registry(|r| (r.active_users(), r.active_sessions(), r.hosts(), r.users()));
+    // Views across shards are not one atomic picture; the counts are taken from the user list
+    // so that the answer is consistent in itself.
+    let registry = http.state.registry();
+    let hosts = registry.hosts();
+    let users = registry.users();
+    let active_users = users.len();
+    let active_sessions = users.iter().map(|u| u.sessions).sum();
     let users = users
         .into_iter()
         .map(|u| UserSummary {
@@ -104,5 +112,5 @@ async fn summary(AxumState(http): AxumState<Http>) -> Json<Summary> {
 }
 
 async fn users(AxumState(http): AxumState<Http>) -> Json<Vec<UserView>> {
-    Json(http.state.with_registry(|r| r.users()))
+    Json(http.state.registry().users())
 }

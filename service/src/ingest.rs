@@ -137,7 +137,7 @@ fn accept(
     let text = parser::clean_datagram(datagram, &config.limits)?;
     let event = parser::parse(&text, &config.limits)?;
     let now = UnixMillis::now();
-    let outcome = state.with_registry(|r| r.apply(&event, now));
+    let outcome = state.registry().apply(&event, now);
     if outcome == Outcome::HostLimitReached {
         return Err(Reject::TooManyHosts);
     }

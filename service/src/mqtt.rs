@@ -25,7 +25,7 @@ use crate::config::{MqttBroker, MqttConfig, MqttTls, Topics, UserListFormat};
 use crate::ingest::EventMessage;
 use crate::parser::{Command, ProxyEvent};
 use crate::ratelimit::RateLimiter;
-use crate::registry::{Registry, UnixMillis};
+use crate::registry::{ShardedRegistry, UnixMillis};
 use crate::state::State;
 
 pub const ONLINE: &str = "online";
@@ -53,7 +53,7 @@ pub enum SetupError {
 
 /// The retained state messages for the registry as it is: `(topic, payload)`, count first.
 pub fn render_state(
-    registry: &Registry,
+    registry: &ShardedRegistry,
     topics: &Topics,
     format: UserListFormat,
 ) -> Vec<(String, String)> {
@@ -365,8 +365,7 @@ fn publish_state(
     sent: &mut HashMap<String, String>,
 ) -> bool {
     let metrics = &state.metrics;
-    let messages =
-        state.with_registry(|r| render_state(r, &config.topics, config.user_list_format));
+    let messages = render_state(state.registry(), &config.topics, config.user_list_format);
     let mut all_queued = true;
     for (topic, payload) in messages {
         if sent.get(&topic) == Some(&payload) {
@@ -445,7 +444,7 @@ mod tests {
 
     #[test]
     fn state_payloads_are_butler_compatible() {
-        let mut r = Registry::new(ExpiryPolicy::default(), Exclusions::default());
+        let r = ShardedRegistry::new(ExpiryPolicy::default(), Exclusions::default(), 10, 4);
         let now = UnixMillis(1);
         r.apply(&event(Command::StartSession, "qs1", "zoe"), now);
         r.apply(&event(Command::StartSession, "qs1", "Adam"), now);

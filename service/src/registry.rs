@@ -13,6 +13,9 @@ use std::time::Duration;
 use crate::exclusions::Exclusions;
 use crate::parser::{Command, ProxyEvent};
 
+pub mod sharded;
+pub use sharded::ShardedRegistry;
+
 /// Wall-clock time as milliseconds since the Unix epoch. Wall clock rather than a monotonic
 /// instant because session times survive a restart through the checkpoint.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -323,7 +326,7 @@ impl Registry {
     /// Re-creates hosts from the checkpoint (within the host limit).
     pub fn restore_hosts(&mut self, names: &[String]) {
         for name in names {
-            let _ = self.intern_host(name);
+            let _ = self.intern_host(name, &mut |_| true);
         }
     }
 
@@ -337,6 +340,17 @@ impl Registry {
 
     /// Applies one proxy event at time `now`.
     pub fn apply(&mut self, event: &ProxyEvent<'_>, now: UnixMillis) -> Outcome {
+        self.apply_gated(event, now, &mut |_| true)
+    }
+
+    /// [`Registry::apply`], where a host new to this registry is also subject to `admit_host`
+    /// (a [`ShardedRegistry`] keeps one host limit across its shards that way).
+    pub(crate) fn apply_gated(
+        &mut self,
+        event: &ProxyEvent<'_>,
+        now: UnixMillis,
+        admit_host: &mut dyn FnMut(&str) -> bool,
+    ) -> Outcome {
         self.set_scratch_to_user_key(event.user_directory, event.user_id);
         if self.exclusions.matches(&self.scratch) {
             return Outcome::Excluded;
@@ -350,7 +364,7 @@ impl Registry {
                     self.find_host(event.host),
                     self.find_user(event.user_directory, event.user_id),
                 ) else {
-                    return self.unknown_session(event, now);
+                    return self.unknown_session(event, now, admit_host);
                 };
                 SessionKey::HostUser(host, user)
             }
@@ -375,16 +389,23 @@ impl Registry {
                     self.user_mut(user).last_seen = now;
                     Outcome::SessionRefreshed
                 }
-                None => self.unknown_session(event, now),
+                None => self.unknown_session(event, now, admit_host),
             },
         }
     }
 
-    fn unknown_session(&mut self, event: &ProxyEvent<'_>, now: UnixMillis) -> Outcome {
+    fn unknown_session(
+        &mut self,
+        event: &ProxyEvent<'_>,
+        now: UnixMillis,
+        admit_host: &mut dyn FnMut(&str) -> bool,
+    ) -> Outcome {
         match event.command {
             Command::StopSession => Outcome::UnknownSessionStopped,
             Command::CloseConnection => Outcome::UnknownSessionClosed,
-            Command::StartSession | Command::OpenConnection => self.insert_new(event, now),
+            Command::StartSession | Command::OpenConnection => {
+                self.insert_new(event, now, admit_host)
+            }
         }
     }
 
@@ -439,6 +460,17 @@ impl Registry {
     /// that are now excluded, and sessions already live (seen since start, so newer). Returns
     /// how many sessions were restored.
     pub fn restore(&mut self, records: &[SessionRecord], now: UnixMillis) -> usize {
+        self.restore_gated(records.iter(), now, &mut |_| true)
+    }
+
+    /// [`Registry::restore`] with a host limit beyond this registry's (see
+    /// [`Registry::apply_gated`]).
+    pub(crate) fn restore_gated<'r>(
+        &mut self,
+        records: impl Iterator<Item = &'r SessionRecord>,
+        now: UnixMillis,
+        admit_host: &mut dyn FnMut(&str) -> bool,
+    ) -> usize {
         let mut restored = 0;
         for r in records {
             let silent = now.elapsed_since(r.last_seen);
@@ -462,7 +494,7 @@ impl Registry {
             if live {
                 continue;
             }
-            let Some(host) = self.intern_host(&r.host) else {
+            let Some(host) = self.intern_host(&r.host, admit_host) else {
                 continue;
             };
             let user = self.intern_user(&r.user_directory, &r.user_id, r.started);
@@ -520,6 +552,13 @@ impl Registry {
 
     /// Active users with their sessions, sorted by name.
     pub fn users(&self) -> Vec<UserView> {
+        let mut views = self.unsorted_users();
+        views.sort_by_cached_key(|v| v.name.to_lowercase());
+        views
+    }
+
+    /// [`Registry::users`] in no particular order.
+    pub(crate) fn unsorted_users(&self) -> Vec<UserView> {
         let mut views: HashMap<UserId, UserView> = HashMap::new();
         let sessions = self
             .by_session_id
@@ -550,16 +589,37 @@ impl Registry {
         for v in &mut views {
             v.hosts.sort();
         }
-        views.sort_by_cached_key(|v| v.name.to_lowercase());
         views
+    }
+
+    /// Display names of the active users, unsorted (for a [`ShardedRegistry`] to merge).
+    pub(crate) fn live_user_names(&self) -> impl Iterator<Item = &str> {
+        self.live_users().map(|u| &*u.display)
+    }
+
+    /// User ids of the active users, unsorted and not de-duplicated.
+    pub(crate) fn live_user_ids(&self) -> impl Iterator<Item = &str> {
+        self.live_users().map(User::user_id)
+    }
+
+    /// Every host of this registry with its counts, unsorted, without allocating.
+    pub(crate) fn host_counts(&self) -> impl Iterator<Item = (&str, usize, usize)> {
+        self.hosts
+            .iter()
+            .map(|h| (&*h.name, h.active_users as usize, h.sessions as usize))
     }
 
     fn live_users(&self) -> impl Iterator<Item = &User> {
         self.users.iter().flatten().filter(|u| u.sessions > 0)
     }
 
-    fn insert_new(&mut self, event: &ProxyEvent<'_>, now: UnixMillis) -> Outcome {
-        let Some(host) = self.intern_host(event.host) else {
+    fn insert_new(
+        &mut self,
+        event: &ProxyEvent<'_>,
+        now: UnixMillis,
+        admit_host: &mut dyn FnMut(&str) -> bool,
+    ) -> Outcome {
+        let Some(host) = self.intern_host(event.host, admit_host) else {
             return Outcome::HostLimitReached;
         };
         let user = self.intern_user(event.user_directory, event.user_id, now);
@@ -643,12 +703,12 @@ impl Registry {
         self.host_index.get(self.scratch.as_str()).copied()
     }
 
-    /// `None` when `name` is new and the host limit is reached.
-    fn intern_host(&mut self, name: &str) -> Option<HostId> {
+    /// `None` when `name` is new and the host limit is reached (or `admit` refuses it).
+    fn intern_host(&mut self, name: &str, admit: &mut dyn FnMut(&str) -> bool) -> Option<HostId> {
         if let Some(id) = self.find_host(name) {
             return Some(id);
         }
-        if self.hosts.len() >= self.max_hosts {
+        if self.hosts.len() >= self.max_hosts || !admit(name) {
             return None;
         }
         let id = self.hosts.len() as HostId;

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use crate::checkpoint::{self, Store};
 use crate::config::{Config, MqttBroker};
 use crate::metrics::Metrics;
-use crate::registry::{Registry, UnixMillis};
+use crate::registry::{ShardedRegistry, UnixMillis, sharded::DEFAULT_SHARDS};
 use crate::state::State;
 use crate::{broker, http, ingest, mqtt};
 
@@ -47,8 +47,12 @@ pub enum StartError {
 }
 
 pub async fn run(config: Config) -> Result<(), StartError> {
-    let registry = Registry::new(config.expiry.clone(), config.exclusions.clone())
-        .with_max_hosts(config.max_proxy_hosts);
+    let registry = ShardedRegistry::new(
+        config.expiry.clone(),
+        config.exclusions.clone(),
+        config.max_proxy_hosts,
+        DEFAULT_SHARDS,
+    );
     let state = Arc::new(State::new(registry, Metrics::new()));
     if let MqttBroker::Embedded { listen } = config.mqtt.broker {
         broker::start(listen)?;
@@ -177,14 +181,7 @@ async fn sweep_expired(state: Arc<State>, every: Duration, mut shutdown: watch::
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
-            _ = tick.tick() => {
-                let expired = state.with_registry(|r| r.expire(UnixMillis::now()));
-                if expired.idle + expired.max_idle > 0 {
-                    state.metrics.expired(expired);
-                    state.changed(true);
-                    tracing::debug!(idle = expired.idle, max_idle = expired.max_idle, "expired silent sessions");
-                }
-            }
+            _ = tick.tick() => state.expire(UnixMillis::now()),
             _ = crate::state::stop_requested(&mut shutdown) => break,
         }
     }

@@ -1,15 +1,14 @@
 //! What the service's tasks share: the registry, change signals, metrics and readiness.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::{ShardedRegistry, UnixMillis};
 
 pub struct State {
-    registry: Mutex<Registry>,
+    registry: ShardedRegistry,
     /// Bumped on every registry mutation (including a refreshed last-seen time).
     pub revision: AtomicU64,
     /// The revision the last successful checkpoint holds.
@@ -22,9 +21,9 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(registry: Registry, metrics: Metrics) -> State {
+    pub fn new(registry: ShardedRegistry, metrics: Metrics) -> State {
         State {
-            registry: Mutex::new(registry),
+            registry,
             revision: AtomicU64::new(0),
             saved_revision: AtomicU64::new(0),
             membership: watch::Sender::new(0),
@@ -33,12 +32,24 @@ impl State {
         }
     }
 
-    /// Runs `f` with the registry locked. Keep `f` short: the ingest loop waits meanwhile.
-    pub fn with_registry<T>(&self, f: impl FnOnce(&mut Registry) -> T) -> T {
-        // A panic while holding the lock cannot leave the registry half-updated in a way that
-        // matters more than stopping would, so a poisoned lock is used as is.
-        let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut registry)
+    /// The registry, for reading. Each call locks one shard at a time (see [`ShardedRegistry`]);
+    /// changes go through the methods below, which also signal them.
+    pub fn registry(&self) -> &ShardedRegistry {
+        &self.registry
+    }
+
+    /// Removes silent sessions, counts them, and signals the change.
+    pub fn expire(&self, now: UnixMillis) {
+        let expired = self.registry.expire(now);
+        if expired.idle + expired.max_idle > 0 {
+            self.metrics.expired(expired);
+            self.changed(true);
+            tracing::debug!(
+                idle = expired.idle,
+                max_idle = expired.max_idle,
+                "expired silent sessions"
+            );
+        }
     }
 
     /// Records that the registry changed; `membership` when sessions were added or removed.

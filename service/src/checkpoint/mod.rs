@@ -241,10 +241,9 @@ pub async fn restore(store: &Store, state: &State) -> Result<(), StoreError> {
     match codec::decode(&bytes) {
         Ok(checkpoint) => {
             let now = UnixMillis::now();
-            let restored = state.with_registry(|r| {
-                r.restore_hosts(&checkpoint.hosts);
-                r.restore(&checkpoint.sessions, now)
-            });
+            let registry = state.registry();
+            registry.restore_hosts(&checkpoint.hosts);
+            let restored = registry.restore(&checkpoint.sessions, now);
             state.changed(true);
             state
                 .metrics
@@ -312,7 +311,7 @@ pub async fn save(store: &Store, state: &State) -> Result<(), StoreError> {
 async fn save_once(store: &Store, state: &State) -> Result<(), StoreError> {
     let started = Instant::now();
     let revision = state.revision.load(Ordering::Acquire);
-    let (hosts, sessions) = state.with_registry(|r| (r.host_names(), r.snapshot()));
+    let (hosts, sessions) = (state.registry().host_names(), state.registry().snapshot());
     let checkpoint = Checkpoint {
         saved_at: UnixMillis::now(),
         hosts,

@@ -12,7 +12,7 @@ use super::*;
 use crate::exclusions::Exclusions;
 use crate::metrics::Metrics;
 use crate::parser::{Command, Format, ProxyEvent};
-use crate::registry::{ExpiryPolicy, Registry};
+use crate::registry::{DEFAULT_MAX_HOSTS, ExpiryPolicy, ShardedRegistry};
 
 const CMS: &str = "/api/v1/namespaces/qlik/configmaps";
 
@@ -38,7 +38,12 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
 
 fn state() -> State {
     State::new(
-        Registry::new(ExpiryPolicy::default(), Exclusions::default()),
+        ShardedRegistry::new(
+            ExpiryPolicy::default(),
+            Exclusions::default(),
+            DEFAULT_MAX_HOSTS,
+            8,
+        ),
         Metrics::new(),
     )
 }
@@ -55,7 +60,7 @@ fn start(state: &State, user: &str, session_id: &str) {
         proxy_session_id: Some(session_id),
         message: "",
     };
-    state.with_registry(|r| r.apply(&event, UnixMillis::now()));
+    state.registry().apply(&event, UnixMillis::now());
     state.changed(true);
 }
 
@@ -202,7 +207,12 @@ async fn a_conflict_is_resolved_by_writing_the_current_registry_again() {
     assert_eq!(state.metrics.checkpoint_conflicts.get(), 1);
 
     let restored = crate::state::State::new(
-        Registry::new(ExpiryPolicy::default(), Exclusions::default()),
+        ShardedRegistry::new(
+            ExpiryPolicy::default(),
+            Exclusions::default(),
+            DEFAULT_MAX_HOSTS,
+            8,
+        ),
         Metrics::new(),
     );
     restore(
@@ -212,7 +222,7 @@ async fn a_conflict_is_resolved_by_writing_the_current_registry_again() {
     .await
     .unwrap();
     assert_eq!(
-        restored.with_registry(|r| r.active_users()),
+        restored.registry().active_users(),
         2,
         "the newest state won"
     );
@@ -355,7 +365,7 @@ async fn corrupt_data_is_copied_aside_when_allowed() {
             .get(),
         1
     );
-    assert_eq!(state.with_registry(|r| r.active_sessions()), 0);
+    assert_eq!(state.registry().active_sessions(), 0);
 }
 
 #[tokio::test]

@@ -1,0 +1,423 @@
+//! The registry the service shares between its threads: [`Registry`] split into shards by user,
+//! each behind its own lock.
+//!
+//! Why shards: the read views (the user list, `/api/v1/users`, the checkpoint's snapshot) and a
+//! hash table's growth are work proportional to the registry. Behind one lock, a million sessions
+//! held the ingest thread for hundreds of milliseconds, longer than a pod's socket buffer lasts.
+//! Split by user, each lock is held for one shard's share of that work, and an event waits at
+//! most for one shard. A user's sessions all live in the shard of their user key, so a user's
+//! counts never span shards: totals are sums, and every per-user view comes from one shard.
+//!
+//! A proxy session id is looked up in its user's shard only: Qlik's ids are per-session GUIDs of
+//! one user, and a datagram naming another user's session id does not reach that session.
+//!
+//! Proxy hosts are few and shared by every shard; one bounded table here admits new host names,
+//! so `max_proxy_hosts` holds across shards. Lock order: a shard, then the host table; never the
+//! other way round.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher, RandomState};
+use std::sync::{Mutex, MutexGuard};
+
+use super::{
+    Expired, ExpiryPolicy, HostSummary, Outcome, Registry, SessionRecord, UnixMillis, UserView,
+    push_lowercase,
+};
+use crate::exclusions::Exclusions;
+use crate::parser::ProxyEvent;
+
+/// Shards by default: at 1,000,000 sessions a shard holds about 16,000, whose views take well
+/// under a millisecond; at a few users the extra locks cost nothing measurable.
+pub const DEFAULT_SHARDS: usize = 64;
+
+pub struct ShardedRegistry {
+    shards: Box<[Mutex<Registry>]>,
+    /// Picks a user's shard; random per process, like the shards' own hash tables.
+    hasher: RandomState,
+    hosts: Mutex<HostNames>,
+    max_hosts: usize,
+}
+
+/// Every proxy host admitted, by case-insensitive name, with the name as first seen.
+#[derive(Default)]
+struct HostNames {
+    index: HashMap<Box<str>, usize>,
+    names: Vec<Box<str>>,
+}
+
+impl HostNames {
+    /// Whether `name` is known or could be added within `max`; adds it then.
+    fn admit(&mut self, name: &str, max: usize) -> bool {
+        let mut key = String::with_capacity(name.len());
+        push_lowercase(&mut key, name);
+        if self.index.contains_key(key.as_str()) {
+            return true;
+        }
+        if self.names.len() >= max {
+            return false;
+        }
+        self.index.insert(key.into(), self.names.len());
+        self.names.push(name.into());
+        true
+    }
+}
+
+/// Lower-cased host name → the name as first seen.
+struct HostDisplay(HashMap<Box<str>, Box<str>>);
+
+impl HostDisplay {
+    fn canonical(&self, name: &mut String) {
+        let mut key = String::with_capacity(name.len());
+        push_lowercase(&mut key, name);
+        if let Some(display) = self.0.get(key.as_str())
+            && **display != **name
+        {
+            *name = display.to_string();
+        }
+    }
+}
+
+impl ShardedRegistry {
+    pub fn new(
+        expiry: ExpiryPolicy,
+        exclusions: Exclusions,
+        max_hosts: usize,
+        shards: usize,
+    ) -> ShardedRegistry {
+        let shards = (0..shards.max(1))
+            .map(|_| {
+                // Each shard may hold every host; the shared table is what limits them.
+                Mutex::new(
+                    Registry::new(expiry.clone(), exclusions.clone()).with_max_hosts(usize::MAX),
+                )
+            })
+            .collect();
+        ShardedRegistry {
+            shards,
+            hasher: RandomState::new(),
+            hosts: Mutex::new(HostNames::default()),
+            max_hosts,
+        }
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Applies one event; locks the user's shard only.
+    pub fn apply(&self, event: &ProxyEvent<'_>, now: UnixMillis) -> Outcome {
+        let shard = self.shard_of(event.user_directory, event.user_id);
+        let mut registry = lock(&self.shards[shard]);
+        registry.apply_gated(event, now, &mut |name| self.admit_host(name))
+    }
+
+    /// Removes silent sessions, one shard at a time.
+    pub fn expire(&self, now: UnixMillis) -> Expired {
+        self.shards.iter().fold(Expired::default(), |sum, shard| {
+            let expired = lock(shard).expire(now);
+            Expired {
+                idle: sum.idle + expired.idle,
+                max_idle: sum.max_idle + expired.max_idle,
+            }
+        })
+    }
+
+    pub fn active_users(&self) -> usize {
+        self.sum(Registry::active_users)
+    }
+
+    pub fn active_sessions(&self) -> usize {
+        self.sum(Registry::active_sessions)
+    }
+
+    /// Every host admitted (also those at zero), with its counts, sorted by name.
+    pub fn hosts(&self) -> Vec<HostSummary> {
+        let (index, names) = {
+            let hosts = lock(&self.hosts);
+            (hosts.index.clone(), hosts.names.clone())
+        };
+        let mut counts = vec![(0, 0); names.len()];
+        let mut key = String::new();
+        for shard in self.shards.iter() {
+            let registry = lock(shard);
+            for (name, users, sessions) in registry.host_counts() {
+                key.clear();
+                push_lowercase(&mut key, name);
+                // Every host a shard has was admitted here first.
+                if let Some(&i) = index.get(key.as_str()) {
+                    counts[i].0 += users;
+                    counts[i].1 += sessions;
+                }
+            }
+        }
+        let mut hosts: Vec<HostSummary> = names
+            .iter()
+            .zip(counts)
+            .map(|(name, (active_users, active_sessions))| HostSummary {
+                host: name.to_string(),
+                active_users,
+                active_sessions,
+            })
+            .collect();
+        hosts.sort_by(|a, b| a.host.cmp(&b.host));
+        hosts
+    }
+
+    /// Every host admitted, for the checkpoint.
+    pub fn host_names(&self) -> Vec<String> {
+        lock(&self.hosts)
+            .names
+            .iter()
+            .map(|n| n.to_string())
+            .collect()
+    }
+
+    /// Re-admits checkpointed hosts (within the host limit), so their counts are published again.
+    pub fn restore_hosts(&self, names: &[String]) {
+        let mut hosts = lock(&self.hosts);
+        for name in names {
+            hosts.admit(name, self.max_hosts);
+        }
+    }
+
+    /// Loads checkpointed sessions (see [`Registry::restore`]); one shard locked at a time.
+    pub fn restore(&self, records: &[SessionRecord], now: UnixMillis) -> usize {
+        let mut by_shard: Vec<Vec<&SessionRecord>> = vec![Vec::new(); self.shards.len()];
+        for r in records {
+            by_shard[self.shard_of(&r.user_directory, &r.user_id)].push(r);
+        }
+        by_shard
+            .into_iter()
+            .zip(self.shards.iter())
+            .map(|(records, shard)| {
+                lock(shard)
+                    .restore_gated(records.into_iter(), now, &mut |name| self.admit_host(name))
+            })
+            .sum()
+    }
+
+    /// Every session, for the checkpoint.
+    pub fn snapshot(&self) -> Vec<SessionRecord> {
+        let mut records = Vec::with_capacity(self.active_sessions());
+        for shard in self.shards.iter() {
+            records.extend(lock(shard).snapshot());
+        }
+        let hosts = self.host_display_names();
+        for r in &mut records {
+            hosts.canonical(&mut r.host);
+        }
+        records
+    }
+
+    /// Display names of all active users, sorted case-insensitively (sorted outside the locks).
+    pub fn user_names(&self) -> Vec<String> {
+        let mut names = self.collect(|r, out| out.extend(r.live_user_names().map(str::to_owned)));
+        names.sort_by_cached_key(|n| n.to_lowercase());
+        names
+    }
+
+    /// User ids only, sorted and de-duplicated case-insensitively.
+    pub fn user_ids(&self) -> Vec<String> {
+        let mut ids = self.collect(|r, out| out.extend(r.live_user_ids().map(str::to_owned)));
+        ids.sort_by_cached_key(|n| n.to_lowercase());
+        ids.dedup_by(|a, b| a.to_lowercase() == b.to_lowercase());
+        ids
+    }
+
+    /// Active users with their sessions, sorted by name (sorted outside the locks).
+    pub fn users(&self) -> Vec<UserView> {
+        let mut views = self.collect(|r, out| out.extend(r.unsorted_users()));
+        let hosts = self.host_display_names();
+        for v in &mut views {
+            v.hosts.iter_mut().for_each(|h| hosts.canonical(h));
+            v.hosts.sort();
+        }
+        views.sort_by_cached_key(|v| v.name.to_lowercase());
+        views
+    }
+
+    /// Host names as the shared table first saw them: each shard keeps the spelling it saw
+    /// first, which may differ in case.
+    fn host_display_names(&self) -> HostDisplay {
+        let hosts = lock(&self.hosts);
+        HostDisplay(
+            hosts
+                .index
+                .iter()
+                .map(|(key, &i)| (key.clone(), hosts.names[i].clone()))
+                .collect(),
+        )
+    }
+
+    fn collect<T>(&self, mut each: impl FnMut(&Registry, &mut Vec<T>)) -> Vec<T> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            each(&lock(shard), &mut out);
+        }
+        out
+    }
+
+    fn sum(&self, count: impl Fn(&Registry) -> usize) -> usize {
+        self.shards.iter().map(|s| count(&lock(s))).sum()
+    }
+
+    fn admit_host(&self, name: &str) -> bool {
+        lock(&self.hosts).admit(name, self.max_hosts)
+    }
+
+    /// The shard of a user: a hash of the same case-insensitive key the registry uses, written
+    /// into the hasher as it is lower-cased, so the event path allocates nothing.
+    fn shard_of(&self, directory: &str, user_id: &str) -> usize {
+        let mut hasher = self.hasher.build_hasher();
+        write_lowercase(&mut hasher, directory);
+        hasher.write_u8(b'\\');
+        write_lowercase(&mut hasher, user_id);
+        (hasher.finish() % self.shards.len() as u64) as usize
+    }
+}
+
+/// Feeds `s` lower-cased (as [`push_lowercase`] writes it) to `hasher`, as UTF-8 bytes.
+fn write_lowercase(hasher: &mut impl Hasher, s: &str) {
+    if s.is_ascii() {
+        for b in s.bytes() {
+            hasher.write_u8(b.to_ascii_lowercase());
+        }
+    } else {
+        let mut utf8 = [0u8; 4];
+        for c in s.chars().flat_map(char::to_lowercase) {
+            hasher.write(c.encode_utf8(&mut utf8).as_bytes());
+        }
+    }
+}
+
+/// A panic while a shard is locked cannot leave it half-updated in a way that matters more than
+/// stopping would, so a poisoned lock is used as is.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parser::{Command, Format};
+    use proptest::prelude::*;
+
+    fn event<'a>(
+        command: Command,
+        host: &'a str,
+        user: &'a str,
+        sid: Option<&'a str>,
+    ) -> ProxyEvent<'a> {
+        ProxyEvent {
+            format: Format::SessionMonitor,
+            host,
+            command,
+            user_directory: "LAB",
+            user_id: user,
+            origin: None,
+            context: None,
+            proxy_session_id: sid,
+            message: "",
+        }
+    }
+
+    const NOW: UnixMillis = UnixMillis(1_700_000_000_000);
+
+    #[test]
+    fn the_same_user_in_any_case_lands_in_one_shard() {
+        let r = ShardedRegistry::new(ExpiryPolicy::default(), Exclusions::default(), 10, 64);
+        for user in ["joe", "ann", "Zoë", "ÅSA"] {
+            let upper = user.to_uppercase();
+            assert_eq!(r.shard_of("Lab", user), r.shard_of("LAB", &upper));
+        }
+        r.apply(&event(Command::StartSession, "qs1", "joe", Some("a")), NOW);
+        r.apply(&event(Command::StartSession, "qs2", "JOE", Some("b")), NOW);
+        assert_eq!((r.active_users(), r.active_sessions()), (1, 2));
+        assert_eq!(r.users()[0].sessions, 2);
+    }
+
+    #[test]
+    fn the_host_limit_holds_across_shards() {
+        let r = ShardedRegistry::new(ExpiryPolicy::default(), Exclusions::default(), 2, 16);
+        let users: Vec<String> = (0..50).map(|i| format!("u{i}")).collect();
+        for (i, user) in users.iter().enumerate() {
+            let host = format!("qs{}", i % 5);
+            r.apply(&event(Command::StartSession, &host, user, None), NOW);
+        }
+        let hosts = r.hosts();
+        assert_eq!(hosts.len(), 2, "{hosts:?}");
+        assert_eq!(
+            r.apply(&event(Command::StartSession, "qs9", "new", None), NOW),
+            Outcome::HostLimitReached
+        );
+        // A host at zero is still listed, so its count is published as 0.
+        for user in &users {
+            for h in 0..5 {
+                let host = format!("QS{h}");
+                r.apply(&event(Command::StopSession, &host, user, None), NOW);
+            }
+        }
+        assert_eq!(r.active_sessions(), 0);
+        assert!(
+            r.hosts().iter().all(|h| h.active_users == 0),
+            "{:?}",
+            r.hosts()
+        );
+        assert_eq!(r.hosts().len(), 2);
+    }
+
+    #[test]
+    fn an_excluded_user_admits_no_host() {
+        let exclusions = Exclusions::new(["LAB\\sa_*"]).unwrap();
+        let r = ShardedRegistry::new(ExpiryPolicy::default(), exclusions, 10, 8);
+        assert_eq!(
+            r.apply(&event(Command::StartSession, "qs1", "sa_repo", None), NOW),
+            Outcome::Excluded
+        );
+        assert!(r.hosts().is_empty());
+    }
+
+    proptest! {
+        /// Whatever the events, the sharded registry answers exactly as one registry does.
+        #[test]
+        fn answers_as_one_registry(
+            events in proptest::collection::vec((0..4usize, 0..3usize, 0..12usize, proptest::option::of(0..6usize), 0..40u64), 1..200),
+            shards in 1..9usize,
+        ) {
+            let commands = [Command::StartSession, Command::StopSession, Command::OpenConnection, Command::CloseConnection];
+            let hosts = ["qs1", "QS1", "qs2"];
+            let users: Vec<String> = (0..12).map(|i| if i % 2 == 0 { format!("u{i}") } else { format!("U{}", i - 1) }).collect();
+            // A proxy session id belongs to one user (see the module docs).
+            let sids: Vec<Vec<String>> = (0..12).map(|u| (0..6).map(|i| format!("s{}-{i}", u / 2)).collect()).collect();
+            let sharded = ShardedRegistry::new(ExpiryPolicy::default(), Exclusions::default(), 2, shards);
+            let mut single = Registry::new(ExpiryPolicy::default(), Exclusions::default()).with_max_hosts(2);
+            for (c, h, u, s, minutes) in events {
+                let e = event(commands[c], hosts[h], &users[u], s.map(|s| sids[u][s].as_str()));
+                let now = UnixMillis(NOW.0 + minutes * 60_000);
+                prop_assert_eq!(sharded.apply(&e, now), single.apply(&e, now));
+            }
+            let later = UnixMillis(NOW.0 + 35 * 60_000);
+            prop_assert_eq!(sharded.expire(later), single.expire(later));
+            prop_assert_eq!(sharded.active_users(), single.active_users());
+            prop_assert_eq!(sharded.active_sessions(), single.active_sessions());
+            prop_assert_eq!(sharded.hosts(), single.hosts());
+            prop_assert_eq!(sharded.users(), single.users());
+            prop_assert_eq!(sharded.user_names(), single.user_names());
+            prop_assert_eq!(sharded.user_ids(), single.user_ids());
+            let mut a = sharded.snapshot();
+            let mut b = single.snapshot();
+            let key = |r: &SessionRecord| (r.proxy_session_id.clone(), r.host.to_lowercase(), r.user_id.to_lowercase());
+            a.sort_by_key(key);
+            b.sort_by_key(key);
+            prop_assert_eq!(&a, &b);
+            // And a restore into fresh shards gives the same answers again.
+            let restored = ShardedRegistry::new(ExpiryPolicy::default(), Exclusions::default(), 2, shards + 1);
+            restored.restore_hosts(&sharded.host_names());
+            prop_assert_eq!(restored.restore(&a, later), a.len());
+            // (First-seen times may differ: a restore knows only the sessions still open.)
+            let brief = |r: &ShardedRegistry| r.users().into_iter().map(|u| (u.name, u.sessions, u.open_connections, u.hosts)).collect::<Vec<_>>();
+            prop_assert_eq!(brief(&restored), brief(&sharded));
+            prop_assert_eq!(restored.hosts(), sharded.hosts());
+        }
+    }
+}
