@@ -32,6 +32,7 @@ pub struct Metrics {
     expired_idle: IntCounter,
     expired_max_idle: IntCounter,
     pub udp_receive_buffer_bytes: IntGauge,
+    pub ingest_spool_high_water_bytes: IntGauge,
     pub udp_kernel_drops: IntCounter,
     /// The kernel's count as last read, so concurrent scrapes add each drop once.
     kernel_drops_seen: std::sync::atomic::AtomicU64,
@@ -132,6 +133,10 @@ impl Metrics {
                 "udp_receive_buffer_bytes",
                 "Receive buffer size the kernel granted the UDP socket.",
             ),
+            ingest_spool_high_water_bytes: gauge(
+                "ingest_spool_high_water_bytes",
+                "The most received datagram bytes ever waiting between the socket and the registry (the spool holds 16 MiB).",
+            ),
             udp_kernel_drops: counter(
                 "udp_kernel_drops_total",
                 "Datagrams the kernel dropped because the socket's receive buffer was full.",
@@ -220,34 +225,25 @@ impl Metrics {
         metrics
     }
 
-    pub fn dropped(&self, reason: Reject) {
-        let i = Reject::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .expect("in ALL");
-        self.dropped[i].inc();
-    }
-
-    pub fn event(&self, format: Format, command: Command, outcome: Outcome) {
-        let f = Format::ALL
-            .iter()
-            .position(|x| *x == format)
-            .expect("in ALL");
-        let c = Command::ALL
-            .iter()
-            .position(|x| *x == command)
-            .expect("in ALL");
-        self.events[f * Command::ALL.len() + c].inc();
-        match outcome {
-            Outcome::Excluded => self.excluded_events.inc(),
-            Outcome::UnknownSessionStopped => self.unknown_session_stops.inc(),
-            Outcome::UnknownSessionClosed => self.unknown_session_closes.inc(),
-            Outcome::SessionRecovered => self.sessions_recovered.inc(),
-            Outcome::SessionStarted
-            | Outcome::SessionRefreshed
-            | Outcome::SessionStopped
-            | Outcome::HostLimitReached => {}
+    /// Adds what `tally` counted and resets it.
+    pub fn add(&self, tally: &mut Tally) {
+        let t = std::mem::take(tally);
+        let add = |counter: &IntCounter, n: u64| {
+            if n > 0 {
+                counter.inc_by(n);
+            }
+        };
+        for (counter, n) in self.dropped.iter().zip(t.dropped) {
+            add(counter, n);
         }
+        for (counter, n) in self.events.iter().zip(t.events) {
+            add(counter, n);
+        }
+        add(&self.excluded_events, t.excluded);
+        add(&self.unknown_session_stops, t.unknown_stops);
+        add(&self.unknown_session_closes, t.unknown_closes);
+        add(&self.sessions_recovered, t.recovered);
+        add(&self.mqtt_events_dropped, t.mqtt_events_dropped);
     }
 
     pub fn expired(&self, expired: Expired) {
@@ -289,6 +285,46 @@ impl Metrics {
     }
 }
 
+/// Per-event counts kept by the ingest thread in plain integers and added to the metrics once
+/// per chunk of datagrams ([`Metrics::add`]): a handful of shared atomic increments per datagram
+/// would cost more than parsing it.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Indexed like [`Reject::ALL`].
+    dropped: [u64; Reject::ALL.len()],
+    /// Indexed by format then command, like [`Format::ALL`] × [`Command::ALL`].
+    events: [u64; Format::ALL.len() * Command::ALL.len()],
+    excluded: u64,
+    unknown_stops: u64,
+    unknown_closes: u64,
+    recovered: u64,
+    mqtt_events_dropped: u64,
+}
+
+impl Tally {
+    pub fn dropped(&mut self, reason: Reject) {
+        self.dropped[reason as usize] += 1;
+    }
+
+    pub fn event(&mut self, format: Format, command: Command, outcome: Outcome) {
+        self.events[format as usize * Command::ALL.len() + command as usize] += 1;
+        match outcome {
+            Outcome::Excluded => self.excluded += 1,
+            Outcome::UnknownSessionStopped => self.unknown_stops += 1,
+            Outcome::UnknownSessionClosed => self.unknown_closes += 1,
+            Outcome::SessionRecovered => self.recovered += 1,
+            Outcome::SessionStarted
+            | Outcome::SessionRefreshed
+            | Outcome::SessionStopped
+            | Outcome::HostLimitReached => {}
+        }
+    }
+
+    pub fn mqtt_event_dropped(&mut self) {
+        self.mqtt_events_dropped += 1;
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
@@ -315,14 +351,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tally_indexes_follow_the_all_lists() {
+        // Tally indexes by discriminant; the metric handles are built from the ALL lists.
+        assert!(
+            Reject::ALL
+                .iter()
+                .enumerate()
+                .all(|(i, r)| *r as usize == i)
+        );
+        assert!(
+            Format::ALL
+                .iter()
+                .enumerate()
+                .all(|(i, f)| *f as usize == i)
+        );
+        assert!(
+            Command::ALL
+                .iter()
+                .enumerate()
+                .all(|(i, c)| *c as usize == i)
+        );
+    }
+
+    #[test]
     fn exposition_names_follow_conventions() {
         let m = Metrics::new();
-        m.dropped(Reject::UnknownPrefix);
-        m.event(
+        let mut tally = Tally::default();
+        tally.dropped(Reject::UnknownPrefix);
+        tally.event(
             Format::Butler,
             Command::StartSession,
             Outcome::SessionStarted,
         );
+        m.add(&mut tally);
+        assert_eq!(tally, Tally::default(), "added and reset");
         let text = m.render();
         assert!(
             text.contains("session_monitor_datagrams_dropped_total{reason=\"unknown_prefix\"} 1")

@@ -22,10 +22,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::config::{MqttBroker, MqttConfig, MqttTls, Topics, UserListFormat};
-use crate::ingest::EventMessage;
-use crate::parser::{Command, ProxyEvent};
+use crate::ingest::EventRecord;
+use crate::parser::Command;
 use crate::ratelimit::RateLimiter;
-use crate::registry::{ShardedRegistry, UnixMillis};
+use crate::registry::ShardedRegistry;
 use crate::state::State;
 
 pub const ONLINE: &str = "online";
@@ -86,8 +86,8 @@ fn topic_level(name: &str) -> String {
 }
 
 /// The JSON object published on an event topic.
-pub fn event_payload(event: &ProxyEvent<'_>, at: UnixMillis) -> String {
-    let time = std::time::UNIX_EPOCH + Duration::from_millis(at.0);
+pub fn event_payload(event: &EventRecord) -> String {
+    let time = std::time::UNIX_EPOCH + Duration::from_millis(event.at.0);
     serde_json::json!({
         "timestamp": humantime::format_rfc3339_millis(time).to_string(),
         "command": event.command.wire_name(),
@@ -210,7 +210,7 @@ pub async fn run(
     config: MqttConfig,
     options: MqttOptions,
     state: Arc<State>,
-    events: Option<mpsc::Receiver<EventMessage>>,
+    events: Option<mpsc::Receiver<EventRecord>>,
     shutdown: watch::Receiver<bool>,
 ) {
     let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
@@ -305,7 +305,7 @@ async fn publish_loop(
     client: &AsyncClient,
     state: &State,
     mut link_rx: watch::Receiver<Link>,
-    mut events: Option<mpsc::Receiver<EventMessage>>,
+    mut events: Option<mpsc::Receiver<EventRecord>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> HashMap<String, String> {
     let metrics = &state.metrics;
@@ -345,7 +345,7 @@ async fn publish_loop(
             }
             Some(event) = recv_event(&mut events) => {
                 let Some(topic) = event_topic(&config.topics, event.command) else { continue };
-                if !link.connected || client.try_publish(topic, qos(config.qos), false, event.payload).is_err() {
+                if !link.connected || client.try_publish(topic, qos(config.qos), false, event_payload(&event)).is_err() {
                     metrics.mqtt_events_dropped.inc();
                 } else {
                     metrics.mqtt_publishes.with_label_values(&["event"]).inc();
@@ -390,7 +390,7 @@ fn publish_state(
     all_queued
 }
 
-async fn recv_event(events: &mut Option<mpsc::Receiver<EventMessage>>) -> Option<EventMessage> {
+async fn recv_event(events: &mut Option<mpsc::Receiver<EventRecord>>) -> Option<EventRecord> {
     match events {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -418,8 +418,8 @@ mod tests {
     use super::*;
     use crate::config::{Config, Settings};
     use crate::exclusions::Exclusions;
-    use crate::parser::Format;
-    use crate::registry::ExpiryPolicy;
+    use crate::parser::{Format, ProxyEvent};
+    use crate::registry::{ExpiryPolicy, UnixMillis};
 
     fn topics() -> Topics {
         Config::from_settings(Settings::default(), None)
@@ -475,10 +475,18 @@ mod tests {
 
     #[test]
     fn event_payload_is_one_json_object() {
-        let payload = event_payload(
-            &event(Command::StopSession, "qs1", "joe"),
-            UnixMillis(1_700_000_000_123),
-        );
+        let payload = event_payload(&EventRecord {
+            at: UnixMillis(1_700_000_000_123),
+            format: Format::Butler,
+            command: Command::StopSession,
+            host: "qs1".into(),
+            user_directory: "LAB".into(),
+            user_id: "joe".into(),
+            origin: None,
+            context: Some("/hub/".into()),
+            proxy_session_id: None,
+            message: "Stop session for user".into(),
+        });
         let v: serde_json::Value = serde_json::from_str(&payload).unwrap();
         assert_eq!(v["command"], "Stop session");
         assert_eq!(v["user"], "LAB\\joe");

@@ -6,17 +6,17 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
 use crate::checkpoint::{self, Store};
 use crate::config::{Config, MqttBroker};
+use crate::ingest::{self, Ingest};
 use crate::metrics::Metrics;
 use crate::registry::{ShardedRegistry, UnixMillis, sharded::DEFAULT_SHARDS};
 use crate::state::State;
-use crate::{broker, http, ingest, mqtt};
+use crate::{broker, http, mqtt};
 
 /// How often silent sessions are swept out, at most: a quarter of the idle timeout keeps expiry
 /// within 25 % of it, and 5 s is plenty for the 30 min default.
@@ -75,7 +75,6 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         })?;
 
     let (shutdown_tx, shutdown) = watch::channel(false);
-    let stop_ingest = Arc::new(AtomicBool::new(false));
     let (events_tx, events_rx) = match mqtt::wants_events(&config.mqtt.topics) {
         true => {
             let (tx, rx) = mpsc::channel(EVENT_QUEUE);
@@ -90,11 +89,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             addr: config.udp.listen,
             source,
         })?;
-        let (udp_config, state, stop) = (config.udp.clone(), state.clone(), stop_ingest.clone());
-        std::thread::Builder::new()
-            .name("udp-ingest".to_owned())
-            .spawn(move || ingest::run(socket, udp_config, state, events_tx, stop))
-            .expect("spawning a thread")
+        Ingest::start(socket, config.udp.clone(), state.clone(), events_tx)
+            .expect("spawning the ingest threads")
     };
     let http_server = tokio::spawn({
         let router = http::router(state.clone(), udp.clone());
@@ -132,7 +128,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let restored = match checkpoint::restore_with_retry(&store, &state, signal_rx.clone()).await {
         Ok(restored) => restored,
         Err(error) => {
-            stop_ingest.store(true, Ordering::Relaxed);
+            ingest.stop();
             return Err(error.into());
         }
     };
@@ -160,8 +156,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     }
     let signal = signals.await.unwrap_or("unknown");
     tracing::info!(signal, "shutting down");
-    stop_ingest.store(true, Ordering::Relaxed);
-    let _ = tokio::task::spawn_blocking(move || ingest.join()).await;
+    let _ = tokio::task::spawn_blocking(move || ingest.stop()).await;
     // The final checkpoint sees every accepted datagram; then MQTT publishes the last state and
     // says offline.
     let _ = shutdown_tx.send(true);
