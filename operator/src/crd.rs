@@ -212,10 +212,15 @@ pub struct MqttSpec {
     /// `directory-and-id` (`LAB\joe`, default) or `user-id` (`joe`, Butler's payload).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_list_format: Option<UserListFormat>,
-    /// A change is published at most this long after it; default `250ms`.
+    /// A change of the user list is published at most this long after it; default `250ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(DURATION))]
     pub publish_interval: Option<String>,
+    /// A change of the user count or a per-proxy count is published at most this long after
+    /// it; default `10ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION))]
+    pub count_publish_interval: Option<String>,
     #[serde(default)]
     pub topics: TopicsSpec,
 }

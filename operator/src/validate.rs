@@ -219,6 +219,10 @@ pub fn validate(monitor: &SessionMonitor, default_image: &str) -> Result<Plan, I
             "spec.mqtt.publishInterval",
             &spec.mqtt.publish_interval,
         )?,
+        count_publish_interval: optional_duration(
+            "spec.mqtt.countPublishInterval",
+            &spec.mqtt.count_publish_interval,
+        )?,
         checkpoint_configmap: Some(checkpoint_configmap.clone()),
         checkpoint_configmap_shards: Some(usize::from(spec.checkpoint.shards)),
         checkpoint_interval: optional_duration(
@@ -325,6 +329,7 @@ fn spec_path(key: &str) -> &'static str {
         "mqtt_topic_connection_open" => "spec.mqtt.topics.connectionOpen",
         "mqtt_topic_connection_close" => "spec.mqtt.topics.connectionClose",
         "publish_interval" => "spec.mqtt.publishInterval",
+        "count_publish_interval" => "spec.mqtt.countPublishInterval",
         "checkpoint_interval" => "spec.checkpoint.interval",
         "checkpoint_configmap_shards" => "spec.checkpoint.shards",
         "log_level" => "spec.logLevel",

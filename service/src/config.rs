@@ -254,7 +254,16 @@ pub struct Settings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mqtt_user_list_format: Option<UserListFormat>,
 
-    /// A change is published at most this long after it; bursts collapse into one publish [default: 250ms]
+    /// A change of the user count or a per-proxy count is published at most this long after it [default: 10ms]
+    #[arg(long, env = "SESSION_MONITOR_COUNT_PUBLISH_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde"
+    )]
+    pub count_publish_interval: Option<Duration>,
+
+    /// A change of the user list is published at most this long after it; bursts collapse into one publish [default: 250ms]
     #[arg(long, env = "SESSION_MONITOR_PUBLISH_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(
         default,
@@ -407,6 +416,9 @@ pub mod defaults {
     pub const TOPIC_HOST_PREFIX: &str = "qliksense/users/activeperserver";
     pub const TOPIC_STATUS: &str = "qliksense/session-monitor/status";
     pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
+    /// Short enough to be at once for a person watching, long enough that a burst of logins is
+    /// not one publish each.
+    pub const COUNT_PUBLISH_INTERVAL: Duration = Duration::from_millis(10);
     pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
     pub const CHECKPOINT_FILE: &str = "data/session-monitor.checkpoint";
     pub const MQTT_KEEP_ALIVE: Duration = Duration::from_secs(30);
@@ -445,7 +457,10 @@ pub struct MqttConfig {
     pub keep_alive: Duration,
     pub topics: Topics,
     pub user_list_format: UserListFormat,
+    /// For the user list.
     pub publish_interval: Duration,
+    /// For the user count and the per-proxy counts.
+    pub count_publish_interval: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -637,6 +652,11 @@ impl Config {
             ("max_idle", s.max_idle, LONGEST_TIMEOUT),
             ("publish_interval", s.publish_interval, LONGEST_INTERVAL),
             (
+                "count_publish_interval",
+                s.count_publish_interval,
+                LONGEST_INTERVAL,
+            ),
+            (
                 "checkpoint_interval",
                 s.checkpoint_interval,
                 LONGEST_INTERVAL,
@@ -682,6 +702,11 @@ impl Config {
                 user_list_format: s.mqtt_user_list_format.unwrap_or_default(),
                 publish_interval: positive("publish_interval", s.publish_interval)?
                     .unwrap_or(defaults::PUBLISH_INTERVAL),
+                count_publish_interval: positive(
+                    "count_publish_interval",
+                    s.count_publish_interval,
+                )?
+                .unwrap_or(defaults::COUNT_PUBLISH_INTERVAL),
             },
             checkpoint: CheckpointConfig {
                 store: checkpoint_store,

@@ -3,14 +3,15 @@
 //!
 //! Two tasks. The *link* task polls rumqttc's event loop forever (rumqttc only makes progress
 //! while polled), reconnecting with exponential backoff and announcing each new connection. The
-//! *publisher* task turns registry changes into publishes: a change is published at once if
-//! nothing was published in the last `publish_interval`, else when that interval ends, with the
-//! state as it is then — so a burst collapses into one publish of the latest state. Only topics
-//! whose payload changed are sent, and after every (re)connect all of them are, since a clean
-//! session loses whatever was in flight. Nothing is queued while the link is down: there is no
-//! backlog of stale states to drain after an outage.
+//! *publisher* task turns registry changes into publishes as [`schedule`] decides: the counts
+//! within `count_publish_interval`, the user list within `publish_interval` (rendered on a
+//! blocking thread, so a large list never delays a count), only topics whose payload changed,
+//! and all of them after every (re)connect, since a clean session loses whatever was in flight.
+//! Nothing is queued while the link is down: there is no backlog of stale states to drain after
+//! an outage.
 
-use std::collections::HashMap;
+mod schedule;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +20,10 @@ use rumqttc::{
     Transport,
 };
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
+
+use schedule::{Class, Retained, Schedule};
 
 use crate::config::{MqttBroker, MqttConfig, MqttTls, Topics, UserListFormat};
 use crate::ingest::EventRecord;
@@ -51,32 +55,40 @@ pub enum SetupError {
     Tls(String),
 }
 
-/// The retained state messages for the registry as it is: `(topic, payload)`, count first.
-pub fn render_state(
-    registry: &ShardedRegistry,
-    topics: &Topics,
-    format: UserListFormat,
-) -> Vec<(String, String)> {
-    let names = match format {
-        UserListFormat::DirectoryAndId => registry.user_names(),
-        UserListFormat::UserId => registry.user_ids(),
-    };
-    let mut messages = vec![
-        (
-            topics.user_count.clone(),
-            registry.active_users().to_string(),
-        ),
-        (
-            topics.user_list.clone(),
-            serde_json::to_string(&names).expect("strings serialize"),
-        ),
-    ];
+/// The count messages for the registry as it is: `(topic, payload)`, the user count first,
+/// then one per proxy host. O(shards + hosts).
+pub fn render_counts(registry: &ShardedRegistry, topics: &Topics) -> Vec<(String, String)> {
+    let mut messages = vec![(
+        topics.user_count.clone(),
+        registry.active_users().to_string(),
+    )];
     messages.extend(registry.hosts().into_iter().map(|h| {
         (
             format!("{}/{}/count", topics.host_prefix, topic_level(&h.host)),
             h.active_users.to_string(),
         )
     }));
+    messages
+}
+
+/// The user list payload. Proportional to the registry: each shard is locked only to copy its
+/// names, the sort and the JSON happen outside the locks.
+pub fn render_list(registry: &ShardedRegistry, format: UserListFormat) -> String {
+    let names = match format {
+        UserListFormat::DirectoryAndId => registry.user_names(),
+        UserListFormat::UserId => registry.user_ids(),
+    };
+    serde_json::to_string(&names).expect("strings serialize")
+}
+
+/// Every retained state message: the count, the list, then the per-host counts.
+pub fn render_state(
+    registry: &ShardedRegistry,
+    topics: &Topics,
+    format: UserListFormat,
+) -> Vec<(String, String)> {
+    let mut messages = render_counts(registry, topics);
+    messages.insert(1, (topics.user_list.clone(), render_list(registry, format)));
     messages
 }
 
@@ -221,11 +233,12 @@ pub async fn run(
         link_tx,
         shutdown.clone(),
     ));
-    let mut sent = publish_loop(&config, &client, &state, link_rx.clone(), events, shutdown).await;
+    let mut retained =
+        publish_loop(&config, &client, &state, link_rx.clone(), events, shutdown).await;
 
     if link_rx.borrow().connected {
         // The last changes before the stop, then `offline`.
-        publish_state(&config, &client, &state, &mut sent);
+        publish_final(&config, &client, &state, &mut retained).await;
         // A clean DISCONNECT does not fire the Last Will, so say it ourselves first.
         let _ = client.try_publish(&config.topics.status, QoS::AtLeastOnce, true, OFFLINE);
         let _ = client.try_disconnect();
@@ -303,20 +316,23 @@ fn error_kind(error: &ConnectionError) -> &'static str {
 async fn publish_loop(
     config: &MqttConfig,
     client: &AsyncClient,
-    state: &State,
+    state: &Arc<State>,
     mut link_rx: watch::Receiver<Link>,
     mut events: Option<mpsc::Receiver<EventRecord>>,
     mut shutdown: watch::Receiver<bool>,
-) -> HashMap<String, String> {
+) -> Retained {
     let metrics = &state.metrics;
     let mut membership = state.subscribe_membership();
-    // What the broker holds for each state topic, as far as this connection knows.
-    let mut sent: HashMap<String, String> = HashMap::new();
+    let mut schedule = Schedule::new(
+        config.count_publish_interval,
+        config.publish_interval,
+        std::time::Instant::now(),
+    );
+    let mut retained = Retained::default();
     let mut link = Link::default();
-    let mut pending = true;
-    let mut next_allowed = Instant::now();
+    let mut list_render: Option<JoinHandle<String>> = None;
     loop {
-        let due = pending && link.connected;
+        let wake = schedule.wake_at().map(Instant::from_std);
         tokio::select! {
             biased;
             _ = crate::state::stop_requested(&mut shutdown) => break,
@@ -325,24 +341,26 @@ async fn publish_loop(
                 if now.connected && now.generation != link.generation {
                     // New connection: the broker may have lost anything in flight, so announce
                     // ourselves and republish everything at once.
-                    sent.clear();
-                    pending = true;
-                    next_allowed = Instant::now();
+                    retained.forget();
+                    schedule.connected(std::time::Instant::now());
                     match client.try_publish(&config.topics.status, QoS::AtLeastOnce, true, ONLINE) {
                         Ok(()) => metrics.mqtt_publishes.with_label_values(&["status"]).inc(),
                         Err(_) => metrics.mqtt_publish_failures.with_label_values(&["status"]).inc(),
                     }
+                } else if !now.connected {
+                    schedule.disconnected();
                 }
                 link = now;
             }
             Ok(()) = membership.changed() => {
                 membership.borrow_and_update();
-                pending = true;
+                schedule.changed();
             }
-            _ = tokio::time::sleep_until(next_allowed), if due => {
-                pending = !publish_state(config, client, state, &mut sent);
-                next_allowed = Instant::now() + config.publish_interval;
+            Some(list) = finished(&mut list_render) => {
+                let complete = publish(config, client, metrics, &mut retained, [(config.topics.user_list.clone(), list)]);
+                schedule.published(Class::List, std::time::Instant::now(), complete);
             }
+            _ = sleep_until(wake), if wake.is_some() => {}
             Some(event) = recv_event(&mut events) => {
                 let Some(topic) = event_topic(&config.topics, event.command) else { continue };
                 if !link.connected || client.try_publish(topic, qos(config.qos), false, event_payload(&event)).is_err() {
@@ -352,29 +370,75 @@ async fn publish_loop(
                 }
             }
         }
+        let now = std::time::Instant::now();
+        if schedule.take(Class::Counts, now) {
+            let messages = render_counts(state.registry(), &config.topics);
+            let complete = publish(config, client, metrics, &mut retained, messages);
+            schedule.published(Class::Counts, std::time::Instant::now(), complete);
+        }
+        if schedule.take(Class::List, now) {
+            // Off the loop: at a million users the list takes a while, and counts must not wait.
+            let (state, format) = (state.clone(), config.user_list_format);
+            list_render = Some(tokio::task::spawn_blocking(move || {
+                render_list(state.registry(), format)
+            }));
+        }
     }
-    sent
+    if let Some(render) = list_render {
+        render.abort();
+    }
+    retained
 }
 
-/// Queues every state message whose payload differs from what `sent` says the broker holds.
-/// Returns false if some could not be queued (they are retried on the next call).
-fn publish_state(
+/// The last state before a stop: counts and the list, rendered now.
+async fn publish_final(
     config: &MqttConfig,
     client: &AsyncClient,
-    state: &State,
-    sent: &mut HashMap<String, String>,
+    state: &Arc<State>,
+    retained: &mut Retained,
+) {
+    let mut messages = render_counts(state.registry(), &config.topics);
+    let (registry_state, format) = (state.clone(), config.user_list_format);
+    if let Ok(list) =
+        tokio::task::spawn_blocking(move || render_list(registry_state.registry(), format)).await
+    {
+        messages.push((config.topics.user_list.clone(), list));
+    }
+    publish(config, client, &state.metrics, retained, messages);
+}
+
+async fn finished(render: &mut Option<JoinHandle<String>>) -> Option<String> {
+    let handle = render.as_mut()?;
+    let result = handle.await;
+    *render = None;
+    result.ok()
+}
+
+async fn sleep_until(wake: Option<Instant>) {
+    match wake {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Queues every message whose payload differs from what the broker holds. Returns false if
+/// some could not be queued (they are retried after the interval).
+fn publish(
+    config: &MqttConfig,
+    client: &AsyncClient,
+    metrics: &crate::metrics::Metrics,
+    retained: &mut Retained,
+    messages: impl IntoIterator<Item = (String, String)>,
 ) -> bool {
-    let metrics = &state.metrics;
-    let messages = render_state(state.registry(), &config.topics, config.user_list_format);
     let mut all_queued = true;
     for (topic, payload) in messages {
-        if sent.get(&topic) == Some(&payload) {
+        if !retained.differs(&topic, &payload) {
             continue;
         }
         match client.try_publish(&topic, qos(config.qos), config.retain, payload.clone()) {
             Ok(()) => {
                 metrics.mqtt_publishes.with_label_values(&["state"]).inc();
-                sent.insert(topic, payload);
+                retained.sent(topic, payload);
             }
             Err(error) => {
                 // Queue full (broker slow, or the link just dropped): retried next interval.
