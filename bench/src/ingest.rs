@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use session_monitor::simulate::Traffic;
 
-use crate::procs::{BareReceiver, ServiceProcess, wait_for};
+use crate::procs::{BareReceiver, Cpus, ServiceOptions, ServiceProcess, wait_for};
 
 pub const SENDERS: usize = 2;
 
@@ -43,6 +43,7 @@ pub fn pool(n: usize) -> Vec<Vec<u8>> {
 
 /// Sends `pool` round-robin to `port` as fast as one thread can until `stop`.
 fn blast(port: u16, pool: Arc<Vec<Vec<u8>>>, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>) {
+    Cpus::Senders.pin_current_thread();
     let socket = UdpSocket::bind("127.0.0.1:0").expect("sender socket");
     socket.connect(("127.0.0.1", port)).expect("connect");
     let mut i = 0usize;
@@ -101,18 +102,24 @@ fn measure(
     }
 }
 
-pub fn run() -> Ingest {
+/// Both receivers with a socket buffer of `buffer` bytes.
+pub fn run(buffer: usize) -> Ingest {
     let pool = Arc::new(pool(200_000));
     let warmup = Duration::from_secs(1);
     let window = Duration::from_secs(4);
 
-    let mut bare = BareReceiver::start();
+    let mut bare = BareReceiver::start(buffer);
     let bare_result = measure(bare.port, &pool, warmup, window, || bare.count());
     drop(bare);
 
     // MQTT to an address where nothing listens: this measures ingest, not publishing (the
     // latency benchmark measures that with a real broker).
-    let service = ServiceProcess::start(Some("mqtt://127.0.0.1:9"));
+    let service = ServiceProcess::start_with(ServiceOptions {
+        mqtt_url: Some("mqtt://127.0.0.1:9"),
+        receive_buffer_bytes: Some(buffer),
+        pinned: true,
+        ..ServiceOptions::default()
+    });
     let service_result = measure(service.udp_port, &pool, warmup, window, || {
         service.metric("session_monitor_datagrams_received_total") as u64
     });

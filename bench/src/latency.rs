@@ -1,7 +1,8 @@
 //! Latency from datagram to MQTT publish, with a real mosquitto: background load at a fixed
 //! rate (connection events of 1,000 active users, which refresh sessions but change no topic),
 //! and every 20 ms a probe datagram that adds a user. A probe's latency is the time from its
-//! send to the first count publish that includes it, seen by a subscriber in this process.
+//! send to the first count publish that includes it, and to the first user list that does, seen
+//! by a subscriber in this process.
 
 use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +14,7 @@ use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use crate::procs::{Mosquitto, ServiceProcess, wait_for};
 
 const COUNT_TOPIC: &str = "qliksense/users/active/count";
+const LIST_TOPIC: &str = "qliksense/users/active/usernames";
 const PRELOADED: usize = 1000;
 const PROBE_EVERY: Duration = Duration::from_millis(20);
 const RUN_FOR: Duration = Duration::from_secs(5);
@@ -20,9 +22,26 @@ const RUN_FOR: Duration = Duration::from_secs(5);
 pub struct Latency {
     pub rate: u64,
     pub probes: usize,
+    pub count: Percentiles,
+    pub list: Percentiles,
+}
+
+pub struct Percentiles {
     pub p50: Duration,
     pub p99: Duration,
     pub max: Duration,
+}
+
+impl Percentiles {
+    fn of(mut latencies: Vec<Duration>) -> Percentiles {
+        latencies.sort();
+        let n = latencies.len();
+        Percentiles {
+            p50: latencies[n / 2],
+            p99: latencies[(n * 99).div_ceil(100) - 1],
+            max: latencies[n - 1],
+        }
+    }
 }
 
 fn datagram(command: &str, user: &str, session: &str) -> String {
@@ -31,28 +50,37 @@ fn datagram(command: &str, user: &str, session: &str) -> String {
     )
 }
 
-/// Count publishes as (arrival, count).
-type Seen = Arc<Mutex<Vec<(Instant, usize)>>>;
+/// Count publishes and user lists, as (arrival, users).
+#[derive(Clone, Default)]
+struct Seen {
+    counts: Arc<Mutex<Vec<(Instant, usize)>>>,
+    lists: Arc<Mutex<Vec<(Instant, usize)>>>,
+}
 
 fn subscribe(port: u16) -> (Client, Seen) {
     let mut options = MqttOptions::new("bench-latency", "127.0.0.1", port);
     options.set_keep_alive(Duration::from_secs(30));
+    options.set_max_packet_size(16 << 20, 16 << 20);
     let (client, mut connection) = Client::new(options, 100);
-    client
-        .subscribe(COUNT_TOPIC, QoS::AtMostOnce)
-        .expect("subscribe");
-    let seen: Seen = Arc::default();
+    for topic in [COUNT_TOPIC, LIST_TOPIC] {
+        client.subscribe(topic, QoS::AtMostOnce).expect("subscribe");
+    }
+    let seen = Seen::default();
     let sink = seen.clone();
     std::thread::spawn(move || {
         for event in connection.iter() {
             match event {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let at = Instant::now();
-                    if let Some(count) = std::str::from_utf8(&p.payload)
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                    {
-                        sink.lock().unwrap().push((at, count));
+                    if p.topic == COUNT_TOPIC {
+                        if let Some(count) = std::str::from_utf8(&p.payload)
+                            .ok()
+                            .and_then(|s| s.parse().ok())
+                        {
+                            sink.counts.lock().unwrap().push((at, count));
+                        }
+                    } else if let Ok(list) = serde_json::from_slice::<Vec<String>>(&p.payload) {
+                        sink.lists.lock().unwrap().push((at, list.len()));
                     }
                 }
                 Ok(_) => {}
@@ -63,7 +91,7 @@ fn subscribe(port: u16) -> (Client, Seen) {
     (client, seen)
 }
 
-fn latest(seen: &Seen) -> Option<usize> {
+fn latest(seen: &Mutex<Vec<(Instant, usize)>>) -> Option<usize> {
     seen.lock().unwrap().last().map(|(_, c)| *c)
 }
 
@@ -85,7 +113,7 @@ pub fn run(rates: &[u64]) -> Vec<Latency> {
     wait_for(
         "the preloaded users on MQTT",
         Duration::from_secs(20),
-        || (latest(&seen) == Some(PRELOADED)).then_some(()),
+        || (latest(&seen.counts) == Some(PRELOADED)).then_some(()),
     );
     let mut base = PRELOADED;
     rates
@@ -137,30 +165,32 @@ fn run_rate(probe_socket: &UdpSocket, port: u16, seen: &Seen, rate: u64, base: u
     }
     let last = base + sends.len();
     wait_for("the last probe on MQTT", Duration::from_secs(20), || {
-        (latest(seen).is_some_and(|c| c >= last)).then_some(())
+        (latest(&seen.counts).is_some_and(|c| c >= last)
+            && latest(&seen.lists).is_some_and(|c| c >= last))
+        .then_some(())
     });
     stop.store(true, Ordering::Relaxed);
     load.join().expect("load thread");
-    let publishes = seen.lock().unwrap().clone();
-    let mut latencies: Vec<Duration> = sends
-        .iter()
-        .enumerate()
-        .map(|(k, sent)| {
-            let wanted = base + k + 1;
-            publishes
-                .iter()
-                .find(|(at, count)| at >= sent && *count >= wanted)
-                .map(|(at, _)| *at - *sent)
-                .expect("every probe is published")
-        })
-        .collect();
-    latencies.sort();
-    let n = latencies.len();
+    let latencies = |publishes: &Mutex<Vec<(Instant, usize)>>| {
+        let publishes = publishes.lock().unwrap().clone();
+        let latencies = sends
+            .iter()
+            .enumerate()
+            .map(|(k, sent)| {
+                let wanted = base + k + 1;
+                publishes
+                    .iter()
+                    .find(|(at, count)| at >= sent && *count >= wanted)
+                    .map(|(at, _)| *at - *sent)
+                    .expect("every probe is published")
+            })
+            .collect();
+        Percentiles::of(latencies)
+    };
     Latency {
         rate,
-        probes: n,
-        p50: latencies[n / 2],
-        p99: latencies[(n * 99).div_ceil(100) - 1],
-        max: latencies[n - 1],
+        probes: sends.len(),
+        count: latencies(&seen.counts),
+        list: latencies(&seen.lists),
     }
 }

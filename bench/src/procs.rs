@@ -47,11 +47,47 @@ pub struct ServiceProcess {
     _dir: tempfile::TempDir,
 }
 
+/// How a benchmark runs the service; [`ServiceOptions::default`] is the service's defaults on
+/// loopback with a file checkpoint that is not written during the run (interval 1 h), so that
+/// only the work under measurement happens.
+#[derive(Clone, Debug)]
+pub struct ServiceOptions<'a> {
+    /// `None` for the embedded broker.
+    pub mqtt_url: Option<&'a str>,
+    /// `None` for the service's default (8 MiB).
+    pub receive_buffer_bytes: Option<usize>,
+    pub checkpoint_interval: &'a str,
+    /// Run on the receiving side's CPUs (see [`Cpus`]).
+    pub pinned: bool,
+}
+
+impl Default for ServiceOptions<'_> {
+    fn default() -> Self {
+        ServiceOptions {
+            mqtt_url: None,
+            receive_buffer_bytes: None,
+            checkpoint_interval: "1h",
+            pinned: false,
+        }
+    }
+}
+
+/// The receive buffer a pod gets: the kernel's default `net.core.rmem_max`, since a pod has no
+/// CAP_NET_ADMIN to go beyond it.
+pub const POD_RECEIVE_BUFFER_BYTES: usize = 212_992;
+
 impl ServiceProcess {
-    /// Starts the service on loopback with a file checkpoint that is not written during the
-    /// run (interval 1 h), so that only the work under measurement happens. `mqtt_url`: `None`
-    /// for the embedded broker.
+    /// The service with its defaults (see [`ServiceOptions`]); `mqtt_url`: `None` for the
+    /// embedded broker.
     pub fn start(mqtt_url: Option<&str>) -> ServiceProcess {
+        ServiceProcess::start_with(ServiceOptions {
+            mqtt_url,
+            ..ServiceOptions::default()
+        })
+    }
+
+    pub fn start_with(options: ServiceOptions<'_>) -> ServiceProcess {
+        let mqtt_url = options.mqtt_url;
         let dir = tempfile::tempdir().expect("temp dir");
         let udp_port = free_udp_port();
         let http_port = free_tcp_port();
@@ -62,13 +98,21 @@ impl ServiceProcess {
             .current_dir(dir.path())
             .args(["--udp-listen", &format!("127.0.0.1:{udp_port}")])
             .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
-            .args(["--checkpoint-interval", "1h", "--log-level", "error"])
+            .args(["--checkpoint-interval", options.checkpoint_interval])
+            .args(["--log-level", "error"])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         match mqtt_url {
             Some(url) => command.args(["--mqtt-url", url]),
             None => command.args(["--mqtt-embedded-listen", &embedded]),
         };
+        if let Some(bytes) = options.receive_buffer_bytes {
+            // As root the service forces the size (SO_RCVBUFFORCE): exactly what a pod gets.
+            command.args(["--udp-receive-buffer-bytes", &bytes.to_string()]);
+        }
+        if options.pinned {
+            Cpus::Receivers.pin_command(&mut command);
+        }
         let child = command.spawn().expect("start the service");
         let service = ServiceProcess {
             child,
@@ -86,7 +130,7 @@ impl ServiceProcess {
         self.child.id()
     }
 
-    fn get(&self, path: &str) -> Option<(u16, String)> {
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.http_port)).ok()?;
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
@@ -143,11 +187,14 @@ pub struct BareReceiver {
 }
 
 impl BareReceiver {
-    pub fn start() -> BareReceiver {
+    /// A bare receiver with a receive buffer of `buffer` bytes, forced like the service's.
+    pub fn start(buffer: usize) -> BareReceiver {
         let port = free_udp_port();
         let mut child = Command::new(std::env::current_exe().expect("own executable"))
             .env(ROLE, "bare-receiver")
             .arg(port.to_string())
+            .arg(buffer.to_string())
+            .apply(|c| Cpus::Receivers.pin_command(c))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -179,18 +226,19 @@ impl Drop for BareReceiver {
     }
 }
 
-/// The bare receiver's process: counts datagrams on 127.0.0.1:`port`.
-pub fn bare_receiver_main(port: u16) {
+/// The bare receiver's process: counts datagrams on 127.0.0.1:`port`, with the same socket
+/// set-up as the service (its own `bind`, so the same buffer).
+pub fn bare_receiver_main(port: u16, buffer: usize) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
-    let socket =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).expect("socket");
-    let buffer = session_monitor::config::defaults::UDP_RECEIVE_BUFFER_BYTES;
-    let _ = socket.set_recv_buffer_size(buffer);
-    socket
-        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
-        .expect("bind");
-    let socket: UdpSocket = socket.into();
+    let config = session_monitor::config::UdpConfig {
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        allowed_sources: Vec::new(),
+        limits: Default::default(),
+        receive_buffer_bytes: buffer,
+    };
+    let (socket, _) = session_monitor::ingest::bind(&config).expect("bind");
+    socket.set_read_timeout(None).expect("blocking receive");
     let count = Arc::new(AtomicU64::new(0));
     let counter = count.clone();
     std::thread::spawn(move || {
@@ -267,5 +315,70 @@ fn program(name: &str) -> PathBuf {
         sbin
     } else {
         PathBuf::from(name)
+    }
+}
+
+/// Which CPUs a side of the ingest measurement runs on. In production the senders are the
+/// proxies, other machines; here they share the machine, and on loopback the sender's CPU does
+/// the kernel's delivery work. Left to the scheduler, a receiver that uses more CPU slows its
+/// own senders and so looks slower than it is. So, with two CPUs or more, the senders get CPU 0
+/// and the receiver (the service, or the bare receiver) all the others.
+#[derive(Clone, Copy)]
+pub enum Cpus {
+    Senders,
+    Receivers,
+}
+
+impl Cpus {
+    fn set(self) -> Option<libc::cpu_set_t> {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if n < 2 {
+            return None;
+        }
+        // SAFETY: cpu_set_t is a plain bit set; zeroed is the empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        let cpus = match self {
+            Cpus::Senders => 0..1,
+            Cpus::Receivers => 1..n,
+        };
+        for cpu in cpus {
+            // SAFETY: cpu < n ≤ CPU_SETSIZE on any machine this runs on.
+            unsafe { libc::CPU_SET(cpu, &mut set) };
+        }
+        Some(set)
+    }
+
+    /// Pins the calling thread.
+    pub fn pin_current_thread(self) {
+        if let Some(set) = self.set() {
+            // SAFETY: pid 0 is the calling thread; `set` is a valid cpu_set_t of its size.
+            unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+        }
+    }
+
+    /// Pins the process `command` starts (and so every thread it makes).
+    pub fn pin_command(self, command: &mut Command) {
+        use std::os::unix::process::CommandExt;
+        if let Some(set) = self.set() {
+            // SAFETY: sched_setaffinity is async-signal-safe and touches only the child.
+            unsafe {
+                command.pre_exec(move || {
+                    libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
+                    Ok(())
+                });
+            }
+        }
+    }
+}
+
+/// `Command` builders chain; this lets a helper join the chain.
+trait Apply {
+    fn apply(&mut self, f: impl FnOnce(&mut Self)) -> &mut Self;
+}
+
+impl Apply for Command {
+    fn apply(&mut self, f: impl FnOnce(&mut Self)) -> &mut Self {
+        f(self);
+        self
     }
 }

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub mqtt_publishes: IntCounterVec,
     pub mqtt_publish_failures: IntCounterVec,
     pub mqtt_events_dropped: IntCounter,
+    pub mqtt_list_render: Histogram,
     pub checkpoint_writes: IntCounterVec,
     pub checkpoint_duration: Histogram,
     pub checkpoint_size_bytes: IntGauge,
@@ -164,6 +165,18 @@ impl Metrics {
             mqtt_events_dropped: counter(
                 "mqtt_events_dropped_total",
                 "Event-topic messages dropped because the broker link was down or too slow.",
+            ),
+            mqtt_list_render: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        format!("{PREFIX}_mqtt_list_render_seconds"),
+                        "Time to render the user list payload (off the publishing task; grows with the number of users).",
+                    )
+                    .buckets(vec![
+                        0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    ]),
+                ),
             ),
             checkpoint_writes: counter_vec(
                 "checkpoint_writes_total",

@@ -380,7 +380,10 @@ async fn publish_loop(
             // Off the loop: at a million users the list takes a while, and counts must not wait.
             let (state, format) = (state.clone(), config.user_list_format);
             list_render = Some(tokio::task::spawn_blocking(move || {
-                render_list(state.registry(), format)
+                let timer = state.metrics.mqtt_list_render.start_timer();
+                let list = render_list(state.registry(), format);
+                timer.observe_duration();
+                list
             }));
         }
     }
