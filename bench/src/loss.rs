@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use session_monitor::checkpoint::codec::{self, Checkpoint};
 use session_monitor::registry::{SessionRecord, UnixMillis};
 
 use crate::procs::{Mosquitto, POD_RECEIVE_BUFFER_BYTES, ServiceOptions, ServiceProcess, wait_for};
@@ -66,34 +67,25 @@ fn paced(
 pub fn run(sessions: usize, rate: u64, seconds: u64) -> Loss {
     let broker = Mosquitto::start();
     let url = broker.url();
+    let now = UnixMillis::now();
+    let records = Arc::new(realistic::sessions(sessions, now));
+    // The registry comes from a checkpoint, as after a pod restart: exact, and quick to load.
+    let checkpoint = codec::encode(&Checkpoint {
+        saved_at: now,
+        hosts: Vec::new(),
+        sessions: records.to_vec(),
+    });
     let service = ServiceProcess::start_with(ServiceOptions {
         mqtt_url: Some(&url),
         receive_buffer_bytes: Some(POD_RECEIVE_BUFFER_BYTES),
         checkpoint_interval: "5s",
         pinned: false,
+        checkpoint: Some(checkpoint),
     });
-    let now = UnixMillis::now();
-    let records = Arc::new(realistic::sessions(sessions, now));
     let socket = UdpSocket::bind("127.0.0.1:0").expect("socket");
     socket
         .connect(("127.0.0.1", service.udp_port))
         .expect("connect");
-
-    // Load the registry at a pace the pod's buffer takes.
-    let stop = AtomicBool::new(false);
-    let loaded = AtomicU64::new(0);
-    let mut i = 0;
-    paced(
-        &socket,
-        150_000,
-        &stop,
-        || {
-            let d = records.get(i).map(|r| datagram("Start session", r));
-            i += 1;
-            d
-        },
-        &loaded,
-    );
     wait_for("every session active", Duration::from_secs(120), || {
         (service.metric("session_monitor_active_sessions") as usize == sessions).then_some(())
     });

@@ -59,6 +59,8 @@ pub struct ServiceOptions<'a> {
     pub checkpoint_interval: &'a str,
     /// Run on the receiving side's CPUs (see [`Cpus`]).
     pub pinned: bool,
+    /// A checkpoint (encoded) the service restores at start, as after a restart.
+    pub checkpoint: Option<Vec<u8>>,
 }
 
 impl Default for ServiceOptions<'_> {
@@ -68,6 +70,7 @@ impl Default for ServiceOptions<'_> {
             receive_buffer_bytes: None,
             checkpoint_interval: "1h",
             pinned: false,
+            checkpoint: None,
         }
     }
 }
@@ -87,8 +90,17 @@ impl ServiceProcess {
     }
 
     pub fn start_with(options: ServiceOptions<'_>) -> ServiceProcess {
+        let restoring = options.checkpoint.is_some();
         let mqtt_url = options.mqtt_url;
         let dir = tempfile::tempdir().expect("temp dir");
+        if let Some(bytes) = &options.checkpoint {
+            // Where the service looks by default, relative to its working directory.
+            let path = dir
+                .path()
+                .join(session_monitor::config::defaults::CHECKPOINT_FILE);
+            std::fs::create_dir_all(path.parent().expect("a directory")).expect("data dir");
+            std::fs::write(&path, bytes).expect("write the checkpoint");
+        }
         let udp_port = free_udp_port();
         let http_port = free_tcp_port();
         let embedded = format!("127.0.0.1:{}", free_tcp_port());
@@ -120,7 +132,8 @@ impl ServiceProcess {
             http_port,
             _dir: dir,
         };
-        wait_for("the service to be ready", Duration::from_secs(20), || {
+        let limit = Duration::from_secs(if restoring { 60 } else { 20 });
+        wait_for("the service to be ready", limit, || {
             service.get("/readyz").filter(|(code, _)| *code == 200)
         });
         service
