@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use session_monitor::checkpoint::codec::{self, Checkpoint};
+use session_monitor::checkpoint::codec;
 use session_monitor::checkpoint::configmap::DEFAULT_SHARD_BYTES;
 use session_monitor::checkpoint::file::FileStore;
 use session_monitor::exclusions::Exclusions;
@@ -33,27 +33,35 @@ fn best_of<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
     (best, out.expect("at least one run"))
 }
 
+fn registry() -> ShardedRegistry {
+    ShardedRegistry::new(
+        ExpiryPolicy::default(),
+        Exclusions::default(),
+        DEFAULT_MAX_HOSTS,
+        DEFAULT_SHARDS,
+    )
+}
+
+/// As the service does it: the registry written shard by shard into a body and compressed
+/// (encode), the file store's atomic write (write), and at start the file read, decoded and
+/// loaded into a fresh registry (restore).
 pub fn run(n: usize) -> CheckpointCost {
     let dir = tempfile::tempdir().expect("temp dir");
     let now = UnixMillis::now();
-    let checkpoint = Checkpoint {
-        saved_at: now,
-        hosts: Vec::new(),
-        sessions: realistic::sessions(n, now),
-    };
+    let live = registry();
+    assert_eq!(live.restore(&realistic::sessions(n, now), now), n);
     let runs = if n > 200_000 { 3 } else { 5 };
-    let (encode, bytes) = best_of(runs, || codec::encode(&checkpoint));
+    let (encode, bytes) = best_of(runs, || {
+        let (body, written) = live.write_checkpoint(now);
+        assert_eq!(written, n);
+        body.finish()
+    });
     let store = FileStore::new(dir.path().join("checkpoint"));
     let (write, ()) = best_of(runs, || store.save(&bytes).expect("write"));
     let (restore, restored) = best_of(runs, || {
         let loaded = store.load().expect("read").expect("present");
         let decoded = codec::decode(&loaded).expect("decodes");
-        let registry = ShardedRegistry::new(
-            ExpiryPolicy::default(),
-            Exclusions::default(),
-            DEFAULT_MAX_HOSTS,
-            DEFAULT_SHARDS,
-        );
+        let registry = registry();
         registry.restore_hosts(&decoded.hosts);
         registry.restore(&decoded.sessions, now)
     });

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::checkpoint::codec::{BodyWriter, SessionEntry, SessionId};
 use crate::exclusions::Exclusions;
 use crate::parser::{Command, ProxyEvent};
 
@@ -205,7 +206,7 @@ impl BySessionId {
 
 /// The 16 bytes of a GUID written as Qlik writes them (`8-4-4-4-12` lower-case hex digits);
 /// `None` for anything else, which then stays text.
-fn parse_guid(id: &str) -> Option<[u8; 16]> {
+pub(crate) fn parse_guid(id: &str) -> Option<[u8; 16]> {
     let text = id.as_bytes();
     if text.len() != 36 || [8, 13, 18, 23].iter().any(|&i| text[i] != b'-') {
         return None;
@@ -223,7 +224,7 @@ fn parse_guid(id: &str) -> Option<[u8; 16]> {
     Some(guid)
 }
 
-fn format_guid(guid: &[u8; 16]) -> String {
+pub(crate) fn format_guid(guid: &[u8; 16]) -> String {
     use std::fmt::Write;
     let mut text = String::with_capacity(36);
     for (i, byte) in guid.iter().enumerate() {
@@ -590,6 +591,47 @@ impl Registry {
             v.hosts.sort();
         }
         views
+    }
+
+    /// Writes this registry's users and sessions as one checkpoint segment, straight from its
+    /// tables. `host_index` maps this registry's host ids to the body's host indexes.
+    pub(crate) fn write_segment(&self, w: &mut BodyWriter, host_index: &[u32]) {
+        // Live users get consecutive indexes; free slots are skipped.
+        let mut index = vec![u32::MAX; self.users.len()];
+        let live = self.users.iter().filter(|u| u.is_some()).count();
+        w.segment(live, self.active_sessions());
+        let mut next = 0;
+        for (slot, user) in self.users.iter().enumerate() {
+            if let Some(user) = user {
+                index[slot] = next;
+                next += 1;
+                w.user(user.directory(), user.user_id());
+            }
+        }
+        fn entry<'a>(
+            id: SessionId<'a>,
+            s: &Session,
+            host_index: &[u32],
+            index: &[u32],
+        ) -> SessionEntry<'a> {
+            SessionEntry {
+                id,
+                host: host_index[s.host as usize],
+                user: index[s.user as usize],
+                started: s.started,
+                last_seen: s.last_seen,
+                open_connections: s.open_connections,
+            }
+        }
+        for (guid, s) in &self.by_session_id.guids {
+            w.session(entry(SessionId::Guid(guid), s, host_index, &index));
+        }
+        for (id, s) in &self.by_session_id.other {
+            w.session(entry(SessionId::Text(id), s, host_index, &index));
+        }
+        for s in self.by_host_user.values() {
+            w.session(entry(SessionId::None, s, host_index, &index));
+        }
     }
 
     /// Display names of the active users, unsorted (for a [`ShardedRegistry`] to merge).

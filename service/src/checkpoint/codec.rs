@@ -1,22 +1,27 @@
 //! The checkpoint wire format: versioned, compact, compressed. Pure: bytes in, bytes out.
 //!
-//! Layout (version 1):
+//! Layout (version 2):
 //! ```text
 //! "SMCP" | version: u8 | zlib( body )
-//! body  = saved_at: varint (unix ms)
-//!         hosts: varint count, then strings
-//!         users: varint count, then (directory string, user id string)
-//!         sessions: varint count, then per session
-//!             flags: u8 (bit 0: has a proxy session id)
-//!             [session id string]
-//!             host index: varint, user index: varint
-//!             saved_at - started: varint, saved_at - last_seen: varint
-//!             open connections: varint
-//! string = varint byte length, UTF-8 bytes
+//! body    = saved_at: varint (unix ms)
+//!           hosts: varint count, then strings
+//!           segments: varint count, then each segment:
+//!             users: varint count, then (directory string, user id string)
+//!             sessions: varint count, then per session
+//!               flags: u8 (bit 0: has a proxy session id; bit 1: it is a GUID, as 16 bytes)
+//!               [session id: 16 bytes, or a string]
+//!               host index: varint (into hosts), user index: varint (into the segment's users)
+//!               saved_at - started: varint, saved_at - last_seen: varint
+//!               open connections: varint
+//! string  = varint byte length, UTF-8 bytes
 //! ```
-//! Hosts and users are written once and referenced by index, and times are stored as distances
-//! back from `saved_at`, so a session costs a few bytes plus its id before compression. zlib
-//! carries an Adler-32 checksum, so truncation and bit rot are detected, not restored as garbage.
+//! A segment is one registry shard, written from the shard's own tables while it is locked
+//! (no per-session allocation; see [`BodyWriter`]); hosts and users are written once and
+//! referenced by index, times are distances back from `saved_at`, and Qlik's GUID session ids
+//! take their 16 bytes, so a session costs about 25 bytes before compression. zlib carries an
+//! Adler-32 checksum, so truncation and bit rot are detected, not restored as garbage.
+//!
+//! Version 1 (still read) had one implicit segment and every session id as a string.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -25,15 +30,18 @@ use flate2::Compression;
 use flate2::read::ZlibDecoder;
 use flate2::write::ZlibEncoder;
 
-use crate::registry::{SessionRecord, UnixMillis};
+use crate::registry::{SessionRecord, UnixMillis, format_guid, parse_guid};
 
 const MAGIC: &[u8; 4] = b"SMCP";
 /// Bump when the layout changes; readers refuse versions newer than they know, and keep
 /// decoding every older one.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// A decoded checkpoint may not be larger than this: a guard against a small crafted file that
 /// decompresses to gigabytes. A million sessions take well under 100 MiB.
 const MAX_BODY_BYTES: u64 = 512 << 20;
+
+const HAS_ID: u8 = 1;
+const GUID_ID: u8 = 2;
 
 /// The registry as saved at one moment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -55,67 +63,176 @@ pub enum DecodeError {
     Corrupt(String),
 }
 
-pub fn encode(checkpoint: &Checkpoint) -> Vec<u8> {
-    let mut hosts: Vec<&str> = Vec::new();
-    let mut host_index: HashMap<&str, u64> = HashMap::new();
-    let mut users: Vec<(&str, &str)> = Vec::new();
-    let mut user_index: HashMap<(&str, &str), u64> = HashMap::new();
-    let mut sessions = Vec::with_capacity(checkpoint.sessions.len() * 48);
-    for h in &checkpoint.hosts {
-        host_index.entry(h).or_insert_with(|| {
-            hosts.push(h);
-            hosts.len() as u64 - 1
-        });
-    }
-    for s in &checkpoint.sessions {
-        let host = *host_index.entry(&s.host).or_insert_with(|| {
-            hosts.push(&s.host);
-            hosts.len() as u64 - 1
-        });
-        let user_key = (s.user_directory.as_str(), s.user_id.as_str());
-        let user = *user_index.entry(user_key).or_insert_with(|| {
-            users.push(user_key);
-            users.len() as u64 - 1
-        });
-        sessions.push(u8::from(s.proxy_session_id.is_some()));
-        if let Some(id) = &s.proxy_session_id {
-            put_str(&mut sessions, id);
+/// A session's id as a registry holds it.
+#[derive(Clone, Copy, Debug)]
+pub enum SessionId<'a> {
+    /// Keyed by (host, user): the datagrams carried no id.
+    None,
+    Guid(&'a [u8; 16]),
+    Text(&'a str),
+}
+
+/// One session as [`BodyWriter::session`] takes it: indexes into the body's hosts and the
+/// current segment's users.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionEntry<'a> {
+    pub id: SessionId<'a>,
+    pub host: u32,
+    pub user: u32,
+    pub started: UnixMillis,
+    pub last_seen: UnixMillis,
+    pub open_connections: u32,
+}
+
+/// Writes a body in order: hosts, then for each of `segments` segments its users and then its
+/// sessions. Counts come first in the format, so each list's length is given up front; a
+/// mismatch is a bug of the caller and panics in debug builds.
+pub struct BodyWriter {
+    saved_at: UnixMillis,
+    body: Vec<u8>,
+    hosts: u32,
+    segments_left: usize,
+    users_left: usize,
+    sessions_left: usize,
+}
+
+impl BodyWriter {
+    pub fn new(saved_at: UnixMillis, hosts: &[String], segments: usize) -> BodyWriter {
+        let mut body = Vec::new();
+        put_varint(&mut body, saved_at.0);
+        put_varint(&mut body, hosts.len() as u64);
+        for h in hosts {
+            put_str(&mut body, h);
         }
-        put_varint(&mut sessions, host);
-        put_varint(&mut sessions, user);
-        put_varint(
-            &mut sessions,
-            checkpoint.saved_at.0.saturating_sub(s.started.0),
-        );
-        put_varint(
-            &mut sessions,
-            checkpoint.saved_at.0.saturating_sub(s.last_seen.0),
-        );
-        put_varint(&mut sessions, u64::from(s.open_connections));
+        put_varint(&mut body, segments as u64);
+        BodyWriter {
+            saved_at,
+            body,
+            hosts: hosts.len() as u32,
+            segments_left: segments,
+            users_left: 0,
+            sessions_left: 0,
+        }
     }
 
-    let mut body = Vec::with_capacity(sessions.len() + users.len() * 24 + 64);
-    put_varint(&mut body, checkpoint.saved_at.0);
-    put_varint(&mut body, hosts.len() as u64);
-    for h in &hosts {
-        put_str(&mut body, h);
+    /// Starts the next segment, with `users` users and `sessions` sessions to follow.
+    pub fn segment(&mut self, users: usize, sessions: usize) {
+        debug_assert!(self.segments_left > 0 && self.users_left == 0 && self.sessions_left == 0);
+        self.segments_left -= 1;
+        self.users_left = users;
+        self.sessions_left = sessions;
+        self.body.reserve(users * 24 + sessions * 28);
+        put_varint(&mut self.body, users as u64);
+        if users == 0 {
+            put_varint(&mut self.body, sessions as u64);
+        }
     }
-    put_varint(&mut body, users.len() as u64);
-    for (directory, id) in &users {
-        put_str(&mut body, directory);
-        put_str(&mut body, id);
-    }
-    put_varint(&mut body, checkpoint.sessions.len() as u64);
-    body.extend_from_slice(&sessions);
 
-    let mut out = Vec::with_capacity(body.len() / 2 + 16);
-    out.extend_from_slice(MAGIC);
-    out.push(VERSION);
-    // Level 1: checkpoints are written every few seconds; speed matters more than the last few
-    // percent of size, and ids dominate the size anyway.
-    let mut z = ZlibEncoder::new(out, Compression::fast());
-    z.write_all(&body).expect("writing to a Vec cannot fail");
-    z.finish().expect("writing to a Vec cannot fail")
+    pub fn user(&mut self, directory: &str, user_id: &str) {
+        debug_assert!(self.users_left > 0);
+        put_str(&mut self.body, directory);
+        put_str(&mut self.body, user_id);
+        self.users_left -= 1;
+        if self.users_left == 0 {
+            put_varint(&mut self.body, self.sessions_left as u64);
+        }
+    }
+
+    pub fn session(&mut self, s: SessionEntry<'_>) {
+        debug_assert!(self.users_left == 0 && self.sessions_left > 0 && s.host < self.hosts);
+        self.sessions_left -= 1;
+        let out = &mut self.body;
+        match s.id {
+            SessionId::None => out.push(0),
+            SessionId::Guid(guid) => {
+                out.push(HAS_ID | GUID_ID);
+                out.extend_from_slice(guid);
+            }
+            SessionId::Text(id) => {
+                out.push(HAS_ID);
+                put_str(out, id);
+            }
+        }
+        put_varint(out, u64::from(s.host));
+        put_varint(out, u64::from(s.user));
+        put_varint(out, self.saved_at.0.saturating_sub(s.started.0));
+        put_varint(out, self.saved_at.0.saturating_sub(s.last_seen.0));
+        put_varint(out, u64::from(s.open_connections));
+    }
+
+    /// The uncompressed body's size so far.
+    pub fn len(&self) -> usize {
+        self.body.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.body.is_empty()
+    }
+
+    /// Compresses the body into the checkpoint's bytes. The slow part: call it outside locks.
+    pub fn finish(self) -> Vec<u8> {
+        debug_assert!(self.segments_left == 0 && self.sessions_left == 0);
+        let mut out = Vec::with_capacity(self.body.len() / 2 + 16);
+        out.extend_from_slice(MAGIC);
+        out.push(VERSION);
+        // Level 1: checkpoints are written every few seconds; speed matters more than the last
+        // few percent of size, and the ids (random bytes) dominate the size anyway.
+        let mut z = ZlibEncoder::new(out, Compression::fast());
+        z.write_all(&self.body)
+            .expect("writing to a Vec cannot fail");
+        z.finish().expect("writing to a Vec cannot fail")
+    }
+}
+
+/// Encodes self-contained records (one segment). The service writes from its registry's own
+/// tables instead ([`crate::registry::ShardedRegistry::write_checkpoint`]).
+pub fn encode(checkpoint: &Checkpoint) -> Vec<u8> {
+    let mut hosts: Vec<String> = Vec::new();
+    let mut host_index: HashMap<&str, u32> = HashMap::new();
+    for h in checkpoint
+        .hosts
+        .iter()
+        .chain(checkpoint.sessions.iter().map(|s| &s.host))
+    {
+        host_index.entry(h).or_insert_with(|| {
+            hosts.push(h.clone());
+            hosts.len() as u32 - 1
+        });
+    }
+    let mut users: Vec<(&str, &str)> = Vec::new();
+    let mut user_index: HashMap<(&str, &str), u32> = HashMap::new();
+    let indexes: Vec<u32> = checkpoint
+        .sessions
+        .iter()
+        .map(|s| {
+            let key = (s.user_directory.as_str(), s.user_id.as_str());
+            *user_index.entry(key).or_insert_with(|| {
+                users.push(key);
+                users.len() as u32 - 1
+            })
+        })
+        .collect();
+    let mut w = BodyWriter::new(checkpoint.saved_at, &hosts, 1);
+    w.segment(users.len(), checkpoint.sessions.len());
+    for (directory, user_id) in &users {
+        w.user(directory, user_id);
+    }
+    for (s, user) in checkpoint.sessions.iter().zip(indexes) {
+        let guid = s.proxy_session_id.as_deref().and_then(parse_guid);
+        w.session(SessionEntry {
+            id: match (&guid, &s.proxy_session_id) {
+                (Some(guid), _) => SessionId::Guid(guid),
+                (None, Some(id)) => SessionId::Text(id),
+                (None, None) => SessionId::None,
+            },
+            host: host_index[s.host.as_str()],
+            user,
+            started: s.started,
+            last_seen: s.last_seen,
+            open_connections: s.open_connections,
+        });
+    }
+    w.finish()
 }
 
 pub fn decode(bytes: &[u8]) -> Result<Checkpoint, DecodeError> {
@@ -138,42 +255,52 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, DecodeError> {
     let hosts = (0..r.count()?)
         .map(|_| r.string())
         .collect::<Result<Vec<_>, _>>()?;
-    let users = (0..r.count()?)
-        .map(|_| Ok((r.string()?, r.string()?)))
-        .collect::<Result<Vec<_>, DecodeError>>()?;
-    let count = r.count()?;
-    let mut sessions = Vec::with_capacity(count);
-    for _ in 0..count {
-        let flags = r.byte()?;
-        if flags > 1 {
-            return Err(DecodeError::Corrupt(format!(
-                "unknown session flags {flags:#x}"
-            )));
+    // Version 1 is one segment without a segment count.
+    let segments = if version == 1 { 1 } else { r.count()? };
+    let mut sessions = Vec::new();
+    for _ in 0..segments {
+        let users = (0..r.count()?)
+            .map(|_| Ok((r.string()?, r.string()?)))
+            .collect::<Result<Vec<_>, DecodeError>>()?;
+        let count = r.count()?;
+        sessions.reserve(count);
+        for _ in 0..count {
+            let flags = r.byte()?;
+            let allowed = if version == 1 {
+                HAS_ID
+            } else {
+                HAS_ID | GUID_ID
+            };
+            if flags & !allowed != 0 || flags == GUID_ID {
+                return Err(DecodeError::Corrupt(format!(
+                    "unknown session flags {flags:#x}"
+                )));
+            }
+            let proxy_session_id = match flags {
+                0 => None,
+                HAS_ID => Some(r.string()?),
+                _ => Some(format_guid(&r.array()?)),
+            };
+            let host = hosts
+                .get(r.varint()? as usize)
+                .ok_or_else(|| corrupt("host index out of range"))?;
+            let (directory, user_id) = users
+                .get(r.varint()? as usize)
+                .ok_or_else(|| corrupt("user index out of range"))?;
+            let started = UnixMillis(saved_at.0.saturating_sub(r.varint()?));
+            let last_seen = UnixMillis(saved_at.0.saturating_sub(r.varint()?));
+            let open_connections =
+                u32::try_from(r.varint()?).map_err(|_| corrupt("connection count out of range"))?;
+            sessions.push(SessionRecord {
+                proxy_session_id,
+                host: host.clone(),
+                user_directory: directory.clone(),
+                user_id: user_id.clone(),
+                started,
+                last_seen,
+                open_connections,
+            });
         }
-        let proxy_session_id = if flags & 1 == 1 {
-            Some(r.string()?)
-        } else {
-            None
-        };
-        let host = hosts
-            .get(r.varint()? as usize)
-            .ok_or_else(|| corrupt("host index out of range"))?;
-        let (directory, user_id) = users
-            .get(r.varint()? as usize)
-            .ok_or_else(|| corrupt("user index out of range"))?;
-        let started = UnixMillis(saved_at.0.saturating_sub(r.varint()?));
-        let last_seen = UnixMillis(saved_at.0.saturating_sub(r.varint()?));
-        let open_connections =
-            u32::try_from(r.varint()?).map_err(|_| corrupt("connection count out of range"))?;
-        sessions.push(SessionRecord {
-            proxy_session_id,
-            host: host.clone(),
-            user_directory: directory.clone(),
-            user_id: user_id.clone(),
-            started,
-            last_seen,
-            open_connections,
-        });
     }
     if !r.buf.is_empty() {
         return Err(corrupt("trailing bytes after the last session"));
@@ -237,6 +364,14 @@ impl Reader<'_> {
         Ok(n as usize)
     }
 
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let Some((head, rest)) = self.buf.split_first_chunk::<N>() else {
+            return Err(corrupt("unexpected end"));
+        };
+        self.buf = rest;
+        Ok(*head)
+    }
+
     fn string(&mut self) -> Result<String, DecodeError> {
         let len = self.count()?;
         let (s, rest) = self.buf.split_at(len);
@@ -280,8 +415,74 @@ mod tests {
             ],
         };
         let bytes = encode(&c);
-        assert_eq!(&bytes[..5], b"SMCP\x01");
+        assert_eq!(&bytes[..5], b"SMCP\x02");
         assert_eq!(decode(&bytes).unwrap(), c);
+    }
+
+    #[test]
+    fn version_1_is_still_read() {
+        // Version 1 as the previous release wrote it: no segment count, ids as strings.
+        let mut body = Vec::new();
+        put_varint(&mut body, 1_000_000);
+        put_varint(&mut body, 1);
+        put_str(&mut body, "qs1");
+        put_varint(&mut body, 1);
+        put_str(&mut body, "LAB");
+        put_str(&mut body, "joe");
+        put_varint(&mut body, 2);
+        body.push(1);
+        put_str(&mut body, "0f8fad5b-d9cb-469f-a165-70867728950e");
+        body.extend([0, 0, 100, 50, 2]); // host, user, started and last seen back, open
+        body.push(0);
+        body.extend([0, 0, 10, 10, 0]);
+        let mut z = ZlibEncoder::new(b"SMCP\x01".to_vec(), Compression::fast());
+        z.write_all(&body).unwrap();
+        let c = decode(&z.finish().unwrap()).unwrap();
+        assert_eq!(c.saved_at, UnixMillis(1_000_000));
+        assert_eq!(c.hosts, ["qs1"]);
+        assert_eq!(
+            c.sessions,
+            [
+                SessionRecord {
+                    proxy_session_id: Some("0f8fad5b-d9cb-469f-a165-70867728950e".into()),
+                    host: "qs1".into(),
+                    user_directory: "LAB".into(),
+                    user_id: "joe".into(),
+                    started: UnixMillis(999_900),
+                    last_seen: UnixMillis(999_950),
+                    open_connections: 2,
+                },
+                SessionRecord {
+                    proxy_session_id: None,
+                    host: "qs1".into(),
+                    user_directory: "LAB".into(),
+                    user_id: "joe".into(),
+                    started: UnixMillis(999_990),
+                    last_seen: UnixMillis(999_990),
+                    open_connections: 0,
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn guid_ids_take_sixteen_bytes() {
+        let guid = "0f8fad5b-d9cb-469f-a165-70867728950e";
+        let one = |id: &str| Checkpoint {
+            saved_at: UnixMillis(1000),
+            hosts: vec!["h".into()],
+            sessions: vec![record(Some(id), "h", "D", "u", 1)],
+        };
+        let upper = guid.to_uppercase(); // not Qlik's form: kept as text, exactly
+        let (compact, text) = (encode(&one(guid)), encode(&one(&upper)));
+        assert_eq!(decode(&compact).unwrap(), one(guid));
+        assert_eq!(decode(&text).unwrap(), one(&upper));
+        assert!(
+            compact.len() + 15 < text.len(),
+            "{} vs {}",
+            compact.len(),
+            text.len()
+        );
     }
 
     #[test]

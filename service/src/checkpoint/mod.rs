@@ -20,7 +20,6 @@ use tokio::sync::watch;
 use crate::config::CheckpointStoreConfig;
 use crate::registry::UnixMillis;
 use crate::state::State;
-use codec::Checkpoint;
 use configmap::{ConfigMapError, ConfigMapStore};
 
 /// Where checkpoints live. An enum rather than a trait object: the set of stores is closed and
@@ -289,7 +288,7 @@ async fn set_aside(store: &Store, state: &State, reason: &str) -> Result<(), Sto
 
 /// Encodes and writes the registry now. A conflict (someone else wrote the store) is resolved
 /// by writing the current registry again, a few times at most.
-pub async fn save(store: &Store, state: &State) -> Result<(), StoreError> {
+pub async fn save(store: &Store, state: &Arc<State>) -> Result<(), StoreError> {
     const ATTEMPTS: usize = 3;
     let mut attempt = 1;
     loop {
@@ -308,17 +307,19 @@ pub async fn save(store: &Store, state: &State) -> Result<(), StoreError> {
     }
 }
 
-async fn save_once(store: &Store, state: &State) -> Result<(), StoreError> {
+async fn save_once(store: &Store, state: &Arc<State>) -> Result<(), StoreError> {
     let started = Instant::now();
     let revision = state.revision.load(Ordering::Acquire);
-    let (hosts, sessions) = (state.registry().host_names(), state.registry().snapshot());
-    let checkpoint = Checkpoint {
-        saved_at: UnixMillis::now(),
-        hosts,
-        sessions,
+    // Written shard by shard from the registry's own tables, then compressed, all on a blocking
+    // thread: each shard is locked only while its part is written.
+    let (bytes, sessions) = {
+        let state = state.clone();
+        blocking(move || {
+            let (body, sessions) = state.registry().write_checkpoint(UnixMillis::now());
+            (body.finish(), sessions)
+        })
+        .await
     };
-    let sessions = checkpoint.sessions.len();
-    let bytes = blocking(move || codec::encode(&checkpoint)).await;
     let size = bytes.len();
     let result = store.save(bytes).await;
     let m = &state.metrics;

@@ -36,8 +36,8 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
     (0..len).map(|_| rng.u8(..)).collect()
 }
 
-fn state() -> State {
-    State::new(
+fn state() -> Arc<State> {
+    Arc::new(State::new(
         ShardedRegistry::new(
             ExpiryPolicy::default(),
             Exclusions::default(),
@@ -45,7 +45,7 @@ fn state() -> State {
             8,
         ),
         Metrics::new(),
-    )
+    ))
 }
 
 fn start(state: &State, user: &str, session_id: &str) {
@@ -274,7 +274,7 @@ async fn a_checkpoint_that_cannot_fit_is_refused_before_anything_is_sent() {
 async fn api_server_errors_at_start_are_retried_with_backoff() {
     let api = FakeApi::default();
     store(&api, 8, 1000)
-        .save(&codec::encode(&Checkpoint::default()))
+        .save(&codec::encode(&codec::Checkpoint::default()))
         .await
         .unwrap();
     api.take_log();
@@ -293,7 +293,7 @@ async fn api_server_errors_at_start_are_retried_with_backoff() {
 #[tokio::test(start_paused = true)]
 async fn a_failing_store_is_retried_with_backoff_while_running() {
     let api = FakeApi::default();
-    let state = Arc::new(state());
+    let state = state();
     let s = Store::ConfigMap(Arc::new(store(&api, 8, 1000)));
     restore(&s, &state).await.unwrap();
     start(&state, "joe", "s1");
