@@ -60,10 +60,8 @@ pub fn run(n: usize) -> CheckpointCost {
     let (write, ()) = best_of(runs, || store.save(&bytes).expect("write"));
     let (restore, restored) = best_of(runs, || {
         let loaded = store.load().expect("read").expect("present");
-        let decoded = codec::decode(&loaded).expect("decodes");
-        let registry = registry();
-        registry.restore_hosts(&decoded.hosts);
-        registry.restore(&decoded.sessions, now)
+        let decoded = codec::decode_segments(&loaded).expect("decodes");
+        registry().restore_decoded(&decoded, now)
     });
     assert_eq!(restored, n, "every session restored");
     CheckpointCost {

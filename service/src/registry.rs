@@ -7,7 +7,12 @@
 //! in [`Registry::expire`], the read views and the checkpoint snapshot, which run on their own
 //! schedules, never per event.
 
-use std::collections::HashMap;
+use std::collections::HashMap as StdHashMap;
+
+/// The registry's hash tables. foldhash is several times faster than the standard SipHash on
+/// these short keys (a restore hashes each of a million sessions and users several times), and
+/// its per-process random seed keeps crafted keys from colliding on purpose.
+type HashMap<K, V> = StdHashMap<K, V, foldhash::quality::RandomState>;
 use std::time::Duration;
 
 use crate::checkpoint::codec::{BodyWriter, SessionEntry, SessionId};
@@ -277,6 +282,35 @@ pub struct SessionRecord {
     pub open_connections: u32,
 }
 
+/// A session to restore, borrowed from a decoded checkpoint or a [`SessionRecord`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RestoreRecord<'a> {
+    pub id: SessionId<'a>,
+    pub host: &'a str,
+    pub user_directory: &'a str,
+    pub user_id: &'a str,
+    pub started: UnixMillis,
+    pub last_seen: UnixMillis,
+    pub open_connections: u32,
+}
+
+impl<'a> From<&'a SessionRecord> for RestoreRecord<'a> {
+    fn from(r: &'a SessionRecord) -> Self {
+        RestoreRecord {
+            id: r
+                .proxy_session_id
+                .as_deref()
+                .map_or(SessionId::None, SessionId::Text),
+            host: &r.host,
+            user_directory: &r.user_directory,
+            user_id: &r.user_id,
+            started: r.started,
+            last_seen: r.last_seen,
+            open_connections: r.open_connections,
+        }
+    }
+}
+
 /// Active users and sessions on one proxy host.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct HostSummary {
@@ -461,32 +495,35 @@ impl Registry {
     /// that are now excluded, and sessions already live (seen since start, so newer). Returns
     /// how many sessions were restored.
     pub fn restore(&mut self, records: &[SessionRecord], now: UnixMillis) -> usize {
-        self.restore_gated(records.iter(), now, &mut |_| true)
+        self.restore_gated(records.iter().map(RestoreRecord::from), now, &mut |_| true)
     }
 
     /// [`Registry::restore`] with a host limit beyond this registry's (see
     /// [`Registry::apply_gated`]).
     pub(crate) fn restore_gated<'r>(
         &mut self,
-        records: impl Iterator<Item = &'r SessionRecord>,
+        records: impl Iterator<Item = RestoreRecord<'r>>,
         now: UnixMillis,
         admit_host: &mut dyn FnMut(&str) -> bool,
     ) -> usize {
         let mut restored = 0;
+        // A checkpoint names a few hosts a million times: resolve each name once.
+        let mut host_cache: Vec<(&'r str, HostId)> = Vec::new();
         for r in records {
             let silent = now.elapsed_since(r.last_seen);
             let expired = silent > self.expiry.max_idle
                 || (r.open_connections == 0 && silent > self.expiry.idle_timeout);
-            self.set_scratch_to_user_key(&r.user_directory, &r.user_id);
+            self.set_scratch_to_user_key(r.user_directory, r.user_id);
             if expired || self.exclusions.matches(&self.scratch) {
                 continue;
             }
             // Events that arrived while the checkpoint was loading are newer: they win.
-            let live = match &r.proxy_session_id {
-                Some(id) => self.by_session_id.contains(id),
-                None => match (
-                    self.find_host(&r.host),
-                    self.find_user(&r.user_directory, &r.user_id),
+            let live = match r.id {
+                SessionId::Guid(guid) => self.by_session_id.guids.contains_key(guid),
+                SessionId::Text(id) => self.by_session_id.contains(id),
+                SessionId::None => match (
+                    self.find_host(r.host),
+                    self.find_user(r.user_directory, r.user_id),
                 ) {
                     (Some(h), Some(u)) => self.by_host_user.contains_key(&(h, u)),
                     _ => false,
@@ -495,10 +532,22 @@ impl Registry {
             if live {
                 continue;
             }
-            let Some(host) = self.intern_host(&r.host, admit_host) else {
-                continue;
+            let cached = host_cache.iter().find(|(name, _)| *name == r.host);
+            let host = match cached {
+                Some(&(_, host)) => host,
+                None => {
+                    let Some(host) = self.intern_host(r.host, admit_host) else {
+                        continue;
+                    };
+                    if host_cache.len() < 64 {
+                        host_cache.push((r.host, host));
+                    }
+                    // intern_host used the scratch key; the user's is needed next.
+                    self.set_scratch_to_user_key(r.user_directory, r.user_id);
+                    host
+                }
             };
-            let user = self.intern_user(&r.user_directory, &r.user_id, r.started);
+            let user = self.intern_user_at_scratch(r.user_directory, r.user_id, r.started);
             let session = Session {
                 user,
                 host,
@@ -507,9 +556,10 @@ impl Registry {
                 open_connections: r.open_connections,
             };
             // Not already live (checked above), so this adds a session.
-            match &r.proxy_session_id {
-                Some(id) => self.by_session_id.insert(id, session),
-                None => self.by_host_user.insert((host, user), session),
+            match r.id {
+                SessionId::Guid(guid) => self.by_session_id.guids.insert(*guid, session),
+                SessionId::Text(id) => self.by_session_id.insert(id, session),
+                SessionId::None => self.by_host_user.insert((host, user), session),
             };
             self.retain(host, user);
             let u = self.user_mut(user);
@@ -560,7 +610,7 @@ impl Registry {
 
     /// [`Registry::users`] in no particular order.
     pub(crate) fn unsorted_users(&self) -> Vec<UserView> {
-        let mut views: HashMap<UserId, UserView> = HashMap::new();
+        let mut views: HashMap<UserId, UserView> = HashMap::default();
         let sessions = self
             .by_session_id
             .values()
@@ -769,7 +819,18 @@ impl Registry {
     }
 
     fn intern_user(&mut self, directory: &str, user_id: &str, now: UnixMillis) -> UserId {
-        if let Some(id) = self.find_user(directory, user_id) {
+        self.set_scratch_to_user_key(directory, user_id);
+        self.intern_user_at_scratch(directory, user_id, now)
+    }
+
+    /// [`Registry::intern_user`] when the scratch already holds the user's key.
+    fn intern_user_at_scratch(
+        &mut self,
+        directory: &str,
+        user_id: &str,
+        now: UnixMillis,
+    ) -> UserId {
+        if let Some(&id) = self.user_index.get(self.scratch.as_str()) {
             return id;
         }
         let user = User {

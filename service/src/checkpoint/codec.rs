@@ -235,7 +235,85 @@ pub fn encode(checkpoint: &Checkpoint) -> Vec<u8> {
     w.finish()
 }
 
+/// A checkpoint as written: hosts, and per segment its users and its sessions by index (every
+/// index checked to be in range). What start-up restores from, without a string per session.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Decoded {
+    pub saved_at: UnixMillis,
+    pub hosts: Vec<String>,
+    pub segments: Vec<Segment>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Segment {
+    /// (directory, user id)
+    pub users: Vec<(String, String)>,
+    pub sessions: Vec<DecodedSession>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecodedSession {
+    pub id: DecodedId,
+    /// Index into [`Decoded::hosts`].
+    pub host: u32,
+    /// Index into the segment's users.
+    pub user: u32,
+    pub started: UnixMillis,
+    pub last_seen: UnixMillis,
+    pub open_connections: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DecodedId {
+    None,
+    Guid([u8; 16]),
+    Text(String),
+}
+
+impl DecodedId {
+    pub fn as_ref(&self) -> SessionId<'_> {
+        match self {
+            DecodedId::None => SessionId::None,
+            DecodedId::Guid(guid) => SessionId::Guid(guid),
+            DecodedId::Text(id) => SessionId::Text(id),
+        }
+    }
+}
+
+/// Decodes into self-contained records (tests and tools; start-up uses [`decode_segments`]).
 pub fn decode(bytes: &[u8]) -> Result<Checkpoint, DecodeError> {
+    let decoded = decode_segments(bytes)?;
+    let hosts = &decoded.hosts;
+    let sessions = decoded
+        .segments
+        .iter()
+        .flat_map(|segment| {
+            segment.sessions.iter().map(move |s| {
+                let (directory, user_id) = &segment.users[s.user as usize];
+                SessionRecord {
+                    proxy_session_id: match &s.id {
+                        DecodedId::None => None,
+                        DecodedId::Guid(guid) => Some(format_guid(guid)),
+                        DecodedId::Text(id) => Some(id.clone()),
+                    },
+                    host: hosts[s.host as usize].clone(),
+                    user_directory: directory.clone(),
+                    user_id: user_id.clone(),
+                    started: s.started,
+                    last_seen: s.last_seen,
+                    open_connections: s.open_connections,
+                }
+            })
+        })
+        .collect();
+    Ok(Checkpoint {
+        saved_at: decoded.saved_at,
+        hosts: decoded.hosts,
+        sessions,
+    })
+}
+
+pub fn decode_segments(bytes: &[u8]) -> Result<Decoded, DecodeError> {
     let rest = bytes.strip_prefix(MAGIC).ok_or(DecodeError::BadMagic)?;
     let (&version, compressed) = rest.split_first().ok_or(DecodeError::BadMagic)?;
     if version > VERSION || version == 0 {
@@ -256,59 +334,59 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, DecodeError> {
         .map(|_| r.string())
         .collect::<Result<Vec<_>, _>>()?;
     // Version 1 is one segment without a segment count.
-    let segments = if version == 1 { 1 } else { r.count()? };
-    let mut sessions = Vec::new();
-    for _ in 0..segments {
+    let count = if version == 1 { 1 } else { r.count()? };
+    let allowed = if version == 1 {
+        HAS_ID
+    } else {
+        HAS_ID | GUID_ID
+    };
+    let mut segments = Vec::with_capacity(count);
+    for _ in 0..count {
         let users = (0..r.count()?)
             .map(|_| Ok((r.string()?, r.string()?)))
             .collect::<Result<Vec<_>, DecodeError>>()?;
         let count = r.count()?;
-        sessions.reserve(count);
+        let mut sessions = Vec::with_capacity(count);
         for _ in 0..count {
             let flags = r.byte()?;
-            let allowed = if version == 1 {
-                HAS_ID
-            } else {
-                HAS_ID | GUID_ID
-            };
             if flags & !allowed != 0 || flags == GUID_ID {
                 return Err(DecodeError::Corrupt(format!(
                     "unknown session flags {flags:#x}"
                 )));
             }
-            let proxy_session_id = match flags {
-                0 => None,
-                HAS_ID => Some(r.string()?),
-                _ => Some(format_guid(&r.array()?)),
+            let id = match flags {
+                0 => DecodedId::None,
+                // Version 1 wrote GUIDs as text: keep them compact from here on.
+                HAS_ID => {
+                    let id = r.string()?;
+                    parse_guid(&id).map_or(DecodedId::Text(id), DecodedId::Guid)
+                }
+                _ => DecodedId::Guid(r.array()?),
             };
-            let host = hosts
-                .get(r.varint()? as usize)
-                .ok_or_else(|| corrupt("host index out of range"))?;
-            let (directory, user_id) = users
-                .get(r.varint()? as usize)
-                .ok_or_else(|| corrupt("user index out of range"))?;
+            let host = r.index(hosts.len(), "host")?;
+            let user = r.index(users.len(), "user")?;
             let started = UnixMillis(saved_at.0.saturating_sub(r.varint()?));
             let last_seen = UnixMillis(saved_at.0.saturating_sub(r.varint()?));
             let open_connections =
                 u32::try_from(r.varint()?).map_err(|_| corrupt("connection count out of range"))?;
-            sessions.push(SessionRecord {
-                proxy_session_id,
-                host: host.clone(),
-                user_directory: directory.clone(),
-                user_id: user_id.clone(),
+            sessions.push(DecodedSession {
+                id,
+                host,
+                user,
                 started,
                 last_seen,
                 open_connections,
             });
         }
+        segments.push(Segment { users, sessions });
     }
     if !r.buf.is_empty() {
         return Err(corrupt("trailing bytes after the last session"));
     }
-    Ok(Checkpoint {
+    Ok(Decoded {
         saved_at,
         hosts,
-        sessions,
+        segments,
     })
 }
 
@@ -362,6 +440,14 @@ impl Reader<'_> {
             return Err(corrupt("count larger than the data"));
         }
         Ok(n as usize)
+    }
+
+    fn index(&mut self, len: usize, what: &str) -> Result<u32, DecodeError> {
+        let i = self.varint()?;
+        if i >= len as u64 {
+            return Err(DecodeError::Corrupt(format!("{what} index out of range")));
+        }
+        Ok(i as u32)
     }
 
     fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {

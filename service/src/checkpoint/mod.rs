@@ -237,12 +237,11 @@ pub async fn restore(store: &Store, state: &State) -> Result<(), StoreError> {
         Loaded::Corrupt(reason) => return set_aside(store, state, &reason).await,
         Loaded::Bytes(bytes) => bytes,
     };
-    match codec::decode(&bytes) {
+    match codec::decode_segments(&bytes) {
         Ok(checkpoint) => {
             let now = UnixMillis::now();
-            let registry = state.registry();
-            registry.restore_hosts(&checkpoint.hosts);
-            let restored = registry.restore(&checkpoint.sessions, now);
+            let restored = state.registry().restore_decoded(&checkpoint, now);
+            let sessions: usize = checkpoint.segments.iter().map(|s| s.sessions.len()).sum();
             state.changed(true);
             state
                 .metrics
@@ -259,7 +258,7 @@ pub async fn restore(store: &Store, state: &State) -> Result<(), StoreError> {
                 .set(store.shards_in_use().await as i64);
             tracing::info!(
                 restored,
-                skipped = checkpoint.sessions.len() - restored,
+                skipped = sessions - restored,
                 saved_at_ms = checkpoint.saved_at.0,
                 bytes = bytes.len(),
                 "restored sessions from checkpoint"

@@ -16,14 +16,14 @@
 //! other way round.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard};
 
 use super::{
-    Expired, ExpiryPolicy, HostSummary, Outcome, Registry, SessionRecord, UnixMillis, UserView,
-    push_lowercase,
+    Expired, ExpiryPolicy, HostSummary, Outcome, Registry, RestoreRecord, SessionRecord,
+    UnixMillis, UserView, push_lowercase,
 };
-use crate::checkpoint::codec::BodyWriter;
+use crate::checkpoint::codec::{BodyWriter, Decoded};
 use crate::exclusions::Exclusions;
 use crate::parser::ProxyEvent;
 
@@ -33,8 +33,8 @@ pub const DEFAULT_SHARDS: usize = 64;
 
 pub struct ShardedRegistry {
     shards: Box<[Mutex<Registry>]>,
-    /// Picks a user's shard; random per process, like the shards' own hash tables.
-    hasher: RandomState,
+    /// Picks a user's shard; seeded per process, like the shards' own hash tables.
+    hasher: foldhash::quality::RandomState,
     hosts: Mutex<HostNames>,
     max_hosts: usize,
 }
@@ -95,7 +95,7 @@ impl ShardedRegistry {
             .collect();
         ShardedRegistry {
             shards,
-            hasher: RandomState::new(),
+            hasher: Default::default(),
             hosts: Mutex::new(HostNames::default()),
             max_hosts,
         }
@@ -191,10 +191,64 @@ impl ShardedRegistry {
             .into_iter()
             .zip(self.shards.iter())
             .map(|(records, shard)| {
-                lock(shard)
-                    .restore_gated(records.into_iter(), now, &mut |name| self.admit_host(name))
+                let records = records.into_iter().map(RestoreRecord::from);
+                lock(shard).restore_gated(records, now, &mut |name| self.admit_host(name))
             })
             .sum()
+    }
+
+    /// Loads a decoded checkpoint (see [`Registry::restore`]) without making a string per
+    /// session: each user is routed to its shard once, then each shard is locked once for all of
+    /// its sessions. Shards are independent, so at start-up (when nothing else needs the CPUs)
+    /// they are filled on every available core.
+    pub fn restore_decoded(&self, checkpoint: &Decoded, now: UnixMillis) -> usize {
+        self.restore_hosts(&checkpoint.hosts);
+        let mut by_shard: Vec<Vec<RestoreRecord<'_>>> = vec![Vec::new(); self.shards.len()];
+        for segment in &checkpoint.segments {
+            let shard_of_user: Vec<usize> = segment
+                .users
+                .iter()
+                .map(|(directory, user_id)| self.shard_of(directory, user_id))
+                .collect();
+            for s in &segment.sessions {
+                let (directory, user_id) = &segment.users[s.user as usize];
+                by_shard[shard_of_user[s.user as usize]].push(RestoreRecord {
+                    id: s.id.as_ref(),
+                    host: &checkpoint.hosts[s.host as usize],
+                    user_directory: directory,
+                    user_id,
+                    started: s.started,
+                    last_seen: s.last_seen,
+                    open_connections: s.open_connections,
+                });
+            }
+        }
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(self.shards.len());
+        let restore = |worker: usize| -> usize {
+            by_shard
+                .iter()
+                .zip(self.shards.iter())
+                .skip(worker)
+                .step_by(workers)
+                .map(|(records, shard)| {
+                    lock(shard).restore_gated(records.iter().copied(), now, &mut |name| {
+                        self.admit_host(name)
+                    })
+                })
+                .sum()
+        };
+        std::thread::scope(|scope| {
+            let others: Vec<_> = (1..workers)
+                .map(|worker| scope.spawn(move || restore(worker)))
+                .collect();
+            restore(0)
+                + others
+                    .into_iter()
+                    .map(|w| w.join().expect("restore does not panic"))
+                    .sum::<usize>()
+        })
     }
 
     /// Every session, for the checkpoint.
@@ -295,28 +349,26 @@ impl ShardedRegistry {
         lock(&self.hosts).admit(name, self.max_hosts)
     }
 
-    /// The shard of a user: a hash of the same case-insensitive key the registry uses, written
-    /// into the hasher as it is lower-cased, so the event path allocates nothing.
+    /// The shard of a user: a hash of the same case-insensitive key the registry uses
+    /// (`directory\\userid`, lower-cased), built on the stack for the usual short ASCII names
+    /// so the event path allocates nothing.
     fn shard_of(&self, directory: &str, user_id: &str) -> usize {
-        let mut hasher = self.hasher.build_hasher();
-        write_lowercase(&mut hasher, directory);
-        hasher.write_u8(b'\\');
-        write_lowercase(&mut hasher, user_id);
-        (hasher.finish() % self.shards.len() as u64) as usize
-    }
-}
-
-/// Feeds `s` lower-cased (as [`push_lowercase`] writes it) to `hasher`, as UTF-8 bytes.
-fn write_lowercase(hasher: &mut impl Hasher, s: &str) {
-    if s.is_ascii() {
-        for b in s.bytes() {
-            hasher.write_u8(b.to_ascii_lowercase());
-        }
-    } else {
-        let mut utf8 = [0u8; 4];
-        for c in s.chars().flat_map(char::to_lowercase) {
-            hasher.write(c.encode_utf8(&mut utf8).as_bytes());
-        }
+        let len = directory.len() + 1 + user_id.len();
+        let hash = if len <= 256 && directory.is_ascii() && user_id.is_ascii() {
+            let mut key = [0u8; 256];
+            key[..directory.len()].copy_from_slice(directory.as_bytes());
+            key[directory.len()] = b'\\';
+            key[directory.len() + 1..len].copy_from_slice(user_id.as_bytes());
+            key[..len].make_ascii_lowercase();
+            self.hasher.hash_one(&key[..len])
+        } else {
+            let mut key = String::with_capacity(len);
+            push_lowercase(&mut key, directory);
+            key.push('\\');
+            push_lowercase(&mut key, user_id);
+            self.hasher.hash_one(key.as_bytes())
+        };
+        (hash % self.shards.len() as u64) as usize
     }
 }
 
@@ -456,6 +508,13 @@ mod tests {
             // (First-seen times may differ: a restore knows only the sessions still open.)
             let brief = |r: &ShardedRegistry| r.users().into_iter().map(|u| (u.name, u.sessions, u.open_connections, u.hosts)).collect::<Vec<_>>();
             prop_assert_eq!(brief(&restored), brief(&sharded));
+            // Restoring the decoded segments gives the same registry as restoring the records.
+            let (body, _) = sharded.write_checkpoint(later);
+            let decoded = crate::checkpoint::codec::decode_segments(&body.finish()).unwrap();
+            let from_segments = ShardedRegistry::new(ExpiryPolicy::default(), Exclusions::default(), 2, shards + 2);
+            prop_assert_eq!(from_segments.restore_decoded(&decoded, later), a.len());
+            prop_assert_eq!(brief(&from_segments), brief(&sharded));
+            prop_assert_eq!(from_segments.hosts(), sharded.hosts());
             prop_assert_eq!(restored.hosts(), sharded.hosts());
         }
     }
