@@ -52,7 +52,7 @@ DASHBOARD = CHART / "dashboards" / "session-monitor.json"
 
 RELEASE = "smon"
 NAMESPACE = "smon-system"
-# SPEC/STACK: the oldest Kubernetes the project supports (k8s-openapi's v1_33 feature).
+# The oldest Kubernetes the project supports (k8s-openapi's v1_33 feature).
 MIN_KUBERNETES = "1.33"
 # Custom resources kubernetes-validate has no schema for: skipped explicitly, and reported.
 NOT_VALIDATED_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}

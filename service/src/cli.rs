@@ -68,7 +68,18 @@ fn serve(flags: Settings, config_file: Option<PathBuf>) -> ExitCode {
         .thread_name("session-monitor")
         .build()
         .expect("building the tokio runtime");
-    match runtime.block_on(crate::service::run(config)) {
+    let sockets = match crate::service::Sockets::bind(&config) {
+        Ok(sockets) => sockets,
+        Err(error) => {
+            tracing::error!(%error, "cannot start");
+            return fail(&error);
+        }
+    };
+    match runtime.block_on(crate::service::run(
+        config,
+        sockets,
+        crate::service::shutdown_signal(),
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "cannot start");

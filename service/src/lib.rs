@@ -17,5 +17,6 @@ pub mod parser;
 pub mod ratelimit;
 pub mod registry;
 pub mod service;
+pub mod shutdown;
 pub mod simulate;
 pub mod state;

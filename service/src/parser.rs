@@ -1,6 +1,6 @@
 //! Datagram → [`ProxyEvent`]: the pure parser of the Qlik Sense proxy's log4net UDP events.
 //!
-//! Owns the wire formats of SPEC §1 (Butler, Butler SOS and our own `/session-monitor/`) and every
+//! Owns the wire formats (Butler, Butler SOS and our own `/session-monitor/`) and every
 //! per-datagram hardening step except the source allowlist, which needs the peer address and so
 //! lives in the socket loop. No IO, no clock, no allocation unless the datagram needs cleaning:
 //! the common case borrows straight from the receive buffer.

@@ -1,7 +1,7 @@
 //! The registry of active sessions and users: a pure state machine.
 //!
-//! Owns the session semantics of SPEC §3: who is active, on which proxy, since when, and when a
-//! session has been silent long enough to be presumed gone. Time is always passed in, so expiry is
+//! Owns the session semantics (README, "Behaviour in detail"): who is active, on which proxy,
+//! since when, and when a session has been silent long enough to be presumed gone. Time is always passed in, so expiry is
 //! tested with plain numbers. Every operation on the event path is O(1) in the number of active
 //! users and sessions (hash lookups only); work proportional to the registry's size happens only
 //! in [`Registry::expire`], the read views and the checkpoint snapshot, which run on their own

@@ -1,20 +1,23 @@
 //! The composition root: starts every task of the service in order, and stops them in order.
 //!
-//! Start: embedded broker (if any) → UDP ingest and HTTP → checkpoint restore (retried while the
-//! store is unreachable) → ready, MQTT publisher and checkpoint writer. Stop (SIGTERM/SIGINT): ingest stops first, then the final checkpoint is
-//! written and MQTT says `offline`, so the checkpoint holds every event that was accepted.
+//! Start: embedded broker (if any) → UDP ingest and HTTP (on sockets bound before, see
+//! [`Sockets`]) → checkpoint restore (retried while the store is unreachable) → ready, MQTT
+//! publisher and checkpoint writer. Stop (when the given future resolves; SIGTERM/SIGINT for the
+//! command line): ingest stops first, then the final checkpoint is written and MQTT says
+//! `offline`, so the checkpoint holds every event that was received.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use crate::checkpoint::{self, Store};
 use crate::config::{Config, MqttBroker};
 use crate::ingest::{self, Ingest};
 use crate::metrics::Metrics;
 use crate::registry::{ShardedRegistry, UnixMillis, sharded::DEFAULT_SHARDS};
+use crate::shutdown::{Phase, Shutdown, Stop};
 use crate::state::State;
 use crate::{broker, http, mqtt};
 
@@ -46,7 +49,42 @@ pub enum StartError {
     },
 }
 
-pub async fn run(config: Config) -> Result<(), StartError> {
+/// The sockets the service listens on, bound before it runs: by the command line from the
+/// configuration ([`Sockets::bind`]), or by a test or benchmark on ports of its choosing.
+pub struct Sockets {
+    pub udp: UdpSocket,
+    /// What the kernel granted for the UDP receive buffer (see [`ingest::bind`]).
+    pub udp_receive_buffer_bytes: usize,
+    pub http: std::net::TcpListener,
+}
+
+impl Sockets {
+    pub fn bind(config: &Config) -> Result<Sockets, StartError> {
+        let (udp, granted) = ingest::bind(&config.udp).map_err(|source| StartError::Udp {
+            addr: config.udp.listen,
+            source,
+        })?;
+        let http = std::net::TcpListener::bind(config.http_listen)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|source| StartError::Http {
+                addr: config.http_listen,
+                source,
+            })?;
+        Ok(Sockets {
+            udp,
+            udp_receive_buffer_bytes: granted,
+            http,
+        })
+    }
+}
+
+/// Runs the service on `sockets` until `shutdown` resolves, then stops it in order (see
+/// [`crate::shutdown`]).
+pub async fn run(
+    config: Config,
+    sockets: Sockets,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
     let registry = ShardedRegistry::new(
         config.expiry.clone(),
         config.exclusions.clone(),
@@ -61,20 +99,29 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let store = Store::open(&config.checkpoint.store).await?;
     store.check_writable().await?;
 
-    let (udp, granted) = ingest::bind(&config.udp).map_err(|source| StartError::Udp {
+    let Sockets {
+        udp,
+        udp_receive_buffer_bytes,
+        http,
+    } = sockets;
+    let udp_error = |source| StartError::Udp {
         addr: config.udp.listen,
         source,
-    })?;
-    state.metrics.udp_receive_buffer_bytes.set(granted as i64);
+    };
+    let udp_address = udp.local_addr().map_err(udp_error)?;
+    state
+        .metrics
+        .udp_receive_buffer_bytes
+        .set(udp_receive_buffer_bytes as i64);
     let udp = Arc::new(udp);
-    let http_listener = tokio::net::TcpListener::bind(config.http_listen)
-        .await
-        .map_err(|source| StartError::Http {
-            addr: config.http_listen,
-            source,
-        })?;
+    let http_error = |source| StartError::Http {
+        addr: config.http_listen,
+        source,
+    };
+    let http = tokio::net::TcpListener::from_std(http).map_err(http_error)?;
+    let http_address = http.local_addr().map_err(http_error)?;
 
-    let (shutdown_tx, shutdown) = watch::channel(false);
+    let phases = Shutdown::default();
     let (events_tx, events_rx) = match mqtt::wants_events(&config.mqtt.topics) {
         true => {
             let (tx, rx) = mpsc::channel(EVENT_QUEUE);
@@ -84,20 +131,19 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     };
     // Ingest and HTTP run from the start, also while a checkpoint store is unreachable: the
     // registry's restore lets sessions seen meanwhile win over the checkpoint's older copies.
-    let ingest = {
-        let socket = udp.try_clone().map_err(|source| StartError::Udp {
-            addr: config.udp.listen,
-            source,
-        })?;
-        Ingest::start(socket, config.udp.clone(), state.clone(), events_tx)
-            .expect("spawning the ingest threads")
-    };
+    let ingest = Ingest::start(
+        udp.try_clone().map_err(udp_error)?,
+        config.udp.clone(),
+        state.clone(),
+        events_tx,
+    )
+    .map_err(udp_error)?;
     let http_server = tokio::spawn({
         let router = http::router(state.clone(), udp.clone());
-        let mut shutdown = shutdown.clone();
+        let mut stop = phases.at(Phase::Saving);
         async move {
-            let stopped = async move { crate::state::stop_requested(&mut shutdown).await };
-            if let Err(error) = axum::serve(http_listener, router)
+            let stopped = async move { stop.requested().await };
+            if let Err(error) = axum::serve(http, router)
                 .with_graceful_shutdown(stopped)
                 .await
             {
@@ -106,11 +152,15 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         }
     });
     let sweep = (config.expiry.idle_timeout / 4).clamp(Duration::from_millis(50), EXPIRY_SWEEP_MAX);
-    let expiry = tokio::spawn(sweep_expired(state.clone(), sweep, shutdown.clone()));
+    let expiry = tokio::spawn(sweep_expired(
+        state.clone(),
+        sweep,
+        phases.at(Phase::Saving),
+    ));
     tracing::info!(
-        udp = %config.udp.listen,
-        udp_receive_buffer_bytes = granted,
-        http = %config.http_listen,
+        udp = %udp_address,
+        udp_receive_buffer_bytes,
+        http = %http_address,
         checkpoint = %store.describe(),
         mqtt = ?config.mqtt.broker,
         "session-monitor started"
@@ -118,75 +168,151 @@ pub async fn run(config: Config) -> Result<(), StartError> {
 
     // Until the checkpoint is back, the registry is partial: not ready, nothing published to
     // MQTT (a dashboard would see the count drop), nothing checkpointed (it would overwrite the
-    // full checkpoint with the partial registry).
-    let (signal_tx, mut signal_rx) = watch::channel(false);
-    let signals = tokio::spawn(async move {
-        let signal = shutdown_signal().await;
-        let _ = signal_tx.send(true);
-        signal
-    });
-    let restored = match checkpoint::restore_with_retry(&store, &state, signal_rx.clone()).await {
-        Ok(restored) => restored,
-        Err(error) => {
-            ingest.stop();
-            return Err(error.into());
-        }
+    // full checkpoint with the partial registry). A shutdown meanwhile just stops the retries.
+    let mut shutdown = std::pin::pin!(shutdown);
+    let restored = tokio::select! {
+        result = checkpoint::restore_with_retry(&store, &state) => Some(result),
+        () = &mut shutdown => None,
     };
-    let mut workers = Vec::new();
+    let mut checkpoint_writer = None;
     let mut publisher = None;
-    let (stop_mqtt_tx, stop_mqtt) = watch::channel(false);
-    if restored {
-        workers.push(tokio::spawn(checkpoint::run(
-            store,
-            state.clone(),
-            config.checkpoint.interval,
-            FINAL_CHECKPOINT_DEADLINE,
-            shutdown.clone(),
-        )));
-        publisher = Some(tokio::spawn(mqtt::run(
-            config.mqtt.clone(),
-            mqtt_options,
-            state.clone(),
-            events_rx,
-            stop_mqtt,
-        )));
-        state.set_ready();
-        tracing::info!("ready");
-        let _ = crate::state::stop_requested(&mut signal_rx).await;
-    }
-    let signal = signals.await.unwrap_or("unknown");
-    tracing::info!(signal, "shutting down");
+    let failed = match restored {
+        Some(Ok(())) => {
+            checkpoint_writer = Some(tokio::spawn(checkpoint::run(
+                store,
+                state.clone(),
+                config.checkpoint.interval,
+                FINAL_CHECKPOINT_DEADLINE,
+                phases.at(Phase::Saving),
+            )));
+            publisher = Some(tokio::spawn(mqtt::run(
+                config.mqtt.clone(),
+                mqtt_options,
+                state.clone(),
+                events_rx,
+                phases.at(Phase::Closing),
+            )));
+            state.set_ready();
+            tracing::info!("ready");
+            shutdown.await;
+            None
+        }
+        Some(Err(error)) => Some(error),
+        None => None,
+    };
+
+    tracing::info!("shutting down");
     let _ = tokio::task::spawn_blocking(move || ingest.stop()).await;
-    // The final checkpoint sees every accepted datagram; then MQTT publishes the last state and
+    // The final checkpoint sees every datagram received; then MQTT publishes the last state and
     // says offline.
-    let _ = shutdown_tx.send(true);
-    for worker in workers {
-        let _ = worker.await;
+    phases.enter(Phase::Saving);
+    if let Some(writer) = checkpoint_writer {
+        let _ = writer.await;
     }
-    let _ = stop_mqtt_tx.send(true);
+    let _ = tokio::join!(http_server, expiry);
+    phases.enter(Phase::Closing);
     if let Some(publisher) = publisher {
         let _ = publisher.await;
     }
-    let _ = tokio::join!(http_server, expiry);
     tracing::info!("stopped");
-    Ok(())
+    match failed {
+        Some(error) => Err(error.into()),
+        None => Ok(()),
+    }
 }
 
-async fn sweep_expired(state: Arc<State>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+async fn sweep_expired(state: Arc<State>, every: Duration, mut stop: Stop) {
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
             _ = tick.tick() => state.expire(UnixMillis::now()),
-            _ = crate::state::stop_requested(&mut shutdown) => break,
+            _ = stop.requested() => break,
         }
     }
 }
 
-async fn shutdown_signal() -> &'static str {
+/// Resolves at SIGTERM or SIGINT, saying which.
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
+    let signal = tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = tokio::signal::ctrl_c() => "SIGINT",
+    };
+    tracing::info!(signal, "stop requested");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+
+    /// The service in-process on sockets bound by the caller: what it received before the
+    /// shutdown future resolved is in the final checkpoint, and a second run restores it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn runs_on_given_sockets_and_stops_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = || Settings {
+            udp_listen: Some("127.0.0.1:0".parse().unwrap()),
+            http_listen: Some("127.0.0.1:0".parse().unwrap()),
+            // Nothing listens there: this test is about ingest and the checkpoint.
+            mqtt_url: Some("mqtt://127.0.0.1:9".into()),
+            checkpoint_file: Some(dir.path().join("checkpoint")),
+            checkpoint_interval: Some(Duration::from_secs(3600)),
+            ..Settings::default()
+        };
+        let config = Config::from_settings(settings(), None).unwrap();
+        let sockets = Sockets::bind(&config).unwrap();
+        let (udp, http) = (
+            sockets.udp.local_addr().unwrap(),
+            sockets.http.local_addr().unwrap(),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let service = tokio::spawn(run(config, sockets, async move {
+            let _ = stopped.await;
+        }));
+        let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for i in 0..500 {
+            let datagram =
+                format!("/proxy-session/;qs1;Start session;LAB;u{i};;/hub/;Start session");
+            sender.send_to(datagram.as_bytes(), udp).unwrap();
+        }
+        // Stop at once: the datagrams may still be in the socket, the spool or the applier.
+        let ready = || async {
+            let mut stream = tokio::net::TcpStream::connect(http).await.ok()?;
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            stream
+                .write_all(b"GET /readyz HTTP/1.0\r\n\r\n")
+                .await
+                .ok()?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.ok()?;
+            answer.contains("200 OK").then_some(())
+        };
+        while ready().await.is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let received = || {
+            // Every datagram has left the kernel's buffer once the socket reports none queued.
+            std::fs::read_to_string("/proc/net/udp").map_or(true, |t| {
+                let port = format!(":{:04X} ", udp.port());
+                t.lines()
+                    .filter(|l| l.contains(&port))
+                    .all(|l| l.split_whitespace().nth(4) == Some("00000000:00000000"))
+            })
+        };
+        while !received() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        stop.send(()).unwrap();
+        service.await.unwrap().unwrap();
+
+        let bytes = std::fs::read(dir.path().join("checkpoint")).unwrap();
+        let checkpoint = crate::checkpoint::codec::decode(&bytes).unwrap();
+        assert_eq!(
+            checkpoint.sessions.len(),
+            500,
+            "every datagram received is saved"
+        );
     }
 }

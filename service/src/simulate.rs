@@ -3,7 +3,7 @@
 //!
 //! [`Traffic`] is the pure part: a seeded state machine of user journeys (log in on a proxy, open
 //! and close apps, maybe a second session, log out, come back later) rendered in the three wire
-//! formats of SPEC §1, plus a share of deliberately malformed datagrams. [`run`] paces it onto a
+//! formats the parser reads, plus a share of deliberately malformed datagrams. [`run`] paces it onto a
 //! UDP socket. Every well-formed datagram is consistent with what came before it, so a correct
 //! receiver never sees a stop for a session that was not started.
 
@@ -574,7 +574,7 @@ fn prefix(format: Format, command: Command) -> &'static str {
     }
 }
 
-/// Renders the log4net pattern of SPEC §1:
+/// Renders the log4net pattern of the appender configurations (`qlik/`, README):
 /// `<prefix>;<host>;<Command>;<UserDirectory>;<UserId>;<Origin>;<Context>;[<ProxySessionId>;]<message>`.
 fn write_line(out: &mut Vec<u8>, l: &Line<'_>) {
     // Writing into a Vec cannot fail, so the io::Results below are ignored.

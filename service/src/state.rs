@@ -10,9 +10,7 @@ use crate::registry::{ShardedRegistry, UnixMillis};
 pub struct State {
     registry: ShardedRegistry,
     /// Bumped on every registry mutation (including a refreshed last-seen time).
-    pub revision: AtomicU64,
-    /// The revision the last successful checkpoint holds.
-    pub saved_revision: AtomicU64,
+    revision: AtomicU64,
     /// Bumped when the set of sessions changed, i.e. when published state may have; the MQTT
     /// publisher waits on it.
     membership: watch::Sender<u64>,
@@ -25,7 +23,6 @@ impl State {
         State {
             registry,
             revision: AtomicU64::new(0),
-            saved_revision: AtomicU64::new(0),
             membership: watch::Sender::new(0),
             metrics,
             ready: AtomicBool::new(false),
@@ -60,8 +57,9 @@ impl State {
         }
     }
 
-    pub fn unsaved(&self) -> bool {
-        self.revision.load(Ordering::Acquire) != self.saved_revision.load(Ordering::Acquire)
+    /// The registry's revision: the checkpoint writer compares it with the one it saved.
+    pub fn revision(&self) -> u64 {
+        self.revision.load(Ordering::Acquire)
     }
 
     pub fn subscribe_membership(&self) -> watch::Receiver<u64> {
@@ -76,10 +74,4 @@ impl State {
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
-}
-
-/// Resolves once `shutdown` says stop (or its sender is gone). A separate function so that the
-/// `watch::Ref` it produces is never held in a caller's future, which would make it `!Send`.
-pub async fn stop_requested(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }

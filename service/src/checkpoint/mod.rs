@@ -12,13 +12,11 @@ pub mod file;
 mod tests;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-use tokio::sync::watch;
 
 use crate::config::CheckpointStoreConfig;
 use crate::registry::UnixMillis;
+use crate::shutdown::Stop;
 use crate::state::State;
 use configmap::{ConfigMapError, ConfigMapStore};
 
@@ -192,16 +190,13 @@ const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// [`restore`], retrying transient errors (API server unreachable, 5xx) with backoff until it
-/// succeeds or `shutdown` fires. Permanent errors (an unreadable file) are returned.
-pub async fn restore_with_retry(
-    store: &Store,
-    state: &State,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<bool, StoreError> {
+/// succeeds. Permanent errors (an unreadable file) are returned. Cancel-safe: a shutdown during
+/// the retries simply drops this future (a restore writes nothing to the store).
+pub async fn restore_with_retry(store: &Store, state: &State) -> Result<(), StoreError> {
     let mut backoff = MIN_BACKOFF;
     loop {
         match restore(store, state).await {
-            Ok(()) => return Ok(true),
+            Ok(()) => return Ok(()),
             Err(error) if error.is_transient() => {
                 state
                     .metrics
@@ -209,10 +204,7 @@ pub async fn restore_with_retry(
                     .with_label_values(&["failed"])
                     .inc();
                 tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "checkpoint restore failed; retrying (not ready until it succeeds)");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = crate::state::stop_requested(&mut shutdown) => return Ok(false),
-                }
+                tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
             Err(error) => return Err(error),
@@ -285,9 +277,10 @@ async fn set_aside(store: &Store, state: &State, reason: &str) -> Result<(), Sto
     Ok(())
 }
 
-/// Encodes and writes the registry now. A conflict (someone else wrote the store) is resolved
-/// by writing the current registry again, a few times at most.
-pub async fn save(store: &Store, state: &Arc<State>) -> Result<(), StoreError> {
+/// Encodes and writes the registry now, and returns the registry revision it holds. A conflict
+/// (someone else wrote the store) is resolved by writing the current registry again, a few
+/// times at most.
+pub async fn save(store: &Store, state: &Arc<State>) -> Result<u64, StoreError> {
     const ATTEMPTS: usize = 3;
     let mut attempt = 1;
     loop {
@@ -306,9 +299,9 @@ pub async fn save(store: &Store, state: &Arc<State>) -> Result<(), StoreError> {
     }
 }
 
-async fn save_once(store: &Store, state: &Arc<State>) -> Result<(), StoreError> {
+async fn save_once(store: &Store, state: &Arc<State>) -> Result<u64, StoreError> {
     let started = Instant::now();
-    let revision = state.revision.load(Ordering::Acquire);
+    let revision = state.revision();
     // Written shard by shard from the registry's own tables, then compressed, all on a blocking
     // thread: each shard is locked only while its part is written.
     let (bytes, sessions) = {
@@ -326,7 +319,6 @@ async fn save_once(store: &Store, state: &Arc<State>) -> Result<(), StoreError> 
         .observe(started.elapsed().as_secs_f64());
     match &result {
         Ok(()) => {
-            state.saved_revision.store(revision, Ordering::Release);
             m.checkpoint_writes.with_label_values(&["success"]).inc();
             m.checkpoint_size_bytes.set(size as i64);
             m.checkpoint_shards.set(store.shards_in_use().await as i64);
@@ -342,38 +334,43 @@ async fn save_once(store: &Store, state: &Arc<State>) -> Result<(), StoreError> 
             tracing::warn!(%error, "checkpoint write failed; will retry");
         }
     }
-    result
+    result.map(|()| revision)
 }
 
 /// Saves whenever the registry changed, at most every `interval` (backing off while the store
-/// fails), until `shutdown` fires; then saves once more if anything is unsaved, within
+/// fails), until `stop`; then saves once more if anything is unsaved, within
 /// `final_deadline` so that it fits a pod's termination grace period.
 pub async fn run(
     store: Store,
     state: Arc<State>,
     interval: Duration,
     final_deadline: Duration,
-    mut shutdown: watch::Receiver<bool>,
+    mut stop: Stop,
 ) {
+    // The registry revision the store holds; revision 0 is the registry before any change.
+    let mut saved = 0;
     let mut next = tokio::time::Instant::now() + interval;
     let mut backoff = interval;
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(next) => {
-                if state.unsaved() {
+                if state.revision() != saved {
                     match save(&store, &state).await {
-                        Ok(()) => backoff = interval,
+                        Ok(revision) => {
+                            saved = revision;
+                            backoff = interval;
+                        }
                         Err(_) => backoff = (backoff * 2).min(MAX_BACKOFF.max(interval)),
                     }
                 }
                 next = tokio::time::Instant::now() + backoff;
             }
-            _ = crate::state::stop_requested(&mut shutdown) => break,
+            _ = stop.requested() => break,
         }
     }
-    if state.unsaved() {
+    if state.revision() != saved {
         match tokio::time::timeout(final_deadline, save(&store, &state)).await {
-            Ok(Ok(())) => tracing::info!("final checkpoint written"),
+            Ok(Ok(_)) => tracing::info!("final checkpoint written"),
             Ok(Err(error)) => tracing::error!(%error, "final checkpoint failed"),
             Err(_) => tracing::error!(
                 deadline_s = final_deadline.as_secs(),

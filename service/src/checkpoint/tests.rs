@@ -281,9 +281,8 @@ async fn api_server_errors_at_start_are_retried_with_backoff() {
     api.fail_next(Method::GET, "/cp", 503);
     api.fail_next(Method::GET, "/cp", 500);
     let state = state();
-    let (_stop, shutdown) = watch::channel(false);
     let s = Store::ConfigMap(Arc::new(store(&api, 8, 1000)));
-    assert!(restore_with_retry(&s, &state, shutdown).await.unwrap());
+    restore_with_retry(&s, &state).await.unwrap();
     assert_eq!(api.take_log(), [get("cp"), get("cp"), get("cp")]);
     let m = &state.metrics.checkpoint_restores;
     assert_eq!(m.with_label_values(&["failed"]).get(), 2);
@@ -301,13 +300,13 @@ async fn a_failing_store_is_retried_with_backoff_while_running() {
     for _ in 0..3 {
         api.fail_next(Method::POST, "/configmaps", 500);
     }
-    let (stop, shutdown) = watch::channel(false);
+    let shutdown = crate::shutdown::Shutdown::default();
     let writer = tokio::spawn(run(
         s,
         state.clone(),
         Duration::from_secs(5),
         Duration::from_secs(20),
-        shutdown,
+        shutdown.at(crate::shutdown::Phase::Saving),
     ));
     // Attempts at 5 s, then after 10 s, 20 s, 40 s of backoff: the fourth succeeds.
     tokio::time::sleep(Duration::from_secs(5 + 10 + 20 + 40 + 1)).await;
@@ -327,8 +326,7 @@ async fn a_failing_store_is_retried_with_backoff_while_running() {
             .get(),
         1
     );
-    assert!(!state.unsaved());
-    stop.send(true).unwrap();
+    shutdown.enter(crate::shutdown::Phase::Saving);
     writer.await.unwrap();
 }
 

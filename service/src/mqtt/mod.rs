@@ -30,6 +30,7 @@ use crate::ingest::EventRecord;
 use crate::parser::Command;
 use crate::ratelimit::RateLimiter;
 use crate::registry::ShardedRegistry;
+use crate::shutdown::Stop;
 use crate::state::State;
 
 pub const ONLINE: &str = "online";
@@ -217,24 +218,19 @@ struct Link {
     generation: u64,
 }
 
-/// Runs both tasks until `shutdown`; then publishes `offline` and disconnects cleanly.
+/// Runs both tasks until `stop`; then publishes the last state and `offline`, and disconnects
+/// cleanly.
 pub async fn run(
     config: MqttConfig,
     options: MqttOptions,
     state: Arc<State>,
     events: Option<mpsc::Receiver<EventRecord>>,
-    shutdown: watch::Receiver<bool>,
+    stop: Stop,
 ) {
     let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
     let (link_tx, link_rx) = watch::channel(Link::default());
-    let link = tokio::spawn(drive_link(
-        eventloop,
-        state.clone(),
-        link_tx,
-        shutdown.clone(),
-    ));
-    let mut retained =
-        publish_loop(&config, &client, &state, link_rx.clone(), events, shutdown).await;
+    let link = tokio::spawn(drive_link(eventloop, state.clone(), link_tx, stop.clone()));
+    let mut retained = publish_loop(&config, &client, &state, link_rx.clone(), events, stop).await;
 
     if link_rx.borrow().connected {
         // The last changes before the stop, then `offline`.
@@ -256,7 +252,7 @@ async fn drive_link(
     mut eventloop: EventLoop,
     state: Arc<State>,
     link: watch::Sender<Link>,
-    mut shutdown: watch::Receiver<bool>,
+    mut stop: Stop,
 ) {
     let metrics = &state.metrics;
     let mut backoff = MIN_BACKOFF;
@@ -280,7 +276,7 @@ async fn drive_link(
                 metrics.mqtt_connected.set(0);
                 metrics.mqtt_connection_errors.inc();
                 link.send_modify(|l| l.connected = false);
-                if *shutdown.borrow() {
+                if stop.is_requested() {
                     break;
                 }
                 if was_connected {
@@ -290,7 +286,7 @@ async fn drive_link(
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = crate::state::stop_requested(&mut shutdown) => break,
+                    _ = stop.requested() => break,
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
@@ -319,7 +315,7 @@ async fn publish_loop(
     state: &Arc<State>,
     mut link_rx: watch::Receiver<Link>,
     mut events: Option<mpsc::Receiver<EventRecord>>,
-    mut shutdown: watch::Receiver<bool>,
+    mut stop: Stop,
 ) -> Retained {
     let metrics = &state.metrics;
     let mut membership = state.subscribe_membership();
@@ -335,7 +331,7 @@ async fn publish_loop(
         let wake = schedule.wake_at().map(Instant::from_std);
         tokio::select! {
             biased;
-            _ = crate::state::stop_requested(&mut shutdown) => break,
+            _ = stop.requested() => break,
             Ok(()) = link_rx.changed() => {
                 let now = *link_rx.borrow_and_update();
                 if now.connected && now.generation != link.generation {
