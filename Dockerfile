@@ -17,12 +17,14 @@ FROM rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /src
 COPY . .
 # The cache mounts keep the registry and the build between builds (BuildKit); the binaries are
-# copied out of the cached target directory in the same step.
+# copied out of the cached target directory in the same step, without their debug info (the
+# release profile keeps line tables for profiling; symbols stay for backtraces).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --package session-monitor --package session-monitor-operator \
     && install -D --mode=0755 --target-directory=/out \
-        target/release/session-monitor target/release/session-monitor-operator
+        target/release/session-monitor target/release/session-monitor-operator \
+    && strip --strip-debug /out/session-monitor /out/session-monitor-operator
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 LABEL org.opencontainers.image.title="session-monitor" \

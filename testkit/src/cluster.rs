@@ -32,6 +32,9 @@ use serde::de::DeserializeOwned;
 
 /// The environment variable naming the kubeconfig of the API server to test against.
 pub const KUBECONFIG_VAR: &str = "SESSION_MONITOR_TEST_KUBECONFIG";
+/// The state directory of a real single-node cluster (`kube-cluster start DIR`) for the tests
+/// that need pods, Services and controllers.
+pub const CLUSTER_VAR: &str = "SESSION_MONITOR_TEST_CLUSTER";
 /// How long any request or awaited condition may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 /// How often [`wait_for`] looks again.
@@ -60,8 +63,30 @@ impl Cluster {
             );
             return None;
         };
+        Some(Cluster::connect(test, KUBECONFIG_VAR, PathBuf::from(path)))
+    }
+
+    /// The real cluster named by `SESSION_MONITOR_TEST_CLUSTER` (its state directory, with
+    /// `kubeconfig` inside), like [`Cluster::from_env`].
+    pub fn from_cluster_env(test: &str) -> Option<Cluster> {
+        let Some(dir) = std::env::var_os(CLUSTER_VAR).filter(|p| !p.is_empty()) else {
+            eprintln!(
+                "skipping {test}: {CLUSTER_VAR} is not set (set it to a kube-cluster state directory to run it in a real cluster)"
+            );
+            return None;
+        };
+        Some(Cluster::connect(
+            test,
+            CLUSTER_VAR,
+            PathBuf::from(dir).join("kubeconfig"),
+        ))
+    }
+
+    /// Connects to the API server of `kubeconfig`; panics when it is unusable or does not
+    /// answer (`variable` names where it came from).
+    pub fn connect(test: &str, variable: &str, kubeconfig: PathBuf) -> Cluster {
         // Absolute, so that it still holds for a child process started in another directory.
-        let kubeconfig = std::path::absolute(PathBuf::from(path)).unwrap();
+        let kubeconfig = std::path::absolute(kubeconfig).unwrap();
         // kube's rustls needs a crypto provider; install the one the binaries use.
         let _ = rustls::crypto::ring::default_provider().install_default();
         // Multi-threaded (one worker), so the client's background tasks (connection pool, request
@@ -73,13 +98,13 @@ impl Cluster {
             .unwrap();
         let client = runtime.block_on(async {
             let config = Kubeconfig::read_from(&kubeconfig)
-                .unwrap_or_else(|e| panic!("{KUBECONFIG_VAR}={}: {e}", kubeconfig.display()));
+                .unwrap_or_else(|e| panic!("{variable}={}: {e}", kubeconfig.display()));
             let config =
                 kube::Config::from_custom_kubeconfig(config, &KubeConfigOptions::default())
                     .await
-                    .unwrap_or_else(|e| panic!("{KUBECONFIG_VAR}={}: {e}", kubeconfig.display()));
+                    .unwrap_or_else(|e| panic!("{variable}={}: {e}", kubeconfig.display()));
             kube::Client::try_from(config)
-                .unwrap_or_else(|e| panic!("{KUBECONFIG_VAR}={}: {e}", kubeconfig.display()))
+                .unwrap_or_else(|e| panic!("{variable}={}: {e}", kubeconfig.display()))
         });
         let mut cluster = Cluster {
             kubeconfig,
@@ -88,7 +113,7 @@ impl Cluster {
             client,
         };
         let what = format!(
-            "the API server of {KUBECONFIG_VAR}={}",
+            "the API server of {variable}={}",
             cluster.kubeconfig.display()
         );
         match cluster.run(&what, cluster.client.apiserver_version()) {
@@ -106,7 +131,7 @@ impl Cluster {
                 panic!("{what} does not answer (unset the variable to skip these tests): {error}")
             }
         }
-        Some(cluster)
+        cluster
     }
 
     /// The kubeconfig (an absolute path), for the processes under test to reach the same cluster.
@@ -345,14 +370,23 @@ async fn delete_services(api: &Api<Service>) -> kube::Result<()> {
 
 /// Polls `check` until it returns `Ok`, or panics after [`DEADLINE`] with `what` and the last
 /// state `check` described.
-pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
+pub fn wait_for<T>(what: &str, check: impl FnMut() -> Result<T, String>) -> T {
+    wait_for_within(what, DEADLINE, check)
+}
+
+/// [`wait_for`] with a deadline of its own (pods starting, images unpacking).
+pub fn wait_for_within<T>(
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
     let start = Instant::now();
     loop {
         match check() {
             Ok(value) => return value,
             Err(last) => assert!(
-                start.elapsed() < DEADLINE,
-                "timed out after {DEADLINE:?} waiting for {what}; last seen: {last}"
+                start.elapsed() < limit,
+                "timed out after {limit:?} waiting for {what}; last seen: {last}"
             ),
         }
         std::thread::sleep(POLL);

@@ -332,6 +332,11 @@ impl Subscriber {
     /// Connects to the broker on `port` and subscribes to `filter`; waits for the SUBACK so no
     /// message published afterwards can be missed.
     pub fn connect(port: u16, filter: &str) -> Subscriber {
+        Subscriber::connect_as(port, filter, None)
+    }
+
+    /// [`Subscriber::connect`] with a user name and password.
+    pub fn connect_as(port: u16, filter: &str, credentials: Option<(&str, &str)>) -> Subscriber {
         let id = format!(
             "e2e-{}-{}",
             std::process::id(),
@@ -339,6 +344,9 @@ impl Subscriber {
         );
         let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
         options.set_max_packet_size(64 * 1024 * 1024, 64 * 1024);
+        if let Some((user, password)) = credentials {
+            options.set_credentials(user, password);
+        }
         let (client, mut connection) = rumqttc::Client::new(options, 100);
         client.subscribe(filter, rumqttc::QoS::AtLeastOnce).unwrap();
         let messages = Arc::new(Mutex::new(Vec::new()));
