@@ -459,8 +459,14 @@ fn service(monitor: &SessionMonitor, plan: &Plan, owner: &OwnerReference) -> Ser
                 protocol: Some("UDP".into()),
                 ..ServicePort::default()
             }]),
-            // The service takes datagrams as soon as its socket is bound, before it is ready
-            // (while its checkpoint loads); routing to it only once ready would drop them.
+            // Not-ready pods too. The service takes datagrams as soon as its socket is bound,
+            // while its checkpoint loads; and after a pod deletion the replacement becomes an
+            // endpoint before the old pod leaves, so the Service never has zero endpoints. That
+            // matters for UDP: a proxy sends from one port, conntrack pins that flow, and a
+            // datagram sent while a NodePort Service has no endpoint leaves an un-NATed entry
+            // that kube-proxy before 1.21 never clears (kubernetes/kubernetes#98305): the
+            // proxy's datagrams vanish for as long as it keeps sending. (Found in a real 1.20
+            // cluster with this set to false: every datagram after a pod deletion was lost.)
             publish_not_ready_addresses: Some(true),
             external_traffic_policy: spec
                 .service
@@ -819,7 +825,8 @@ mod tests {
         let spec = d.service.spec.clone().unwrap();
         assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
         assert_eq!(spec.external_traffic_policy.as_deref(), Some("Local"));
-        // Datagrams reach the pod while it restores its checkpoint (bound, not yet ready).
+        // Datagrams reach the pod while it restores its checkpoint (bound, not yet ready), and
+        // the Service keeps an endpoint while a deleted pod is replaced (see `service`).
         assert_eq!(spec.publish_not_ready_addresses, Some(true));
         // The read API lists user names: never on the load balancer.
         assert_eq!(

@@ -19,10 +19,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 use session_monitor_testkit::cluster::{Cluster, TestNamespace, wait_for_within};
@@ -48,6 +49,18 @@ fn image() -> (String, String) {
             "ghcr.io/session-monitor/session-monitor:{}",
             env!("CARGO_PKG_VERSION")
         )
+    });
+    let (repository, tag) = reference
+        .rsplit_once(':')
+        .expect("an image reference with a tag");
+    (repository.to_owned(), tag.to_owned())
+}
+
+/// A second tag of the same image, for `helm upgrade` (`SESSION_MONITOR_TEST_IMAGE_NEXT`).
+fn next_image() -> (String, String) {
+    let reference = std::env::var("SESSION_MONITOR_TEST_IMAGE_NEXT").unwrap_or_else(|_| {
+        let (repository, tag) = image();
+        format!("{repository}:{tag}-next")
     });
     let (repository, tag) = reference
         .rsplit_once(':')
@@ -173,6 +186,137 @@ fn get(ip: &str, port: u16, path: &str) -> Option<(u16, String)> {
     stream.read_to_string(&mut response).ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
     Some((head.split(' ').nth(1)?.parse().ok()?, body.to_owned()))
+}
+
+/// A sample of the service's /metrics through the HTTP Service (0 when absent).
+fn metric(ip: &str, sample: &str) -> Option<f64> {
+    let (_, body) = get(ip, 9842, "/metrics")?;
+    Some(
+        body.lines()
+            .find_map(|line| {
+                let (name, value) = line.rsplit_once(' ')?;
+                (name == sample).then(|| value.parse().ok())?
+            })
+            .unwrap_or(0.0),
+    )
+}
+
+/// [`metric`] from the first answer: a pod that just turned ready is reachable through its
+/// Service only once kube-proxy has its endpoint.
+fn first_metric(ip: &str, sample: &str) -> f64 {
+    wait_for_within("an answer from /metrics", POD_DEADLINE, || {
+        metric(ip, sample).ok_or("no answer".to_owned())
+    })
+}
+
+fn patch_monitor(ns: &TestNamespace<'_>, spec: Value) -> DynamicObject {
+    ns.cluster().request(
+        "patch the monitor",
+        monitors(ns).patch(
+            MONITOR,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": spec })),
+        ),
+    )
+}
+
+fn pod_name(pod: &Pod) -> String {
+    pod.metadata.name.clone().unwrap_or_default()
+}
+
+fn pod_image(pod: &Pod) -> String {
+    pod.spec.as_ref().unwrap().containers[0]
+        .image
+        .clone()
+        .unwrap_or_default()
+}
+
+/// Waits for a ready service pod other than `old`; returns it.
+fn replaced(ns: &TestNamespace<'_>, old: &str, what: &str, mut meanwhile: impl FnMut()) -> Pod {
+    let selector = format!("app.kubernetes.io/instance={MONITOR}");
+    wait_for_within(what, POD_DEADLINE, || {
+        meanwhile();
+        let ready = ready_pods(ns, &selector);
+        match ready.iter().find(|p| pod_name(p) != old) {
+            Some(pod) if ready.len() == 1 => Ok(pod.clone()),
+            _ => Err(format!(
+                "ready: {:?}",
+                ready.iter().map(pod_name).collect::<Vec<_>>()
+            )),
+        }
+    })
+}
+
+/// What the kernel says of a container's main process on this node: its uid and whether its
+/// root file system is mounted read-only.
+fn process_of(pod: &Pod) -> (String, bool) {
+    let id = pod
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0]
+        .container_id
+        .clone()
+        .unwrap();
+    let id = id.trim_start_matches("containerd://").to_owned();
+    let pid = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            cgroup.contains(&id) && cmdline.starts_with(b"/usr/local/bin/session-monitor")
+        })
+        .unwrap_or_else(|| panic!("no process of container {id} on this node"));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let root_read_only = mounts.lines().any(|l| {
+        let fields: Vec<&str> = l.split_whitespace().collect();
+        fields.get(4) == Some(&"/")
+            && fields
+                .get(5)
+                .is_some_and(|o| o.split(',').any(|o| o == "ro"))
+    });
+    (uid, root_read_only)
+}
+
+/// `kubectl auth can-i VERB RESOURCE/NAME --as=system:serviceaccount:NS:ACCOUNT`.
+fn can(
+    ns: &TestNamespace<'_>,
+    account: &str,
+    verb: &str,
+    resource: &str,
+    name: Option<&str>,
+) -> bool {
+    let review: SubjectAccessReview = serde_json::from_value(json!({
+        "spec": {
+            "user": format!("system:serviceaccount:{}:{account}", ns.name()),
+            "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{}", ns.name())],
+            "resourceAttributes": {
+                "namespace": ns.name(), "verb": verb, "resource": resource, "name": name,
+            },
+        },
+    }))
+    .unwrap();
+    let api: Api<SubjectAccessReview> = Api::all(ns.cluster().client().clone());
+    let answer = ns.cluster().request(
+        "a SubjectAccessReview",
+        api.create(&PostParams::default(), &review),
+    );
+    answer.status.is_some_and(|s| s.allowed)
+}
+
+fn guid(i: u32) -> String {
+    format!("{i:08x}-0000-4000-8000-{i:012x}")
 }
 
 fn own(command: &str, host: &str, user: &str, session: &str) -> String {
@@ -402,42 +546,56 @@ fn the_product_runs_in_a_real_cluster() {
     );
 
     // 5. kubectl delete pod: the new pod restores every session from the ConfigMaps before it
-    // is Ready, and what proxies send while it restores is kept.
+    // is ready; a proxy that keeps sending (from its one port) reaches it once kube-proxy lets
+    // go of the old pod (see the README's "UDP and kube-proxy").
     std::thread::sleep(Duration::from_secs(6)); // one checkpoint interval (5 s) and then some
     let pods: Api<Pod> = qlik.api();
+    let deleted_at = std::time::Instant::now();
     cluster.request(
         "delete the service pod",
-        pods.delete(
-            first_pod.metadata.name.as_deref().unwrap(),
-            &DeleteParams::default(),
-        ),
+        pods.delete(&pod_name(&first_pod), &DeleteParams::default()),
     );
-    // A proxy keeps sending: a Start is idempotent, so resending it until the new pod is ready
-    // counts once; it may only reach the new pod once that pod listens.
-    let replacement = wait_for_within("a new ready service pod", POD_DEADLINE, || {
-        send(own("Start session", "qs1", "late", "s-late"));
-        let ready = ready_pods(&qlik, &pod_selector);
-        ready
-            .into_iter()
-            .find(|p| p.metadata.name != first_pod.metadata.name)
-            .ok_or("none yet".to_owned())
-    });
-    eprintln!(
-        "replaced by {}",
-        replacement.metadata.name.as_deref().unwrap()
+    // A Start is idempotent: resending it until it is counted counts it once.
+    let replacement = replaced(
+        &qlik,
+        &pod_name(&first_pod),
+        "a new ready service pod",
+        || {
+            send(own("Start session", "qs1", "late", "s-late"));
+        },
     );
+    let names = |summary: &Value| -> Vec<String> {
+        summary["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
     let after = summary("/api/v1/summary from the new pod");
-    let names: Vec<&str> = after["users"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| u["name"].as_str().unwrap())
-        .collect();
     assert!(
         ["LAB\\ann", "LAB\\joe", "LAB\\zoe"]
             .iter()
-            .all(|n| names.contains(n)),
+            .all(|n| names(&after).iter().any(|m| m == n)),
         "the restored users are there as soon as the new pod is ready: {after}"
+    );
+    wait_for_within(
+        "the proxy's flow to reach the new pod",
+        POD_DEADLINE,
+        || {
+            send(own("Start session", "qs1", "late", "s-late"));
+            let old_gone = qlik.get::<Pod>(&pod_name(&first_pod)).is_none();
+            let received =
+                metric(&http_ip, "session_monitor_datagrams_received_total").unwrap_or(0.0);
+            (old_gone && received > 0.0).then_some(()).ok_or(format!(
+                "old pod gone: {old_gone}; received by the new pod: {received}"
+            ))
+        },
+    );
+    eprintln!(
+        "replaced by {}; the proxy's flow reached it {:?} after the deletion",
+        pod_name(&replacement),
+        deleted_at.elapsed()
     );
     subscriber.wait_for_payload("qliksense/users/active/count", "4");
     subscriber.wait_for_payload(
@@ -464,6 +622,270 @@ fn the_product_runs_in_a_real_cluster() {
             .sum();
         assert!(bytes < 1 << 20, "{:?} is {bytes} bytes", cm.metadata.name);
     }
+
+    // 5b. What the pod runs as, and may do, seen from the node and the API server.
+    let (uid, read_only) = process_of(&replacement);
+    assert_eq!(
+        uid, "65532 65532 65532 65532",
+        "real, effective, saved and fs uid"
+    );
+    assert!(read_only, "the root file system is mounted read-only");
+    let deployment: Deployment = qlik.must_get(MONITOR);
+    let account = deployment
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .service_account_name
+        .unwrap();
+    let checkpoint = format!("{MONITOR}-checkpoint");
+    let shard = format!("{MONITOR}-checkpoint-3");
+    assert!(can(&qlik, &account, "get", "configmaps", Some(&checkpoint)));
+    assert!(can(
+        &qlik,
+        &account,
+        "update",
+        "configmaps",
+        Some(&checkpoint)
+    ));
+    assert!(can(&qlik, &account, "update", "configmaps", Some(&shard)));
+    assert!(!can(
+        &qlik,
+        &account,
+        "get",
+        "configmaps",
+        Some("kube-root-ca.crt")
+    ));
+    assert!(!can(
+        &qlik,
+        &account,
+        "update",
+        "configmaps",
+        Some(&format!("{MONITOR}-config"))
+    ));
+    assert!(!can(&qlik, &account, "list", "configmaps", None));
+    assert!(!can(&qlik, &account, "create", "configmaps", None));
+    assert!(!can(
+        &qlik,
+        &account,
+        "delete",
+        "configmaps",
+        Some(&checkpoint)
+    ));
+    assert!(!can(&qlik, &account, "get", "secrets", Some("qlik-mqtt")));
+
+    // 5c. 100,000 sessions in the pod, then the pod deleted: all restored, every ConfigMap
+    // under the API server's 1 MiB.
+    const MANY: u32 = 100_000;
+    let before_many = 7.0; // ann, joe, zoe on two proxies, and late
+    let started = std::time::Instant::now();
+    for i in 0..MANY {
+        send(own(
+            "Start session",
+            &format!("qs{}", 1 + i % 4),
+            &format!("user{}", i / 2),
+            &guid(i),
+        ));
+        if i % 500 == 499 {
+            // About 25,000/s: well within what one pod takes, and no burst beyond its buffer.
+            let due = started + Duration::from_millis(20) * (i / 500 + 1);
+            std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+        }
+    }
+    let sessions = "session_monitor_active_sessions";
+    let writes = "session_monitor_checkpoint_writes_total{result=\"success\"}";
+    let written = wait_for_within("100,000 more sessions in the pod", POD_DEADLINE, || {
+        let n = metric(&http_ip, sessions).unwrap_or(0.0);
+        let received = metric(&http_ip, "session_monitor_datagrams_received_total");
+        (n == before_many + f64::from(MANY))
+            .then(|| metric(&http_ip, writes).unwrap_or(0.0))
+            .ok_or(format!("{n} sessions, {received:?} datagrams received"))
+    });
+    wait_for_within("a checkpoint of them", POD_DEADLINE, || {
+        let w = metric(&http_ip, writes).unwrap_or(0.0);
+        (w > written).then_some(()).ok_or(format!("{w} writes"))
+    });
+    let big = ready_pods(&qlik, &pod_selector).pop().unwrap();
+    cluster.request(
+        "delete the service pod",
+        pods.delete(&pod_name(&big), &DeleteParams::default()),
+    );
+    let restored = replaced(
+        &qlik,
+        &pod_name(&big),
+        "the pod after 100,000 sessions",
+        || {},
+    );
+    assert_eq!(
+        first_metric(&http_ip, sessions),
+        before_many + f64::from(MANY),
+        "all restored when {} turned ready",
+        pod_name(&restored)
+    );
+    let shards: Vec<ConfigMap> = qlik.list();
+    let mut used = 0;
+    for cm in &shards {
+        let bytes: usize = cm
+            .binary_data
+            .iter()
+            .flatten()
+            .map(|(_, v)| v.0.len())
+            .sum();
+        used += usize::from(bytes > 0);
+        assert!(bytes < 1 << 20, "{:?} is {bytes} bytes", cm.metadata.name);
+    }
+    assert!(
+        used >= 2,
+        "100,000 sessions span several ConfigMaps ({used})"
+    );
+    subscriber.wait_for_payload("qliksense/users/active/count", &(4 + MANY / 2).to_string());
+
+    // 5d. A spec change rolls the pod (Recreate) with the state kept.
+    assert_eq!(
+        qlik.must_get::<Deployment>(MONITOR)
+            .spec
+            .unwrap()
+            .strategy
+            .unwrap()
+            .type_
+            .as_deref(),
+        Some("Recreate")
+    );
+    patch_monitor(&qlik, json!({"sessions": {"idleTimeout": "45m"}}));
+    let rolled = replaced(
+        &qlik,
+        &pod_name(&restored),
+        "the pod rolled by a spec change",
+        || {},
+    );
+    assert_eq!(
+        first_metric(&http_ip, sessions),
+        before_many + f64::from(MANY)
+    );
+
+    // 5e. An invalid spec: Degraded, saying why; the running pod untouched.
+    patch_monitor(&qlik, json!({"sessions": {"maxIdle": "10m"}}));
+    let message = wait_for_within("Degraded for an invalid spec", POD_DEADLINE, || {
+        let monitor = cluster.request("the monitor", monitors(&qlik).get(MONITOR));
+        match condition(&monitor, "Degraded") {
+            Some((degraded, message)) if degraded == "True" => Ok(message),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    assert!(message.contains("spec.sessions.maxIdle"), "{message}");
+    std::thread::sleep(Duration::from_secs(3));
+    let still: Vec<String> = ready_pods(&qlik, &pod_selector)
+        .iter()
+        .map(pod_name)
+        .collect();
+    assert_eq!(
+        still,
+        vec![pod_name(&rolled)],
+        "the running pod is left alone"
+    );
+    patch_monitor(&qlik, json!({"sessions": {"maxIdle": "24h"}}));
+    wait_for_within("Degraded cleared", POD_DEADLINE, || {
+        let monitor = cluster.request("the monitor", monitors(&qlik).get(MONITOR));
+        match condition(&monitor, "Degraded") {
+            Some((degraded, _)) if degraded == "False" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+
+    // 5f. helm upgrade to a second image tag, with two operator replicas: the operator and the
+    // service roll, the state is kept.
+    let (next_repository, next_tag) = next_image();
+    let values = json!({
+        "image": {"repository": next_repository, "tag": next_tag, "pullPolicy": "Never"},
+        "replicaCount": 2,
+    });
+    helm(
+        &cluster,
+        &["upgrade", RELEASE, system.name(), &values.to_string()],
+    );
+    let operators = wait_for_within("two operator pods on the new tag", POD_DEADLINE, || {
+        let ready = ready_pods(&system, "app.kubernetes.io/component=operator");
+        let upgraded = ready
+            .iter()
+            .filter(|p| pod_image(p).ends_with(&next_tag))
+            .count();
+        let total = ready.len();
+        (total == 2 && upgraded == 2)
+            .then_some(ready)
+            .ok_or(format!("{upgraded} of {total} upgraded"))
+    });
+    let upgraded = replaced(
+        &qlik,
+        &pod_name(&rolled),
+        "the service pod on the new tag",
+        || {},
+    );
+    assert!(
+        pod_image(&upgraded).ends_with(&next_tag),
+        "{}",
+        pod_image(&upgraded)
+    );
+    assert_eq!(
+        first_metric(&http_ip, sessions),
+        before_many + f64::from(MANY)
+    );
+
+    // 5g. The leader's pod deleted: the other replica takes the Lease and reconciles a change
+    // within the lease's duration (15 s) and grace (5 s).
+    let holder = |system: &TestNamespace<'_>| {
+        system
+            .get::<Lease>(OPERATOR)
+            .and_then(|l| l.spec?.holder_identity)
+            .unwrap_or_default()
+    };
+    let leader = wait_for_within("a leader among the new pods", POD_DEADLINE, || {
+        let h = holder(&system);
+        operators
+            .iter()
+            .any(|p| pod_name(p) == h)
+            .then_some(h.clone())
+            .ok_or(h)
+    });
+    let operator_pods: Api<Pod> = system.api();
+    cluster.request(
+        "delete the leader",
+        operator_pods.delete(&leader, &DeleteParams::default()),
+    );
+    let took_over = std::time::Instant::now();
+    let generation = patch_monitor(&qlik, json!({"sessions": {"idleTimeout": "50m"}}))
+        .metadata
+        .generation
+        .unwrap();
+    wait_for_within(
+        "the other replica to reconcile the change",
+        Duration::from_secs(40),
+        || {
+            let monitor = cluster.request("the monitor", monitors(&qlik).get(MONITOR));
+            let observed = monitor.data["status"]["observedGeneration"].as_i64();
+            let h = holder(&system);
+            (observed == Some(generation) && h != leader && !h.is_empty())
+                .then_some(())
+                .ok_or(format!("observed {observed:?}, holder {h}"))
+        },
+    );
+    eprintln!("took over and reconciled in {:?}", took_over.elapsed());
+    assert!(
+        took_over.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        took_over.elapsed()
+    );
+    let final_pod = replaced(
+        &qlik,
+        &pod_name(&upgraded),
+        "the pod rolled by the new leader",
+        || {},
+    );
+    assert_eq!(
+        first_metric(&http_ip, sessions),
+        before_many + f64::from(MANY)
+    );
+    let _ = final_pod;
 
     // 6. helm uninstall, as the README says: the operator goes (garbage collection runs here),
     // the CRD and the monitors stay; deleting the monitors and the CRD removes the rest.
