@@ -404,11 +404,17 @@ pub fn free_tcp_port() -> u16 {
 
 /// `GET path` on 127.0.0.1: the status code and the body, `None` while nothing answers.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    http_get_at("127.0.0.1", port, path)
+}
+
+/// `GET path` on `ip:port` (e.g. a ClusterIP, which a cluster's node routes to its pods).
+pub fn http_get_at(ip: &str, port: u16, path: &str) -> Option<(u16, String)> {
+    let address = std::net::SocketAddr::new(ip.parse().ok()?, port);
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut response = String::new();
