@@ -230,6 +230,23 @@ fn replaced(ns: &TestNamespace<'_>, old: &str, what: &str, mut meanwhile: impl F
     })
 }
 
+/// The data bytes of every ConfigMap in `ns`, each checked to be under the API server's 1 MiB.
+fn configmap_bytes(ns: &TestNamespace<'_>) -> Vec<usize> {
+    ns.list::<ConfigMap>()
+        .iter()
+        .map(|cm| {
+            let bytes = cm
+                .binary_data
+                .iter()
+                .flatten()
+                .map(|(_, v)| v.0.len())
+                .sum();
+            assert!(bytes < 1 << 20, "{:?} is {bytes} bytes", cm.metadata.name);
+            bytes
+        })
+        .collect()
+}
+
 /// Deletes the service pod `old` (gracefully, as `kubectl delete pod` does) and waits for its
 /// ready replacement, calling `meanwhile` at each poll.
 fn delete_and_replace(
@@ -613,16 +630,7 @@ fn the_product_runs_in_a_real_cluster() {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    let shards: Vec<ConfigMap> = qlik.list();
-    for cm in &shards {
-        let bytes: usize = cm
-            .binary_data
-            .iter()
-            .flatten()
-            .map(|(_, v)| v.0.len())
-            .sum();
-        assert!(bytes < 1 << 20, "{:?} is {bytes} bytes", cm.metadata.name);
-    }
+    configmap_bytes(&qlik);
 
     // 5b. What the pod runs as, and may do, seen from the node and the API server.
     let (uid, read_only) = process_of(&replacement);
@@ -715,18 +723,7 @@ fn the_product_runs_in_a_real_cluster() {
         "all restored when {} turned ready",
         pod_name(&restored)
     );
-    let shards: Vec<ConfigMap> = qlik.list();
-    let mut used = 0;
-    for cm in &shards {
-        let bytes: usize = cm
-            .binary_data
-            .iter()
-            .flatten()
-            .map(|(_, v)| v.0.len())
-            .sum();
-        used += usize::from(bytes > 0);
-        assert!(bytes < 1 << 20, "{:?} is {bytes} bytes", cm.metadata.name);
-    }
+    let used = configmap_bytes(&qlik).iter().filter(|&&b| b > 0).count();
     assert!(
         used >= 2,
         "100,000 sessions span several ConfigMaps ({used})"

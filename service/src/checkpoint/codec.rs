@@ -160,15 +160,6 @@ impl BodyWriter {
         put_varint(out, u64::from(s.open_connections));
     }
 
-    /// The uncompressed body's size so far.
-    pub fn len(&self) -> usize {
-        self.body.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.body.is_empty()
-    }
-
     /// Compresses the body into the checkpoint's bytes. The slow part: call it outside locks.
     pub fn finish(self) -> Vec<u8> {
         debug_assert!(self.segments_left == 0 && self.sessions_left == 0);

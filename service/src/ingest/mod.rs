@@ -56,7 +56,7 @@ pub struct EventRecord {
 }
 
 impl EventRecord {
-    pub fn new(event: &ProxyEvent<'_>, at: UnixMillis) -> EventRecord {
+    fn new(event: &ProxyEvent<'_>, at: UnixMillis) -> EventRecord {
         EventRecord {
             at,
             format: event.format,
@@ -136,11 +136,8 @@ fn receive(socket: UdpSocket, slot: usize, spool: &Spool, state: &State, stop: &
             }
         }
     }
+    // The applier takes what is left and sets the high-water gauge as it does after every take.
     spool.close();
-    state
-        .metrics
-        .ingest_spool_high_water_bytes
-        .set(spool.high_water_bytes() as i64);
 }
 
 fn apply(

@@ -353,7 +353,9 @@ async fn publish_loop(
                 schedule.changed();
             }
             Some(list) = finished(&mut list_render) => {
-                let complete = publish(config, client, metrics, &mut retained, [(config.topics.user_list.clone(), list)]);
+                let complete = list.is_some_and(|list| {
+                    publish(config, client, metrics, &mut retained, [(config.topics.user_list.clone(), list)])
+                });
                 schedule.published(Class::List, std::time::Instant::now(), complete);
             }
             _ = sleep_until(wake), if wake.is_some() => {}
@@ -406,11 +408,13 @@ async fn publish_final(
     publish(config, client, &state.metrics, retained, messages);
 }
 
-async fn finished(render: &mut Option<JoinHandle<String>>) -> Option<String> {
+/// The list render under way, once it is done: `Some(None)` if it failed (a panic), so that the
+/// schedule counts the publish as incomplete and tries again rather than waiting on it forever.
+async fn finished(render: &mut Option<JoinHandle<String>>) -> Option<Option<String>> {
     let handle = render.as_mut()?;
     let result = handle.await;
     *render = None;
-    result.ok()
+    Some(result.ok())
 }
 
 async fn sleep_until(wake: Option<Instant>) {

@@ -101,10 +101,6 @@ impl ShardedRegistry {
         }
     }
 
-    pub fn shard_count(&self) -> usize {
-        self.shards.len()
-    }
-
     /// Applies one event; locks the user's shard only.
     pub fn apply(&self, event: &ProxyEvent<'_>, now: UnixMillis) -> Outcome {
         let shard = self.shard_of(event.user_directory, event.user_id);
@@ -251,7 +247,9 @@ impl ShardedRegistry {
         })
     }
 
-    /// Every session, for the checkpoint.
+    /// Every session as self-contained records: what the checkpoint holds, for tests to compare
+    /// (the checkpoint itself is written from the tables: [`ShardedRegistry::write_checkpoint`]).
+    #[cfg(test)]
     pub fn snapshot(&self) -> Vec<SessionRecord> {
         let mut records = Vec::with_capacity(self.active_sessions());
         for shard in self.shards.iter() {
