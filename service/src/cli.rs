@@ -53,6 +53,10 @@ fn serve(flags: Settings, config_file: Option<PathBuf>) -> ExitCode {
         },
         None => flags,
     };
+    let mut settings = settings;
+    if let Ok(passphrase) = std::env::var("SESSION_MONITOR_QLIK_CLIENT_KEY_PASSPHRASE") {
+        settings.qlik_client_key_passphrase = Some(crate::config::Secret(passphrase));
+    }
     let password = std::env::var("SESSION_MONITOR_MQTT_PASSWORD").ok();
     let config = match Config::from_settings(settings, password) {
         Ok(config) => config,

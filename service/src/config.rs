@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::exclusions::Exclusions;
 use crate::parser::Limits;
+use crate::qlik::QlikConfig;
 use crate::registry::ExpiryPolicy;
 
 /// Raw settings as given: every field optional, so "not given" stays distinguishable from a
@@ -313,6 +314,114 @@ pub struct Settings {
     )]
     pub checkpoint_interval: Option<Duration>,
 
+    /// Qlik Sense repository (QRS), https://CENTRAL:4242; its proxies and virtual proxies are found there and reconciled with the events
+    #[arg(long, env = "SESSION_MONITOR_QLIK_REPOSITORY_URL", value_name = "URL")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qlik_repository_url: Option<String>,
+
+    /// Instead of discovery: proxy APIs to reconcile with, https://NODE:4243/ for the default virtual proxy, https://NODE:4243/PREFIX for another (comma-separated)
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_QLIK_PROXIES",
+        value_name = "URLS",
+        value_delimiter = ','
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qlik_proxies: Option<Vec<String>>,
+
+    /// Client certificate exported from the QMC (client.pem)
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_QLIK_CLIENT_CERT_FILE",
+        value_name = "PATH"
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qlik_client_cert_file: Option<PathBuf>,
+
+    /// Its private key (client_key.pem)
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_QLIK_CLIENT_KEY_FILE",
+        value_name = "PATH"
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qlik_client_key_file: Option<PathBuf>,
+
+    /// File holding the key's passphrase, if it has one (or set SESSION_MONITOR_QLIK_CLIENT_KEY_PASSPHRASE; never a flag)
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_QLIK_CLIENT_KEY_PASSPHRASE_FILE",
+        value_name = "PATH"
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qlik_client_key_passphrase_file: Option<PathBuf>,
+
+    /// The site's root certificate (root.pem), to verify the Qlik services
+    #[arg(long, env = "SESSION_MONITOR_QLIK_CA_FILE", value_name = "PATH")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qlik_ca_file: Option<PathBuf>,
+
+    /// Do not verify the Qlik services' certificates (logged as a warning at start) [default: false]
+    #[arg(long, env = "SESSION_MONITOR_QLIK_INSECURE_SKIP_TLS_VERIFY", value_name = "BOOL", action = clap::ArgAction::Set)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qlik_insecure_skip_tls_verify: Option<bool>,
+
+    /// How often the registry is reconciled with the proxies' session lists; 0s: only once, at start [default: 60s]
+    #[arg(long, env = "SESSION_MONITOR_QLIK_RECONCILE_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde"
+    )]
+    pub qlik_reconcile_interval: Option<Duration>,
+
+    /// A session the API no longer lists is removed only once it has been silent this long, so events in flight are never undone [default: 30s]
+    #[arg(long, env = "SESSION_MONITOR_QLIK_RECONCILE_GRACE", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde"
+    )]
+    pub qlik_reconcile_grace: Option<Duration>,
+
+    /// At start, readiness waits at most this long for the first reconcile [default: 10s]
+    #[arg(long, env = "SESSION_MONITOR_QLIK_STARTUP_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde"
+    )]
+    pub qlik_startup_timeout: Option<Duration>,
+
+    /// Each request to a Qlik API gives up after this long [default: 10s]
+    #[arg(long, env = "SESSION_MONITOR_QLIK_REQUEST_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde"
+    )]
+    pub qlik_request_timeout: Option<Duration>,
+
+    /// Proxy node names as the API gives them mapped to the names the proxies log, QLIK_NAME=LOGGED_NAME (comma-separated) [default: same first label, any case]
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_QLIK_HOST_ALIASES",
+        value_name = "ALIASES",
+        value_delimiter = ','
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qlik_host_aliases: Option<Vec<String>>,
+
+    /// Addresses for Qlik host names this machine cannot resolve, HOST=IP (comma-separated)
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_QLIK_RESOLVE",
+        value_name = "ENTRIES",
+        value_delimiter = ','
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qlik_resolve: Option<Vec<String>>,
+
     /// Log filter, e.g. `info` or `session_monitor=debug,info` [default: info]
     #[arg(long, env = "SESSION_MONITOR_LOG_LEVEL", value_name = "FILTER")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -328,6 +437,12 @@ pub struct Settings {
     #[arg(skip)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mqtt_password: Option<Secret>,
+
+    /// The Qlik client key's passphrase: from SESSION_MONITOR_QLIK_CLIENT_KEY_PASSPHRASE or the
+    /// config file, never a flag.
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qlik_client_key_passphrase: Option<Secret>,
 }
 
 /// A secret string: serialized as is (settings files may hold it), never shown by `Debug`.
@@ -372,7 +487,7 @@ pub enum ConfigError {
     File { path: PathBuf, message: String },
 }
 
-fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
         message: message.into(),
@@ -434,6 +549,8 @@ pub struct Config {
     pub exclusions: Exclusions,
     pub mqtt: MqttConfig,
     pub checkpoint: CheckpointConfig,
+    /// Reconciliation with the Qlik proxies' session lists; `None`: events only.
+    pub qlik: Option<QlikConfig>,
     pub log_level: String,
     pub log_format: LogFormat,
 }
@@ -561,6 +678,7 @@ impl Config {
             ));
         }
         let checkpoint_store = checkpoint_store(&s)?;
+        let qlik = QlikConfig::from_settings(&s)?;
         let exclusions = Exclusions::new(s.exclude_users.clone().unwrap_or_default())
             .map_err(|e| invalid("exclude_users", e.to_string()))?;
 
@@ -713,6 +831,7 @@ impl Config {
                 interval: positive("checkpoint_interval", s.checkpoint_interval)?
                     .unwrap_or(defaults::CHECKPOINT_INTERVAL),
             },
+            qlik,
             log_level: s.log_level.unwrap_or_else(|| "info".to_owned()),
             log_format: s.log_format.unwrap_or_default(),
         })

@@ -12,6 +12,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 
+use crate::qlik::reconciler::QlikStatus;
 use crate::registry::{HostSummary, UnixMillis, UserView};
 use crate::state::State;
 
@@ -72,6 +73,9 @@ struct Summary {
     hosts: Vec<HostSummary>,
     /// The active users, sorted by name; `/api/v1/users` adds hosts and connections.
     users: Vec<UserSummary>,
+    /// Reconciliation with the Qlik proxy API; absent while it is off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    qlik_api: Option<QlikStatus>,
 }
 
 #[derive(Serialize)]
@@ -108,6 +112,7 @@ async fn summary(AxumState(http): AxumState<Http>) -> Json<Summary> {
             .collect(),
         hosts,
         users,
+        qlik_api: http.state.qlik_status().clone(),
     })
 }
 

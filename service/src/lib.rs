@@ -14,6 +14,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod mqtt;
 pub mod parser;
+pub mod qlik;
 pub mod ratelimit;
 pub mod registry;
 pub mod service;

@@ -51,6 +51,22 @@ pub struct Metrics {
     pub checkpoint_conflicts: IntCounter,
     pub checkpoint_shards: IntGauge,
     pub ready: IntGauge,
+    pub qlik: QlikMetrics,
+}
+
+/// Reconciliation with the Qlik proxy API. Every series is labelled, so none shows while
+/// reconciliation is off. `node` is a node's name as the API gives it; `host` the proxy's
+/// logged name (the `host` of the other per-proxy metrics).
+pub struct QlikMetrics {
+    pub api_up: IntGaugeVec,
+    pub request_duration: prometheus::HistogramVec,
+    pub errors: IntCounterVec,
+    pub sessions_added: IntCounterVec,
+    pub sessions_removed: IntCounterVec,
+    pub drift: IntGaugeVec,
+    pub listed_sessions: IntGaugeVec,
+    pub last_success: IntGaugeVec,
+    pub reconciles: IntCounterVec,
 }
 
 impl Metrics {
@@ -216,6 +232,59 @@ impl Metrics {
                 "checkpoint_shards",
                 "Shard ConfigMaps the committed checkpoint uses beside the main one (0 for a file).",
             ),
+            qlik: QlikMetrics {
+                api_up: gauge_vec(
+                    "qlik_api_up",
+                    "1 if the last request to this Qlik API (qrs: the repository, qps: a proxy node) succeeded.",
+                    &["api", "node"],
+                ),
+                request_duration: register(
+                    r,
+                    prometheus::HistogramVec::new(
+                        HistogramOpts::new(
+                            format!("{PREFIX}_qlik_api_request_duration_seconds"),
+                            "Duration of requests to the Qlik APIs, failed ones included.",
+                        )
+                        .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                        &["api"],
+                    ),
+                ),
+                errors: counter_vec(
+                    "qlik_api_errors_total",
+                    "Failed requests to the Qlik APIs, by reason (resolve, connect, tls, timeout, forbidden, status, http, body).",
+                    &["api", "node", "reason"],
+                ),
+                sessions_added: counter_vec(
+                    "qlik_reconcile_sessions_added_total",
+                    "Sessions the proxy API listed that the events had not shown (recovered by reconciliation).",
+                    &["host"],
+                ),
+                sessions_removed: counter_vec(
+                    "qlik_reconcile_sessions_removed_total",
+                    "Sessions removed because the proxy API no longer listed them (their stop event was lost).",
+                    &["host"],
+                ),
+                drift: gauge_vec(
+                    "qlik_reconcile_drift_sessions",
+                    "Sessions added plus removed by the last reconcile of a proxy: how far the events had drifted from the API.",
+                    &["host"],
+                ),
+                listed_sessions: gauge_vec(
+                    "qlik_api_sessions",
+                    "Sessions the proxy API listed at the last reconcile, all virtual proxies together.",
+                    &["host"],
+                ),
+                last_success: gauge_vec(
+                    "qlik_reconcile_last_success_timestamp_seconds",
+                    "When a proxy was last reconciled successfully (Unix time).",
+                    &["host"],
+                ),
+                reconciles: counter_vec(
+                    "qlik_reconciles_total",
+                    "Reconcile rounds, by result (ok, partial: some proxies failed, failed: none reconciled).",
+                    &["result"],
+                ),
+            },
             ready: gauge(
                 "ready",
                 "1 once the checkpoint is restored and the UDP socket bound.",

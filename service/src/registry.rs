@@ -19,7 +19,9 @@ use crate::checkpoint::codec::{BodyWriter, SessionEntry, SessionId};
 use crate::exclusions::Exclusions;
 use crate::parser::{Command, ProxyEvent};
 
+mod reconcile;
 pub mod sharded;
+pub use reconcile::{ListedUser, Pairing, Reconciled};
 pub use sharded::ShardedRegistry;
 
 /// Wall-clock time as milliseconds since the Unix epoch. Wall clock rather than a monotonic
@@ -150,6 +152,10 @@ struct Session {
     started: UnixMillis,
     last_seen: UnixMillis,
     open_connections: u32,
+    /// Added from the Qlik proxy API's list and not yet named by an event: its id is the API's,
+    /// so matching it again proves nothing about the ids events carry (see [`reconcile`]).
+    /// Fits the struct's padding: no memory per session.
+    from_api: bool,
 }
 
 /// Sessions keyed by proxy session id. Qlik's ids are lower-case GUIDs: kept as their 16 bytes
@@ -268,6 +274,8 @@ pub struct Registry {
     active_users: usize,
     /// Reused for lower-casing lookup keys so the event path does not allocate.
     scratch: String,
+    /// Recent stop events, kept while reconciliation is on (see [`reconcile`]).
+    stops: reconcile::RecentStops,
 }
 
 /// One session as the checkpoint stores it, self-contained (no ids internal to a registry).
@@ -407,12 +415,19 @@ impl Registry {
 
         match event.command {
             Command::StopSession => match self.remove(&key) {
-                Some(_) => Outcome::SessionStopped,
+                Some(session) => {
+                    if self.stops.enabled() {
+                        self.set_scratch_to_user_key(event.user_directory, event.user_id);
+                        self.stops.record(session.host, &self.scratch, now);
+                    }
+                    Outcome::SessionStopped
+                }
                 None => Outcome::UnknownSessionStopped,
             },
             command => match self.get_mut(&key) {
                 Some(session) => {
                     session.last_seen = now;
+                    session.from_api = false;
                     match command {
                         Command::OpenConnection => session.open_connections += 1,
                         Command::CloseConnection => {
@@ -467,6 +482,7 @@ impl Registry {
         for (host, user) in removed {
             self.release(host, user);
         }
+        self.stops.forget_before(now);
         expired
     }
 
@@ -554,6 +570,7 @@ impl Registry {
                 started: r.started,
                 last_seen: r.last_seen,
                 open_connections: r.open_connections,
+                from_api: false,
             };
             // Not already live (checked above), so this adds a session.
             match r.id {
@@ -722,6 +739,7 @@ impl Registry {
             started: now,
             last_seen: now,
             open_connections,
+            from_api: false,
         };
         match event.proxy_session_id {
             Some(id) => self.by_session_id.insert(id, session),
@@ -885,13 +903,13 @@ pub(crate) fn push_lowercase(out: &mut String, s: &str) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::parser::Format;
 
     const MIN: u64 = 60_000;
 
-    fn event<'a>(
+    pub(super) fn event<'a>(
         command: Command,
         host: &'a str,
         dir: &'a str,

@@ -10,12 +10,14 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::checkpoint::{self, Store};
 use crate::config::{Config, MqttBroker};
 use crate::ingest::{self, Ingest};
 use crate::metrics::Metrics;
+use crate::qlik::client::TlsSetupError;
+use crate::qlik::reconciler::Reconciler;
 use crate::registry::{ShardedRegistry, UnixMillis, sharded::DEFAULT_SHARDS};
 use crate::shutdown::{Phase, Shutdown, Stop};
 use crate::state::State;
@@ -35,6 +37,8 @@ pub enum StartError {
     Broker(#[from] broker::BrokerError),
     #[error("MQTT: {0}")]
     Mqtt(#[from] mqtt::SetupError),
+    #[error("Qlik API certificates: {0}")]
+    Qlik(#[from] TlsSetupError),
     #[error("cannot restore the checkpoint: {0}")]
     Checkpoint(#[from] checkpoint::StoreError),
     #[error("cannot listen for UDP on {addr} (udp_listen): {source}")]
@@ -96,6 +100,10 @@ pub async fn run(
         broker::start(listen)?;
     }
     let mqtt_options = mqtt::options(&config.mqtt)?;
+    let reconciler = match &config.qlik {
+        Some(qlik) => Some(Arc::new(Reconciler::new(qlik.clone(), state.clone())?)),
+        None => None,
+    };
     let store = Store::open(&config.checkpoint.store).await?;
     store.check_writable().await?;
 
@@ -176,8 +184,32 @@ pub async fn run(
     };
     let mut checkpoint_writer = None;
     let mut publisher = None;
+    let mut reconcile_task = None;
     let failed = match restored {
         Some(Ok(())) => {
+            // One reconcile with the Qlik proxies before turning ready, so that the first count
+            // published is exact; within a bound, since Qlik may not answer.
+            let mut stop_requested = false;
+            if let Some(reconciler) = reconciler {
+                let (first_tx, first_rx) = oneshot::channel();
+                reconcile_task = Some(tokio::spawn(
+                    reconciler.run(first_tx, phases.at(Phase::Saving)),
+                ));
+                let bound = config
+                    .qlik
+                    .as_ref()
+                    .map_or(Duration::ZERO, |q| q.startup_timeout);
+                tokio::select! {
+                    first = tokio::time::timeout(bound, first_rx) => match first {
+                        Ok(Ok(round)) => tracing::info!(?round, "first reconcile with the Qlik proxy API done"),
+                        _ => tracing::warn!(
+                            timeout = %humantime::format_duration(bound),
+                            "the Qlik proxy API did not answer in time (qlik_startup_timeout); ready on events and the checkpoint, still trying"
+                        ),
+                    },
+                    () = &mut shutdown => stop_requested = true,
+                }
+            }
             checkpoint_writer = Some(tokio::spawn(checkpoint::run(
                 store,
                 state.clone(),
@@ -192,9 +224,11 @@ pub async fn run(
                 events_rx,
                 phases.at(Phase::Closing),
             )));
-            state.set_ready();
-            tracing::info!("ready");
-            shutdown.await;
+            if !stop_requested {
+                state.set_ready();
+                tracing::info!("ready");
+                shutdown.await;
+            }
             None
         }
         Some(Err(error)) => Some(error),
@@ -210,6 +244,9 @@ pub async fn run(
         let _ = writer.await;
     }
     let _ = tokio::join!(http_server, expiry);
+    if let Some(task) = reconcile_task {
+        let _ = task.await;
+    }
     phases.enter(Phase::Closing);
     if let Some(publisher) = publisher {
         let _ = publisher.await;

@@ -2,9 +2,12 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use std::sync::{Mutex, MutexGuard};
+
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
+use crate::qlik::reconciler::QlikStatus;
 use crate::registry::{ShardedRegistry, UnixMillis};
 
 pub struct State {
@@ -16,6 +19,8 @@ pub struct State {
     membership: watch::Sender<u64>,
     pub metrics: Metrics,
     ready: AtomicBool,
+    /// Reconciliation with the Qlik proxy API, for the summary; `None` while it is off.
+    qlik: Mutex<Option<QlikStatus>>,
 }
 
 impl State {
@@ -26,6 +31,7 @@ impl State {
             membership: watch::Sender::new(0),
             metrics,
             ready: AtomicBool::new(false),
+            qlik: Mutex::new(None),
         }
     }
 
@@ -69,6 +75,10 @@ impl State {
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Release);
         self.metrics.ready.set(1);
+    }
+
+    pub fn qlik_status(&self) -> MutexGuard<'_, Option<QlikStatus>> {
+        self.qlik.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn is_ready(&self) -> bool {

@@ -20,8 +20,8 @@ use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard};
 
 use super::{
-    Expired, ExpiryPolicy, HostSummary, Outcome, Registry, RestoreRecord, SessionRecord,
-    UnixMillis, UserView, push_lowercase,
+    Expired, ExpiryPolicy, HostSummary, ListedUser, Outcome, Pairing, Reconciled, Registry,
+    RestoreRecord, SessionRecord, UnixMillis, UserView, push_lowercase,
 };
 use crate::checkpoint::codec::{BodyWriter, Decoded};
 use crate::exclusions::Exclusions;
@@ -289,6 +289,38 @@ impl ShardedRegistry {
             sessions += registry.active_sessions();
         }
         (w, sessions)
+    }
+
+    /// Remembers stop events for `memory` in every shard (see [`Registry::remember_stops`]).
+    pub fn remember_stops(&self, memory: std::time::Duration) {
+        for shard in self.shards.iter() {
+            lock(shard).remember_stops(memory);
+        }
+    }
+
+    /// Merges a node's session list into the sessions held on `host`, one shard at a time:
+    /// each shard gets the listed users that live in it, and every shard is visited, since
+    /// any may hold sessions the list no longer has (see [`Registry::reconcile_host`]).
+    pub fn reconcile_host(
+        &self,
+        host: &str,
+        listed: &[ListedUser],
+        fetched_at: UnixMillis,
+        grace: std::time::Duration,
+        pairing: Pairing,
+    ) -> Reconciled {
+        let mut by_shard: Vec<Vec<&ListedUser>> = vec![Vec::new(); self.shards.len()];
+        for user in listed {
+            by_shard[self.shard_of(&user.directory, &user.user_id)].push(user);
+        }
+        let mut done = Reconciled::default();
+        for (users, shard) in by_shard.iter().zip(self.shards.iter()) {
+            done +=
+                lock(shard).reconcile_host(host, users, fetched_at, grace, pairing, &mut |name| {
+                    self.admit_host(name)
+                });
+        }
+        done
     }
 
     /// Display names of all active users, sorted case-insensitively (sorted outside the locks).
