@@ -19,6 +19,10 @@ const DURATION: &str = r"^([0-9]+(ns|us|ms|s|m|h|d))+$";
 /// IPv4 or IPv6 network in CIDR notation; the operator parses it exactly.
 const CIDR: &str = r"^[0-9a-fA-F:.]+/[0-9]{1,3}$";
 const MQTT_URL: &str = r"^(mqtt|mqtts)://[^/?#@]+/?$";
+/// The repository's address: `https://HOST[:PORT]`, no path.
+const QLIK_REPOSITORY_URL: &str = r"^https://[^/?#@]+/?$";
+/// A proxy's API and virtual proxy: `https://HOST[:PORT]/` or `https://HOST[:PORT]/PREFIX`.
+const QLIK_PROXY_URL: &str = r"^https://[^/?#@]+(/[A-Za-z0-9._-]*/?)?$";
 
 // Each printcolumn repeats `type_`, which clippy takes for a duplicated attribute.
 #[allow(clippy::duplicated_attributes)]
@@ -64,6 +68,10 @@ pub struct SessionMonitorSpec {
     pub sessions: SessionsSpec,
     /// The MQTT broker and topics the active users are published to.
     pub mqtt: MqttSpec,
+    /// Reconciliation with the Qlik Sense proxies' own session lists (their QPS API), which
+    /// corrects sessions whose events were lost; default: off (events only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qlik: Option<QlikSpec>,
     /// Registry checkpoints (ConfigMaps `<name>-checkpoint`, `<name>-checkpoint-1`…).
     #[serde(default)]
     pub checkpoint: CheckpointSpec,
@@ -279,6 +287,81 @@ fn default_ca_key() -> String {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 pub struct SecretName {
     pub name: String,
+}
+
+/// Where the Qlik APIs are (exactly one of `repositoryUrl` and `proxies`), the certificates
+/// to call them with, and how often the registry is reconciled with them.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("oneOf" = [{"required": ["repositoryUrl"]}, {"required": ["proxies"]}]))]
+pub struct QlikSpec {
+    /// The repository (QRS) of the central node, `https://CENTRAL[:4242]`: the proxies and their
+    /// virtual proxies are found there at every reconcile. Either this or `proxies`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(QLIK_REPOSITORY_URL))]
+    pub repository_url: Option<String>,
+    /// Instead of discovery: the proxy APIs, `https://NODE[:4243]/` for the default virtual
+    /// proxy and `https://NODE[:4243]/PREFIX` for another. Either this or `repositoryUrl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1), inner(pattern(QLIK_PROXY_URL)))]
+    pub proxies: Option<Vec<String>>,
+    /// A Secret in the monitor's namespace with the certificates exported from the QMC
+    /// (`client.pem`, `client_key.pem`, `root.pem`), mounted read-only into the pod.
+    pub certificates_secret: QlikCertificatesSecret,
+    /// Do not verify the Qlik services' certificates against `root.pem`; default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub insecure_skip_tls_verify: Option<bool>,
+    /// How often the registry is reconciled with the proxies' session lists (1s to 24h, or
+    /// `0s`: only once, at start); default `60s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION))]
+    pub reconcile_interval: Option<String>,
+    /// A session the API no longer lists is removed only after this long without events, so
+    /// events in flight are never undone (at most 1h); default `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION))]
+    pub reconcile_grace: Option<String>,
+    /// At start, readiness waits at most this long for the first reconcile (at most 1h);
+    /// default `10s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION))]
+    pub startup_timeout: Option<String>,
+    /// Each request to a Qlik API gives up after this long (1ms to 1h); default `10s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION))]
+    pub request_timeout: Option<String>,
+    /// Proxy node names as the Qlik API gives them → the names the proxies log (their
+    /// `%hostname`), where the two differ by more than case and domain; e.g.
+    /// `qs-node1.corp.local: PROXY1`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub host_aliases: BTreeMap<String, String>,
+    /// Addresses for Qlik host names the pod cannot resolve (the service resolves them itself;
+    /// the pod's `/etc/hosts` is left alone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resolve: Vec<QlikResolve>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QlikCertificatesSecret {
+    /// The Secret with the keys `client.pem`, `client_key.pem` and `root.pem`.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// The key in the same Secret holding `client_key.pem`'s passphrase, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub passphrase_key: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QlikResolve {
+    /// A host name as the Qlik API gives it (or as written in `repositoryUrl`/`proxies`).
+    #[schemars(length(min = 1))]
+    pub hostname: String,
+    /// Its IPv4 or IPv6 address.
+    #[schemars(length(min = 1))]
+    pub ip: String,
 }
 
 /// Topic names; unset ones keep the service's Butler-compatible defaults. Event topics are off

@@ -20,7 +20,9 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::crd::{ExternalTrafficPolicy, ImagePullPolicy, ServiceType, SessionMonitor};
-use crate::validate::{CONTAINER_HTTP_PORT, CONTAINER_UDP_PORT, Plan, config_map_name, paths};
+use crate::validate::{
+    CONTAINER_HTTP_PORT, CONTAINER_UDP_PORT, Plan, QLIK_CERTIFICATE_KEYS, config_map_name, paths,
+};
 
 pub const MANAGER: &str = "session-monitor-operator";
 pub const CONTAINER: &str = "session-monitor";
@@ -262,6 +264,23 @@ fn deployment(
             ));
             mounts.push(mount("mqtt-client-cert", paths::MQTT_CLIENT_CERT_DIR));
         }
+    }
+    if let Some(qlik) = &spec.qlik {
+        // The QMC's files under their own names; the passphrase, if any, as `passphrase`.
+        let certificates = &qlik.certificates_secret;
+        let mut items: Vec<(&str, &str)> = QLIK_CERTIFICATE_KEYS
+            .iter()
+            .map(|key| (*key, *key))
+            .collect();
+        if let Some(key) = &certificates.passphrase_key {
+            items.push((key, paths::QLIK_PASSPHRASE));
+        }
+        volumes.push(secret_volume(
+            "qlik-certificates",
+            &certificates.name,
+            &items,
+        ));
+        mounts.push(mount("qlik-certificates", paths::QLIK_CERTIFICATES_DIR));
     }
     let probe = |path: &str, period: i32, failures: i32| Probe {
         http_get: Some(HTTPGetAction {
@@ -801,6 +820,148 @@ mod tests {
             .node_selector
             .insert("zone".into(), "a".into());
         assert_eq!(first, checksum(&scheduled, &none));
+    }
+
+    #[test]
+    fn the_qlik_certificates_are_mounted_read_only_where_the_settings_point() {
+        let (plan, d) = built(&testing::qlik_example());
+        let pod = d.deployment.spec.unwrap().template.spec.unwrap();
+        let volumes = pod.volumes.unwrap();
+        let volume = volumes
+            .iter()
+            .find(|v| v.name == "qlik-certificates")
+            .expect("a volume of the certificates Secret");
+        let secret = volume.secret.as_ref().unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("qlik-certificates"));
+        let items: Vec<_> = secret
+            .items
+            .iter()
+            .flatten()
+            .map(|i| (i.key.as_str(), i.path.as_str()))
+            .collect();
+        assert_eq!(
+            items,
+            [
+                ("client.pem", "client.pem"),
+                ("client_key.pem", "client_key.pem"),
+                ("root.pem", "root.pem")
+            ]
+        );
+        assert_eq!(secret.default_mode, Some(0o440));
+        let c = &pod.containers[0];
+        let mount = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "qlik-certificates")
+            .unwrap();
+        assert_eq!(mount.mount_path, "/etc/session-monitor/qlik");
+        assert_eq!(mount.read_only, Some(true));
+        // The files the settings name are the mounted items.
+        let settings: session_monitor::config::Settings =
+            toml::from_str(&plan.config_toml).unwrap();
+        for file in [
+            settings.qlik_client_cert_file.unwrap(),
+            settings.qlik_client_key_file.unwrap(),
+            settings.qlik_ca_file.unwrap(),
+        ] {
+            assert_eq!(file.parent(), Some(std::path::Path::new(&mount.mount_path)));
+            let name = file.file_name().unwrap().to_str().unwrap();
+            assert!(items.iter().any(|(_, path)| *path == name), "{name}");
+        }
+        // Files only: nothing from the Secret in the environment, no Secret access for the pod.
+        assert!(c.env.iter().flatten().all(|e| {
+            e.value_from
+                .as_ref()
+                .and_then(|v| v.secret_key_ref.as_ref())
+                .is_none_or(|r| r.name != "qlik-certificates")
+        }));
+        let rules = d.role.rules.unwrap();
+        assert!(
+            rules
+                .iter()
+                .all(|r| r.resources == Some(vec!["configmaps".to_owned()]))
+        );
+    }
+
+    #[test]
+    fn a_key_passphrase_is_mounted_beside_the_certificates() {
+        let m = monitor(json!({
+            "mqtt": {"url": "mqtt://b"},
+            "qlik": {
+                "proxies": ["https://qs-node1:4243/"],
+                "certificatesSecret": {"name": "qlik-certificates", "passphraseKey": "key-password"},
+            },
+        }));
+        let (plan, d) = built(&m);
+        let pod = d.deployment.spec.unwrap().template.spec.unwrap();
+        let volume = pod
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == "qlik-certificates")
+            .unwrap();
+        let items: Vec<_> = volume
+            .secret
+            .unwrap()
+            .items
+            .unwrap()
+            .into_iter()
+            .map(|i| (i.key, i.path))
+            .collect();
+        assert_eq!(
+            items.last(),
+            Some(&("key-password".to_owned(), "passphrase".to_owned()))
+        );
+        assert!(
+            plan.config_toml.contains(&format!(
+                "qlik_client_key_passphrase_file = \"{}\"",
+                paths::QLIK_PASSPHRASE_FILE
+            )),
+            "{}",
+            plan.config_toml
+        );
+    }
+
+    #[test]
+    fn without_qlik_nothing_of_it_is_mounted() {
+        let (_, d) = built(&testing::example());
+        let pod = d.deployment.spec.unwrap().template.spec.unwrap();
+        assert!(
+            pod.volumes
+                .unwrap()
+                .iter()
+                .all(|v| v.name != "qlik-certificates")
+        );
+        assert!(
+            pod.containers[0]
+                .volume_mounts
+                .iter()
+                .flatten()
+                .all(|m| m.mount_path != paths::QLIK_CERTIFICATES_DIR)
+        );
+    }
+
+    #[test]
+    fn a_rotated_certificates_secret_rolls_the_pod() {
+        let m = testing::qlik_example();
+        let plan = validate(&m, "img").unwrap();
+        let checksum = |versions: &[(&str, &str)]| {
+            let versions = versions
+                .iter()
+                .map(|(s, v)| ((*s).to_owned(), (*v).to_owned()))
+                .collect();
+            config_checksum(&plan, &versions)
+        };
+        let before = checksum(&[("qlik-mqtt", "1"), ("qlik-certificates", "7")]);
+        assert_ne!(
+            before,
+            checksum(&[("qlik-mqtt", "1"), ("qlik-certificates", "8")])
+        );
+        assert_eq!(
+            before,
+            checksum(&[("qlik-mqtt", "1"), ("qlik-certificates", "7")])
+        );
     }
 
     fn ports(service: &Service) -> Vec<(String, i32, String)> {

@@ -34,6 +34,9 @@ type ApiServerHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 const IMAGE: &str = "example/session-monitor:test";
 const SECRET: &str = "qlik-mqtt";
 const SECRET_VERSION: &str = "77";
+/// `spec.qlik.certificatesSecret` of [`with_qlik`].
+const QLIK_SECRET: &str = "qlik-certificates";
+const QLIK_SECRET_VERSION: &str = "88";
 /// The query of every server-side apply, exactly as kube 5 writes it for
 /// `PatchParams::apply(MANAGER).force()`: its query builder starts with `&`.
 const APPLY_QUERY: &str = "&force=true&fieldManager=session-monitor-operator";
@@ -508,12 +511,24 @@ fn path(api: &str, plural: &str, name: &str) -> String {
     format!("{api}/namespaces/{NAMESPACE}/{plural}/{name}")
 }
 
+/// The MQTT credentials Secret [`SECRET`] with `keys`.
 fn secret(keys: &[&str]) -> Value {
+    named_secret(SECRET, SECRET_VERSION, "beef", keys)
+}
+
+/// The Qlik certificates Secret [`QLIK_SECRET`] with `keys`.
+fn qlik_secret(keys: &[&str]) -> Value {
+    named_secret(QLIK_SECRET, QLIK_SECRET_VERSION, "cafe", keys)
+}
+
+fn named_secret(name: &str, version: &str, uid: &str, keys: &[&str]) -> Value {
     let data: BTreeMap<&str, &str> = keys
         .iter()
         .map(|&key| {
             let value = match key {
                 "username" => "c2Vzc2lvbi1tb25pdG9y",
+                // "-----BEGIN CERTIFICATE-----\n…", as kubectl stores a PEM file.
+                k if k.ends_with(".pem") => "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCg==",
                 _ => "Y2hhbmdlLW1l",
             };
             (key, value)
@@ -522,9 +537,9 @@ fn secret(keys: &[&str]) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
         "metadata": {
-            "name": SECRET, "namespace": NAMESPACE,
-            "uid": "5f1c3a2e-0000-4000-8000-00000000beef",
-            "resourceVersion": SECRET_VERSION,
+            "name": name, "namespace": NAMESPACE,
+            "uid": format!("5f1c3a2e-0000-4000-8000-00000000{uid}"),
+            "resourceVersion": version,
             "creationTimestamp": "2026-11-01T08:00:00Z",
         },
         "data": data,
@@ -933,6 +948,41 @@ fn with_credentials() -> SessionMonitor {
     }))
 }
 
+/// MQTT credentials and `spec.qlik` with static proxies and a key passphrase.
+fn with_qlik() -> SessionMonitor {
+    monitor(json!({
+        "mqtt": {"url": "mqtt://broker.mqtt.svc:1883", "credentialsSecret": {"name": SECRET}},
+        "checkpoint": {"shards": 2},
+        "qlik": {
+            "proxies": ["https://qs-node1.corp.local:4243/", "https://qs-node1.corp.local:4243/sales"],
+            "certificatesSecret": {"name": QLIK_SECRET, "passphraseKey": "passphrase"},
+            "reconcileInterval": "2m",
+            "hostAliases": {"qs-node1.corp.local": "PROXY1"},
+            "resolve": [{"hostname": "qs-node1.corp.local", "ip": "10.20.0.11"}],
+        },
+    }))
+}
+
+/// `calls` with `check` added to the one request `METHOD path`.
+fn also_checking(
+    calls: Vec<Call>,
+    request: &str,
+    check: impl Fn(&Value) + Send + 'static,
+) -> Vec<Call> {
+    let mut check = Some(check);
+    let calls: Vec<Call> = calls
+        .into_iter()
+        .map(
+            |call| match format!("{} {}", call.method, call.path) == request {
+                true => call.checking(check.take().expect("one such request")),
+                false => call,
+            },
+        )
+        .collect();
+    assert!(check.is_none(), "no {request} among the calls");
+    calls
+}
+
 fn applies(deployment: Rollout) -> Scenario {
     Scenario::Applies {
         shards: 2,
@@ -1112,6 +1162,197 @@ async fn a_secret_without_the_password_key_degrades_but_the_running_pod_stays_re
 }
 
 #[tokio::test]
+async fn a_monitor_with_qlik_reads_its_certificates_renders_the_settings_and_mounts_the_secret() {
+    let m = with_qlik();
+    let mut server = ApiServer::new();
+    let scenario = Scenario::Applies {
+        shards: 2,
+        // Each Secret read once, in the order the spec references them.
+        secrets: vec![
+            secret(&["username", "password"]),
+            qlik_secret(&["client.pem", "client_key.pem", "root.pem", "passphrase"]),
+        ],
+        deployment: Rollout::Pending,
+        monitoring: Monitoring::NotInstalled,
+    };
+    let calls = also_checking(
+        scenario.calls(),
+        &format!(
+            "PATCH {}",
+            path(CORE, "configmaps", &format!("{NAME}-config"))
+        ),
+        |cm| {
+            let toml = cm["data"][paths::CONFIG_KEY].as_str().unwrap();
+            let settings: session_monitor::config::Settings =
+                toml::from_str(toml).expect("the service's settings");
+            assert_eq!(
+                settings.qlik_proxies,
+                Some(vec![
+                    "https://qs-node1.corp.local:4243/".to_owned(),
+                    "https://qs-node1.corp.local:4243/sales".to_owned(),
+                ])
+            );
+            assert_eq!(settings.qlik_repository_url, None);
+            let file = |p: &str| Some(std::path::PathBuf::from(p));
+            assert_eq!(
+                settings.qlik_client_cert_file,
+                file("/etc/session-monitor/qlik/client.pem")
+            );
+            assert_eq!(
+                settings.qlik_client_key_file,
+                file("/etc/session-monitor/qlik/client_key.pem")
+            );
+            assert_eq!(
+                settings.qlik_ca_file,
+                file("/etc/session-monitor/qlik/root.pem")
+            );
+            assert_eq!(
+                settings.qlik_client_key_passphrase_file,
+                file("/etc/session-monitor/qlik/passphrase")
+            );
+            assert_eq!(
+                settings.qlik_reconcile_interval,
+                Some(Duration::from_secs(120))
+            );
+            assert_eq!(
+                settings.qlik_host_aliases,
+                Some(vec!["qs-node1.corp.local=PROXY1".to_owned()])
+            );
+            assert_eq!(
+                settings.qlik_resolve,
+                Some(vec!["qs-node1.corp.local=10.20.0.11".to_owned()])
+            );
+            // Paths only: no certificate, key or passphrase in the ConfigMap.
+            assert_eq!(settings.qlik_client_key_passphrase, None);
+            assert!(!toml.contains("BEGIN"), "{toml}");
+        },
+    );
+    let mut calls = also_checking(
+        calls,
+        &format!("PATCH {}", path(APPS, "deployments", NAME)),
+        |deployment| {
+            let pod = &deployment["spec"]["template"]["spec"];
+            let volumes = pod["volumes"].as_array().unwrap();
+            let qlik = volumes
+                .iter()
+                .find(|v| v["name"] == "qlik-certificates")
+                .unwrap_or_else(|| panic!("no volume of the certificates Secret: {volumes:?}"));
+            assert_eq!(
+                qlik,
+                &json!({
+                    "name": "qlik-certificates",
+                    "secret": {
+                        "secretName": QLIK_SECRET,
+                        "items": [
+                            {"key": "client.pem", "path": "client.pem"},
+                            {"key": "client_key.pem", "path": "client_key.pem"},
+                            {"key": "root.pem", "path": "root.pem"},
+                            {"key": "passphrase", "path": "passphrase"},
+                        ],
+                        "defaultMode": 0o440,
+                    },
+                })
+            );
+            let container = &pod["containers"][0];
+            let mounts = container["volumeMounts"].as_array().unwrap();
+            assert!(
+                mounts.contains(&json!({
+                    "name": "qlik-certificates",
+                    "mountPath": "/etc/session-monitor/qlik",
+                    "readOnly": true,
+                })),
+                "{mounts:?}"
+            );
+            assert!(mounts.iter().all(|m| m["readOnly"] == true), "{mounts:?}");
+            // Mounted files only: nothing of the certificates Secret in the environment.
+            assert!(
+                !container["env"].to_string().contains(QLIK_SECRET),
+                "{}",
+                container["env"]
+            );
+        },
+    );
+    calls.push(status_patch(&m));
+    let run = server.reconcile(&m, calls).await;
+
+    assert_eq!(run.action(), Action::requeue(RESYNC));
+    assert_eq!(
+        run.requests()[..3],
+        [
+            "GET /api/v1/namespaces/qlik/secrets/qlik-mqtt",
+            "GET /api/v1/namespaces/qlik/secrets/qlik-certificates",
+            "PATCH /api/v1/namespaces/qlik/serviceaccounts/qlik-prod",
+        ]
+    );
+    // Both Secrets' resourceVersions are in the pod template's checksum: rotated certificates
+    // restart the pod, which reads them only at start.
+    let deployment = run.body(&format!("PATCH {}", path(APPS, "deployments", NAME)));
+    let plan = validate(&m, IMAGE).expect("a valid spec");
+    let versions = BTreeMap::from([
+        (SECRET.to_owned(), SECRET_VERSION.to_owned()),
+        (QLIK_SECRET.to_owned(), QLIK_SECRET_VERSION.to_owned()),
+    ]);
+    assert_eq!(
+        deployment["spec"]["template"]["metadata"]["annotations"][CHECKSUM_ANNOTATION],
+        config_checksum(&plan, &versions)
+    );
+    let mut rotated = versions.clone();
+    rotated.insert(QLIK_SECRET.to_owned(), "89".to_owned());
+    assert_ne!(
+        config_checksum(&plan, &versions),
+        config_checksum(&plan, &rotated)
+    );
+    assert_eq!(summary(&run.status())[2], "Degraded=False/Reconciled");
+}
+
+#[tokio::test]
+async fn a_certificates_secret_without_root_pem_applies_nothing_and_degrades() {
+    let m = with_qlik();
+    let mut server = ApiServer::new();
+    // The MQTT Secret is complete; the certificates Secret lacks the QMC's root.pem.
+    let calls = vec![
+        read_secret(secret(&["username", "password"])),
+        read_secret(qlik_secret(&["client.pem", "client_key.pem", "passphrase"])),
+        read_deployment(Rollout::Absent),
+        event("Warning", "MissingSecret").checking(|e| {
+            assert!(
+                note(e).contains("Secret \"qlik-certificates\" has no key \"root.pem\""),
+                "{e}"
+            );
+        }),
+        status_patch(&m),
+    ];
+    let run = server.reconcile(&m, calls).await;
+
+    assert_eq!(run.action(), Action::requeue(MISSING_SECRET_RETRY));
+    assert_eq!(
+        run.requests(),
+        [
+            "GET /api/v1/namespaces/qlik/secrets/qlik-mqtt",
+            "GET /api/v1/namespaces/qlik/secrets/qlik-certificates",
+            "GET /apis/apps/v1/namespaces/qlik/deployments/qlik-prod",
+            "POST /apis/events.k8s.io/v1/namespaces/qlik/events",
+            "PATCH /apis/sessionmonitor.io/v1alpha1/namespaces/qlik/sessionmonitors/qlik-prod/status",
+        ],
+        "nothing applied"
+    );
+    let status = run.status();
+    assert_eq!(
+        summary(&status),
+        [
+            "Ready=False/NotDeployed",
+            "Progressing=False/MissingSecret",
+            "Degraded=True/MissingSecret"
+        ]
+    );
+    assert_eq!(
+        degraded_message(&status),
+        "Secret \"qlik-certificates\" has no key \"root.pem\""
+    );
+    assert_eq!(server.reconciles("MissingSecret"), 1);
+}
+
+#[tokio::test]
 async fn an_invalid_spec_applies_nothing_and_waits_for_a_change() {
     let cases = [
         (
@@ -1121,6 +1362,21 @@ async fn an_invalid_spec_applies_nothing_and_waits_for_a_change() {
         (
             json!({"mqtt": {"url": "mqtt://b", "qos": 5}}),
             "spec.mqtt.qos: 5 is not 0, 1 or 2",
+        ),
+        (
+            json!({"mqtt": {"url": "mqtt://b"}, "qlik": {
+                "proxies": ["https://qs-node1:4243/", "http://qs-node2:4243/"],
+                "certificatesSecret": {"name": QLIK_SECRET},
+            }}),
+            "spec.qlik.proxies[1]: \"http://qs-node2:4243/\": the Qlik APIs speak https, not http",
+        ),
+        (
+            json!({"mqtt": {"url": "mqtt://b"}, "qlik": {
+                "repositoryUrl": "https://qs-central:4242",
+                "certificatesSecret": {"name": QLIK_SECRET},
+                "reconcileInterval": "48h",
+            }}),
+            "spec.qlik.reconcileInterval: must be at most 1day",
         ),
     ];
     for (spec, field) in cases {

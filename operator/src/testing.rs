@@ -32,7 +32,15 @@ pub fn minimal() -> SessionMonitor {
 
 /// The SessionMonitor of `examples/sessionmonitor.yaml` (the README's example).
 pub fn example() -> SessionMonitor {
-    let text = include_str!("../../examples/sessionmonitor.yaml");
+    from_example(include_str!("../../examples/sessionmonitor.yaml"))
+}
+
+/// The SessionMonitor of `examples/sessionmonitor-qlik.yaml` (with `spec.qlik`).
+pub fn qlik_example() -> SessionMonitor {
+    from_example(include_str!("../../examples/sessionmonitor-qlik.yaml"))
+}
+
+fn from_example(text: &str) -> SessionMonitor {
     let document = text
         .split("\n---\n")
         .find(|d| d.contains("kind: SessionMonitor"))

@@ -5,13 +5,15 @@
 //! checked with the service's own [`Config::from_settings`], so the operator cannot hand the
 //! service a configuration it would refuse at start-up.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use kube::ResourceExt;
 use session_monitor::config::{self as service_config, Config, ConfigError, Settings};
+use session_monitor::qlik::QlikConfig;
 
-use crate::crd::{LogFormat, SessionMonitor, UserListFormat};
+use crate::crd::{LogFormat, QlikSpec, SessionMonitor, UserListFormat};
 
 /// Where the pod finds what the operator mounts.
 pub mod paths {
@@ -25,7 +27,19 @@ pub mod paths {
     pub const MQTT_CLIENT_CERT_DIR: &str = "/etc/session-monitor/mqtt-client";
     pub const MQTT_CLIENT_CERT_FILE: &str = "/etc/session-monitor/mqtt-client/tls.crt";
     pub const MQTT_CLIENT_KEY_FILE: &str = "/etc/session-monitor/mqtt-client/tls.key";
+    /// `spec.qlik.certificatesSecret`: the files the QMC exports, under their own names.
+    pub const QLIK_CERTIFICATES_DIR: &str = "/etc/session-monitor/qlik";
+    pub const QLIK_CLIENT_CERT_FILE: &str = "/etc/session-monitor/qlik/client.pem";
+    pub const QLIK_CLIENT_KEY_FILE: &str = "/etc/session-monitor/qlik/client_key.pem";
+    pub const QLIK_ROOT_CERT_FILE: &str = "/etc/session-monitor/qlik/root.pem";
+    /// From the Secret's key `spec.qlik.certificatesSecret.passphraseKey`.
+    pub const QLIK_PASSPHRASE_FILE: &str = "/etc/session-monitor/qlik/passphrase";
+    pub const QLIK_PASSPHRASE: &str = "passphrase";
 }
+
+/// The keys `spec.qlik.certificatesSecret` must hold: the files the QMC exports (Certificates →
+/// Export, PEM format), mounted under the same names in [`paths::QLIK_CERTIFICATES_DIR`].
+pub const QLIK_CERTIFICATE_KEYS: [&str; 3] = ["client.pem", "client_key.pem", "root.pem"];
 
 /// The ports the service listens on inside the pod.
 pub const CONTAINER_UDP_PORT: u16 = 9997;
@@ -171,6 +185,8 @@ pub fn validate(monitor: &SessionMonitor, default_image: &str) -> Result<Plan, I
         })
         .transpose()?;
 
+    let qlik = spec.qlik.as_ref().map(qlik_settings).transpose()?;
+
     let checkpoint_configmap = checkpoint_name(&name);
     let credentials = spec.mqtt.credentials_secret.as_ref();
     let tls = spec.mqtt.tls.as_ref();
@@ -234,47 +250,70 @@ pub fn validate(monitor: &SessionMonitor, default_image: &str) -> Result<Plan, I
             LogFormat::Text => service_config::LogFormat::Text,
             LogFormat::Json => service_config::LogFormat::Json,
         }),
-        ..Settings::default()
+        ..qlik.unwrap_or_default()
     };
     check_with_service(&settings, credentials.is_some())?;
 
-    let mut secret_keys = Vec::new();
+    // Each key with the spec field that names its Secret, for the messages below.
+    let mut referenced: Vec<(&str, SecretKey)> = Vec::new();
+    let mut reference = |field, secret: &str, key: &str| {
+        referenced.push((
+            field,
+            SecretKey {
+                secret: secret.to_owned(),
+                key: key.to_owned(),
+            },
+        ));
+    };
     if let Some(c) = credentials {
         for key in [&c.username_key, &c.password_key] {
-            secret_keys.push(SecretKey {
-                secret: c.name.clone(),
-                key: key.clone(),
-            });
+            reference("spec.mqtt", &c.name, key);
         }
     }
     if let Some(ca) = tls.and_then(|t| t.ca_secret.as_ref()) {
-        secret_keys.push(SecretKey {
-            secret: ca.name.clone(),
-            key: ca.key.clone(),
-        });
+        reference("spec.mqtt", &ca.name, &ca.key);
     }
     if let Some(client) = tls.and_then(|t| t.client_cert_secret.as_ref()) {
         for key in ["tls.crt", "tls.key"] {
-            secret_keys.push(SecretKey {
-                secret: client.name.clone(),
-                key: key.to_owned(),
-            });
+            reference("spec.mqtt", &client.name, key);
         }
     }
-    for key in &secret_keys {
+    if let Some(certificates) = spec.qlik.as_ref().map(|q| &q.certificates_secret) {
+        for key in QLIK_CERTIFICATE_KEYS {
+            reference("spec.qlik.certificatesSecret.name", &certificates.name, key);
+        }
+        if let Some(key) = &certificates.passphrase_key {
+            reference(
+                "spec.qlik.certificatesSecret.passphraseKey",
+                &certificates.name,
+                key,
+            );
+        }
+    }
+    for (field, key) in &referenced {
         if !is_dns1123_subdomain(&key.secret) {
             return Err(invalid(
-                "spec.mqtt",
+                field,
                 format!("{:?} is not a valid Secret name", key.secret),
             ));
         }
         if key.key.is_empty() {
             return Err(invalid(
-                "spec.mqtt",
+                field,
                 format!("empty key for Secret {:?}", key.secret),
             ));
         }
+        if !is_plain_name(&key.key) {
+            return Err(invalid(
+                field,
+                format!(
+                    "{:?} is not a valid Secret key (letters, digits, '-', '_', '.')",
+                    key.key
+                ),
+            ));
+        }
     }
+    let secret_keys = referenced.into_iter().map(|(_, key)| key).collect();
 
     Ok(Plan {
         config_toml: settings.to_toml(),
@@ -286,6 +325,129 @@ pub fn validate(monitor: &SessionMonitor, default_image: &str) -> Result<Plan, I
         namespace,
         image,
         secret_keys,
+    })
+}
+
+/// The `qlik_*` settings of `spec.qlik` (the rest default), each checked where the spec can
+/// name the field more exactly than the service's setting: an entry of a list or a map.
+fn qlik_settings(qlik: &QlikSpec) -> Result<Settings, InvalidSpec> {
+    match (&qlik.repository_url, &qlik.proxies) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "spec.qlik.proxies",
+                "set either spec.qlik.repositoryUrl (discovery) or spec.qlik.proxies, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(invalid(
+                "spec.qlik.repositoryUrl",
+                "set it (the proxies are then discovered) or spec.qlik.proxies",
+            ));
+        }
+        (None, Some(proxies)) if proxies.is_empty() => {
+            return Err(invalid("spec.qlik.proxies", "the list is empty"));
+        }
+        (None, Some(proxies)) => {
+            // The service's own check, one more URL at a time: the first list it refuses ends
+            // with the URL that is wrong, on its own or as a repeat of an earlier one.
+            for i in 0..proxies.len() {
+                let probe = Settings {
+                    qlik_proxies: Some(proxies[..=i].to_vec()),
+                    ..Settings::default()
+                };
+                if let Err(ConfigError::Invalid {
+                    key: "qlik_proxies",
+                    message,
+                }) = QlikConfig::from_settings(&probe)
+                {
+                    return Err(invalid(&format!("spec.qlik.proxies[{i}]"), message));
+                }
+            }
+        }
+        (Some(_), None) => {}
+    }
+
+    let mut host_aliases: Vec<(&str, &str)> = Vec::new();
+    for (from, to) in &qlik.host_aliases {
+        let field = format!("spec.qlik.hostAliases[{from}]");
+        let (from, to) = (from.trim(), to.trim());
+        for name in [from, to] {
+            if !is_plain_name(name) {
+                return Err(invalid(&field, format!("{name:?} is not a host name")));
+            }
+        }
+        // The service looks a node up in any case: two such keys would be ambiguous.
+        if let Some((other, _)) = host_aliases
+            .iter()
+            .find(|(other, _)| other.eq_ignore_ascii_case(from))
+        {
+            return Err(invalid(
+                &field,
+                format!("the same node as {other:?} (names are compared in any case)"),
+            ));
+        }
+        host_aliases.push((from, to));
+    }
+    let mut resolve: Vec<(&str, IpAddr)> = Vec::new();
+    for (i, entry) in qlik.resolve.iter().enumerate() {
+        let hostname = entry.hostname.trim();
+        if !is_plain_name(hostname) {
+            return Err(invalid(
+                &format!("spec.qlik.resolve[{i}].hostname"),
+                format!("{:?} is not a host name", entry.hostname),
+            ));
+        }
+        if resolve
+            .iter()
+            .any(|(other, _)| other.eq_ignore_ascii_case(hostname))
+        {
+            return Err(invalid(
+                &format!("spec.qlik.resolve[{i}].hostname"),
+                format!("{hostname:?} is listed twice"),
+            ));
+        }
+        let ip = entry.ip.trim().parse::<IpAddr>().map_err(|_| {
+            invalid(
+                &format!("spec.qlik.resolve[{i}].ip"),
+                format!("{:?} is not an IPv4 or IPv6 address", entry.ip),
+            )
+        })?;
+        resolve.push((hostname, ip));
+    }
+
+    let certificates = &qlik.certificates_secret;
+    Ok(Settings {
+        qlik_repository_url: qlik.repository_url.clone(),
+        qlik_proxies: qlik.proxies.clone(),
+        qlik_client_cert_file: Some(paths::QLIK_CLIENT_CERT_FILE.into()),
+        qlik_client_key_file: Some(paths::QLIK_CLIENT_KEY_FILE.into()),
+        qlik_client_key_passphrase_file: certificates
+            .passphrase_key
+            .as_ref()
+            .map(|_| paths::QLIK_PASSPHRASE_FILE.into()),
+        qlik_ca_file: Some(paths::QLIK_ROOT_CERT_FILE.into()),
+        qlik_insecure_skip_tls_verify: qlik.insecure_skip_tls_verify,
+        qlik_reconcile_interval: optional_duration(
+            "spec.qlik.reconcileInterval",
+            &qlik.reconcile_interval,
+        )?,
+        qlik_reconcile_grace: optional_duration("spec.qlik.reconcileGrace", &qlik.reconcile_grace)?,
+        qlik_startup_timeout: optional_duration("spec.qlik.startupTimeout", &qlik.startup_timeout)?,
+        qlik_request_timeout: optional_duration("spec.qlik.requestTimeout", &qlik.request_timeout)?,
+        // Sorted by the Qlik name (a map's order), so the rendered file is stable.
+        qlik_host_aliases: (!host_aliases.is_empty()).then(|| {
+            host_aliases
+                .iter()
+                .map(|(from, to)| format!("{from}={to}"))
+                .collect()
+        }),
+        qlik_resolve: (!resolve.is_empty()).then(|| {
+            resolve
+                .iter()
+                .map(|(hostname, ip)| format!("{hostname}={ip}"))
+                .collect()
+        }),
+        ..Settings::default()
     })
 }
 
@@ -333,6 +495,23 @@ fn spec_path(key: &str) -> &'static str {
         "checkpoint_interval" => "spec.checkpoint.interval",
         "checkpoint_configmap_shards" => "spec.checkpoint.shards",
         "log_level" => "spec.logLevel",
+        "qlik_repository_url" => "spec.qlik.repositoryUrl",
+        "qlik_proxies" => "spec.qlik.proxies",
+        "qlik_client_cert_file" | "qlik_client_key_file" | "qlik_ca_file" => {
+            "spec.qlik.certificatesSecret"
+        }
+        "qlik_client_key_passphrase_file" | "qlik_client_key_passphrase" => {
+            "spec.qlik.certificatesSecret.passphraseKey"
+        }
+        "qlik_insecure_skip_tls_verify" => "spec.qlik.insecureSkipTlsVerify",
+        "qlik_reconcile_interval" => "spec.qlik.reconcileInterval",
+        "qlik_reconcile_grace" => "spec.qlik.reconcileGrace",
+        "qlik_startup_timeout" => "spec.qlik.startupTimeout",
+        "qlik_request_timeout" => "spec.qlik.requestTimeout",
+        "qlik_host_aliases" => "spec.qlik.hostAliases",
+        "qlik_resolve" => "spec.qlik.resolve",
+        // Settings the operator does not render (or fixes itself); a test checks that every
+        // `qlik_*` setting is named above.
         _ => "spec",
     }
 }
@@ -343,6 +522,15 @@ fn duration(field: &str, text: &str) -> Result<Duration, InvalidSpec> {
 
 fn optional_duration(field: &str, text: &Option<String>) -> Result<Option<Duration>, InvalidSpec> {
     text.as_deref().map(|t| duration(field, t)).transpose()
+}
+
+/// Letters, digits, `-`, `.` and `_`: a Secret key as the API server allows it, and a host name
+/// as a Qlik node or a proxy's log spells it (so no `=`, the service's `NAME=VALUE` separator).
+fn is_plain_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
 }
 
 fn is_dns1035_label(s: &str) -> bool {
@@ -540,6 +728,288 @@ mod tests {
                 message.starts_with(expected),
                 "{spec}: got {message:?}, expected it to start with {expected:?}"
             );
+        }
+    }
+
+    fn with_qlik(qlik: serde_json::Value) -> serde_json::Value {
+        let mut base = json!({"certificatesSecret": {"name": "qlik-certificates"}});
+        base.as_object_mut()
+            .unwrap()
+            .extend(qlik.as_object().unwrap().clone());
+        json!({"mqtt": {"url": "mqtt://b"}, "qlik": base})
+    }
+
+    fn path(p: &str) -> Option<std::path::PathBuf> {
+        Some(p.into())
+    }
+
+    #[test]
+    fn the_qlik_example_renders_the_qlik_settings_and_mounted_files() {
+        let plan = validate(&testing::qlik_example(), "img").unwrap();
+        let settings: Settings = toml::from_str(&plan.config_toml).unwrap();
+        assert_eq!(
+            settings.qlik_repository_url.as_deref(),
+            Some("https://qs-central.corp.local:4242")
+        );
+        assert_eq!(settings.qlik_proxies, None);
+        assert_eq!(
+            settings.qlik_client_cert_file,
+            path("/etc/session-monitor/qlik/client.pem")
+        );
+        assert_eq!(
+            settings.qlik_client_key_file,
+            path("/etc/session-monitor/qlik/client_key.pem")
+        );
+        assert_eq!(
+            settings.qlik_ca_file,
+            path("/etc/session-monitor/qlik/root.pem")
+        );
+        assert_eq!(settings.qlik_client_key_passphrase_file, None);
+        assert_eq!(settings.qlik_client_key_passphrase, None);
+        assert_eq!(settings.qlik_insecure_skip_tls_verify, None);
+        assert_eq!(
+            settings.qlik_reconcile_interval,
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(settings.qlik_reconcile_grace, Some(Duration::from_secs(30)));
+        assert_eq!(settings.qlik_startup_timeout, None);
+        assert_eq!(settings.qlik_request_timeout, None);
+        assert_eq!(
+            settings.qlik_host_aliases,
+            Some(vec!["qs-node1.corp.local=PROXY1".to_owned()])
+        );
+        assert_eq!(
+            settings.qlik_resolve,
+            Some(vec![
+                "qs-central.corp.local=10.20.0.10".to_owned(),
+                "qs-node1.corp.local=10.20.0.11".to_owned(),
+            ])
+        );
+        // The service reads it as discovery, with the mounted files.
+        let qlik = QlikConfig::from_settings(&settings).unwrap().unwrap();
+        assert!(
+            matches!(&qlik.sources, session_monitor::qlik::settings::Sources::Discovery { repository }
+                if repository.host == "qs-central.corp.local" && repository.port == 4242),
+            "{:?}",
+            qlik.sources
+        );
+        assert_eq!(qlik.host_aliases.get("QS-NODE1.corp.local"), Some("PROXY1"));
+        assert!(qlik.tls.verify);
+        let keys: Vec<_> = plan
+            .secret_keys
+            .iter()
+            .map(|k| format!("{}/{}", k.secret, k.key))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "qlik-mqtt/username",
+                "qlik-mqtt/password",
+                "qlik-certificates/client.pem",
+                "qlik-certificates/client_key.pem",
+                "qlik-certificates/root.pem",
+            ]
+        );
+    }
+
+    #[test]
+    fn static_proxies_a_passphrase_and_every_setting_render() {
+        let spec = with_qlik(json!({
+            "proxies": ["https://qs-node2:4243/", "https://qs-node1:4243/", "https://qs-node1:4243/sales"],
+            "certificatesSecret": {"name": "qlik-certificates", "passphraseKey": "key-password"},
+            "insecureSkipTlsVerify": true,
+            "reconcileInterval": "0s",
+            "reconcileGrace": "1m",
+            "startupTimeout": "20s",
+            "requestTimeout": "2500ms",
+            // Sorted by the Qlik name when rendered.
+            "hostAliases": {"qs-node2.corp.local": "PROXY2", "qs-node1.corp.local": " PROXY1 "},
+            "resolve": [{"hostname": "qs-node2", "ip": "10.20.0.12"}, {"hostname": "qs-node1", "ip": "fd00::11"}],
+        }));
+        let plan = validate(&monitor(spec), "img").unwrap();
+        let settings: Settings = toml::from_str(&plan.config_toml).unwrap();
+        assert_eq!(settings.qlik_repository_url, None);
+        assert_eq!(
+            settings.qlik_proxies,
+            Some(vec![
+                "https://qs-node2:4243/".to_owned(),
+                "https://qs-node1:4243/".to_owned(),
+                "https://qs-node1:4243/sales".to_owned(),
+            ])
+        );
+        assert_eq!(
+            settings.qlik_client_key_passphrase_file,
+            path(paths::QLIK_PASSPHRASE_FILE)
+        );
+        assert_eq!(settings.qlik_insecure_skip_tls_verify, Some(true));
+        assert_eq!(settings.qlik_reconcile_interval, Some(Duration::ZERO));
+        assert_eq!(settings.qlik_reconcile_grace, Some(Duration::from_secs(60)));
+        assert_eq!(settings.qlik_startup_timeout, Some(Duration::from_secs(20)));
+        assert_eq!(
+            settings.qlik_request_timeout,
+            Some(Duration::from_millis(2500))
+        );
+        assert_eq!(
+            settings.qlik_host_aliases,
+            Some(vec![
+                "qs-node1.corp.local=PROXY1".to_owned(),
+                "qs-node2.corp.local=PROXY2".to_owned(),
+            ])
+        );
+        assert_eq!(
+            settings.qlik_resolve,
+            Some(vec![
+                "qs-node2=10.20.0.12".to_owned(),
+                "qs-node1=fd00::11".to_owned()
+            ])
+        );
+        // No passphrase (nor any other secret) is written into the ConfigMap.
+        assert!(!plan.config_toml.contains("qlik_client_key_passphrase ="));
+        let keys: Vec<_> = plan.secret_keys.iter().map(|k| k.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["client.pem", "client_key.pem", "root.pem", "key-password"]
+        );
+        let qlik = QlikConfig::from_settings(&settings).unwrap().unwrap();
+        assert_eq!(qlik.interval, None, "0s: once, at start");
+        assert!(!qlik.tls.verify);
+    }
+
+    #[test]
+    fn without_qlik_no_qlik_setting_is_rendered() {
+        let plan = validate(&testing::minimal(), "img").unwrap();
+        assert!(!plan.config_toml.contains("qlik_"), "{}", plan.config_toml);
+        let settings: Settings = toml::from_str(&plan.config_toml).unwrap();
+        assert_eq!(QlikConfig::from_settings(&settings).unwrap(), None);
+    }
+
+    #[test]
+    fn invalid_qlik_specs_name_the_field_and_the_reason() {
+        let cases = [
+            (
+                json!({"mqtt": {"url": "mqtt://b"}, "qlik": {"certificatesSecret": {"name": "c"}}}),
+                "spec.qlik.repositoryUrl: set it (the proxies are then discovered) or spec.qlik.proxies",
+            ),
+            (
+                with_qlik(json!({"repositoryUrl": "https://central", "proxies": ["https://n"]})),
+                "spec.qlik.proxies: set either spec.qlik.repositoryUrl (discovery) or spec.qlik.proxies, not both",
+            ),
+            (
+                with_qlik(json!({"proxies": []})),
+                "spec.qlik.proxies: the list is empty",
+            ),
+            (
+                with_qlik(json!({"repositoryUrl": "http://central:4242"})),
+                "spec.qlik.repositoryUrl: \"http://central:4242\": the Qlik APIs speak https, not http",
+            ),
+            (
+                with_qlik(json!({"repositoryUrl": "https://central:4242/qrs"})),
+                "spec.qlik.repositoryUrl: \"https://central:4242/qrs\": give the repository's address only",
+            ),
+            (
+                with_qlik(json!({"proxies": ["https://n1:4243/", "https://n2:0/"]})),
+                "spec.qlik.proxies[1]: \"https://n2:0/\": port \"0\" is not a number from 1 to 65535",
+            ),
+            (
+                with_qlik(json!({"proxies": ["https://n1:4243/a/b"]})),
+                "spec.qlik.proxies[0]: \"https://n1:4243/a/b\": \"a/b\" is not a virtual proxy prefix",
+            ),
+            (
+                // The same proxy as the first: the default port.
+                with_qlik(json!({"proxies": ["https://n1:4243/", "https://n2", "https://n1"]})),
+                "spec.qlik.proxies[2]: \"https://n1\" is listed twice",
+            ),
+            (
+                with_qlik(json!({"repositoryUrl": "https://c", "reconcileInterval": "10ms"})),
+                "spec.qlik.reconcileInterval: must be at least 1s (or 0s: only at start)",
+            ),
+            (
+                with_qlik(json!({"repositoryUrl": "https://c", "reconcileInterval": "soon"})),
+                "spec.qlik.reconcileInterval: \"soon\"",
+            ),
+            (
+                with_qlik(json!({"repositoryUrl": "https://c", "reconcileGrace": "2h"})),
+                "spec.qlik.reconcileGrace: must be from 0s to 1h",
+            ),
+            (
+                with_qlik(json!({"repositoryUrl": "https://c", "startupTimeout": "2h"})),
+                "spec.qlik.startupTimeout: must be from 0s to 1h",
+            ),
+            (
+                with_qlik(json!({"repositoryUrl": "https://c", "requestTimeout": "0s"})),
+                "spec.qlik.requestTimeout: must be from 1ms to 1h",
+            ),
+            (
+                with_qlik(
+                    json!({"repositoryUrl": "https://c", "hostAliases": {"qs-node1": "PROXY 1"}}),
+                ),
+                "spec.qlik.hostAliases[qs-node1]: \"PROXY 1\" is not a host name",
+            ),
+            (
+                with_qlik(json!({"repositoryUrl": "https://c", "hostAliases": {"a=b": "PROXY1"}})),
+                "spec.qlik.hostAliases[a=b]: \"a=b\" is not a host name",
+            ),
+            (
+                with_qlik(
+                    json!({"repositoryUrl": "https://c", "hostAliases": {"QS-NODE1": "P1", "qs-node1": "P2"}}),
+                ),
+                "spec.qlik.hostAliases[qs-node1]: the same node as \"QS-NODE1\"",
+            ),
+            (
+                with_qlik(json!({"repositoryUrl": "https://c", "resolve": [
+                    {"hostname": "c", "ip": "10.0.0.1"}, {"hostname": "n1", "ip": "10.0.0.300"}
+                ]})),
+                "spec.qlik.resolve[1].ip: \"10.0.0.300\" is not an IPv4 or IPv6 address",
+            ),
+            (
+                with_qlik(
+                    json!({"repositoryUrl": "https://c", "resolve": [{"hostname": "", "ip": "10.0.0.1"}]}),
+                ),
+                "spec.qlik.resolve[0].hostname: \"\" is not a host name",
+            ),
+            (
+                with_qlik(json!({"repositoryUrl": "https://c", "resolve": [
+                    {"hostname": "c", "ip": "10.0.0.1"}, {"hostname": "C", "ip": "10.0.0.2"}
+                ]})),
+                "spec.qlik.resolve[1].hostname: \"C\" is listed twice",
+            ),
+            (
+                with_qlik(
+                    json!({"repositoryUrl": "https://c", "certificatesSecret": {"name": "Qlik_Certs"}}),
+                ),
+                "spec.qlik.certificatesSecret.name: \"Qlik_Certs\" is not a valid Secret name",
+            ),
+            (
+                with_qlik(
+                    json!({"repositoryUrl": "https://c", "certificatesSecret": {"name": "c", "passphraseKey": "a/b"}}),
+                ),
+                "spec.qlik.certificatesSecret.passphraseKey: \"a/b\" is not a valid Secret key",
+            ),
+        ];
+        for (spec, expected) in cases {
+            let message = error(spec.clone());
+            assert!(
+                message.starts_with(expected),
+                "{spec}: got {message:?}, expected it to start with {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_qlik_setting_maps_to_its_spec_field() {
+        use clap::Args;
+        let command = Settings::augment_args(clap::Command::new("session-monitor"));
+        let mut keys: Vec<String> = command
+            .get_arguments()
+            .map(|a| a.get_id().as_str().to_owned())
+            .filter(|id| id.starts_with("qlik_"))
+            .collect();
+        // Never a flag, so not among the arguments; the config file may still hold it.
+        keys.push("qlik_client_key_passphrase".into());
+        assert!(keys.len() >= 14, "{keys:?}");
+        for key in &keys {
+            let path = spec_path(key);
+            assert!(path.starts_with("spec.qlik."), "{key} maps to {path:?}");
         }
     }
 
