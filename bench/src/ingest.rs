@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use session_monitor::simulate::Traffic;
+use session_monitor_simulate::Traffic;
 
 use crate::procs::{BareReceiver, Cpus, ServiceOptions, ServiceProcess, wait_for};
 

@@ -1,9 +1,9 @@
-//! The command line: run the service (the default), or `simulate` Qlik proxy traffic.
+//! The command line: run the service.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 
 use crate::config::{Config, LogFormat, Settings};
 
@@ -11,8 +11,7 @@ use crate::config::{Config, LogFormat, Settings};
 #[command(
     name = "session-monitor",
     version,
-    about = "Tracks active Qlik Sense users from the proxy's log4net UDP events and publishes them to MQTT, Prometheus and HTTP.",
-    args_conflicts_with_subcommands = true
+    about = "Tracks active Qlik Sense users from the proxy's log4net UDP events and publishes them to MQTT, Prometheus and HTTP."
 )]
 struct Cli {
     /// TOML config file whose keys are the settings below (flags and env vars override it)
@@ -26,23 +25,11 @@ struct Cli {
 
     #[command(flatten)]
     settings: Settings,
-
-    #[command(subcommand)]
-    command: Option<Commands>,
-}
-
-#[derive(Subcommand, Debug)]
-enum Commands {
-    /// Send realistic Qlik Sense proxy traffic (all three formats, some malformed) to a target
-    Simulate(crate::simulate::SimulateArgs),
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Some(Commands::Simulate(args)) => simulate(&args),
-        None => serve(cli.settings, cli.config),
-    }
+    serve(cli.settings, cli.config)
 }
 
 fn serve(flags: Settings, config_file: Option<PathBuf>) -> ExitCode {
@@ -89,24 +76,6 @@ fn serve(flags: Settings, config_file: Option<PathBuf>) -> ExitCode {
             tracing::error!(%error, "cannot start");
             fail(&error)
         }
-    }
-}
-
-fn simulate(args: &crate::simulate::SimulateArgs) -> ExitCode {
-    match crate::simulate::run(args) {
-        Ok(report) => {
-            let secs = report.elapsed.as_secs_f64();
-            println!(
-                "sent {} datagrams in {:.2} s ({:.0}/s), {} malformed; start/stop/open/close: {:?}",
-                report.sent,
-                secs,
-                report.sent as f64 / secs.max(1e-9),
-                report.malformed,
-                report.by_command
-            );
-            ExitCode::SUCCESS
-        }
-        Err(error) => fail(&error),
     }
 }
 

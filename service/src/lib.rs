@@ -19,5 +19,4 @@ pub mod ratelimit;
 pub mod registry;
 pub mod service;
 pub mod shutdown;
-pub mod simulate;
 pub mod state;

@@ -1,4 +1,4 @@
-//! `session-monitor simulate`: realistic Qlik Sense proxy traffic as UDP datagrams, for demos,
+//! `session-monitor-simulate`: realistic Qlik Sense proxy traffic as UDP datagrams, for demos,
 //! manual checks and benchmarks.
 //!
 //! [`Traffic`] is the pure part: a seeded state machine of user journeys (log in on a proxy, open
@@ -13,10 +13,15 @@ use std::io::{self, Write as _};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::time::{Duration, Instant};
 
-use crate::parser::{Command, Format};
+use session_monitor::parser::{Command, Format};
 
-/// Options of `session-monitor simulate`.
-#[derive(clap::Args, Debug, Clone)]
+/// Options of `session-monitor-simulate`.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(
+    name = "session-monitor-simulate",
+    version,
+    about = "Sends realistic Qlik Sense proxy traffic (all three formats, some malformed) to a session-monitor"
+)]
 pub struct SimulateArgs {
     /// Where to send, HOST:PORT
     #[arg(long, default_value = "127.0.0.1:9997")]
@@ -654,9 +659,9 @@ fn make_users(n: usize, rng: &mut fastrand::Rng) -> Vec<User> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exclusions::Exclusions;
-    use crate::parser::{Limits, ProxyEvent, Reject, clean_datagram, parse};
-    use crate::registry::{ExpiryPolicy, Outcome, Registry, UnixMillis};
+    use session_monitor::exclusions::Exclusions;
+    use session_monitor::parser::{Limits, ProxyEvent, Reject, clean_datagram, parse};
+    use session_monitor::registry::{ExpiryPolicy, Outcome, Registry, UnixMillis};
     use std::collections::{HashMap, HashSet};
 
     fn traffic(users: usize, proxies: usize, malformed: f64, seed: u64) -> Traffic {

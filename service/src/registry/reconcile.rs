@@ -106,6 +106,13 @@ impl RecentStops {
     }
 }
 
+/// A session held on the node being merged.
+struct HeldSession {
+    key: Held,
+    last_seen: UnixMillis,
+    from_api: bool,
+}
+
 /// A held session, by the key it is stored under.
 #[derive(Clone, Debug)]
 enum Held {
@@ -154,27 +161,28 @@ impl Registry {
             return done;
         };
 
-        // The sessions held on this node, by user, newest first.
-        let mut held: HashMap<UserId, Vec<(Held, UnixMillis)>> = HashMap::new();
+        // The sessions held on this node, by user.
+        let mut held: HashMap<UserId, Vec<HeldSession>> = HashMap::new();
+        let mut hold = |key: Held, s: &Session| {
+            held.entry(s.user).or_default().push(HeldSession {
+                key,
+                last_seen: s.last_seen,
+                from_api: s.from_api,
+            })
+        };
         for (guid, s) in &self.by_session_id.guids {
             if s.host == host_id {
-                held.entry(s.user)
-                    .or_default()
-                    .push((Held::Guid(*guid), s.last_seen));
+                hold(Held::Guid(*guid), s);
             }
         }
         for (id, s) in &self.by_session_id.other {
             if s.host == host_id {
-                held.entry(s.user)
-                    .or_default()
-                    .push((Held::Text(id.clone()), s.last_seen));
+                hold(Held::Text(id.clone()), s);
             }
         }
-        for (&(h, user), s) in &self.by_host_user {
+        for (&(h, _), s) in &self.by_host_user {
             if h == host_id {
-                held.entry(user)
-                    .or_default()
-                    .push((Held::HostUser, s.last_seen));
+                hold(Held::HostUser, s);
             }
         }
 
@@ -187,24 +195,23 @@ impl Registry {
             }
             let user_id = self.user_index.get(self.scratch.as_str()).copied();
             let mut sessions = user_id.and_then(|u| held.remove(&u)).unwrap_or_default();
-            sessions.sort_by_key(|s| std::cmp::Reverse(s.1));
-            // Equal ids first: those are the same session whatever the pairing.
+            // Sessions events showed come before those only the API showed, newest first: when
+            // counts are paired, the ones kept are the ones events will go on naming.
+            sessions.sort_by_key(|s| (s.from_api, std::cmp::Reverse(s.last_seen)));
+            // Equal ids are the same session. Paired by count, an id only the API gave is not
+            // evidence: such sessions are placeholders, matched by number like the rest.
             let mut unmatched_api: Vec<&str> = Vec::new();
             for api_id in &user.session_ids {
-                match sessions
-                    .iter()
-                    .position(|(h, _)| !api_id.is_empty() && h.is(api_id))
-                {
+                let same = sessions.iter().position(|s| {
+                    !api_id.is_empty()
+                        && s.key.is(api_id)
+                        && (pairing == Pairing::ById || !s.from_api)
+                });
+                match same {
                     Some(i) => {
-                        let (key, _) = sessions.remove(i);
-                        let user = user_id.expect("held sessions have a user");
-                        if self
-                            .held_mut(&key, host_id, user)
-                            .is_some_and(|s| !s.from_api)
-                        {
-                            done.matched_event_ids += 1;
-                        }
-                        confirm.push((key, user));
+                        let s = sessions.remove(i);
+                        done.matched_event_ids += usize::from(!s.from_api);
+                        confirm.push((s.key, user_id.expect("held sessions have a user")));
                     }
                     None => unmatched_api.push(api_id),
                 }
@@ -215,33 +222,39 @@ impl Registry {
             };
             let rest = sessions.split_off(paired);
             if let Some(u) = user_id {
-                confirm.extend(sessions.into_iter().map(|(key, _)| (key, u)));
-                for (key, last_seen) in rest {
-                    match last_seen < cutoff {
-                        true => remove.push((key, u)),
+                confirm.extend(sessions.into_iter().map(|s| (s.key, u)));
+                for s in rest {
+                    match s.last_seen < cutoff {
+                        true => remove.push((s.key, u)),
                         false => done.in_grace += 1,
                     }
                 }
             }
-            let missing = &unmatched_api[paired..];
-            if missing.is_empty() {
+            let missing = unmatched_api.len() - paired;
+            if missing == 0 {
                 continue;
             }
             self.set_scratch_to_user_key(&user.directory, &user.user_id);
             if self.stops.since(host_id, &self.scratch, cutoff) {
                 continue;
             }
-            for api_id in missing {
+            // Under ids the registry does not hold yet (a kept placeholder may hold some).
+            let mut added = 0;
+            for api_id in &unmatched_api {
+                if added == missing {
+                    break;
+                }
                 if self.add_listed(host_id, user, api_id, fetched_at) {
-                    done.added += 1;
+                    added += 1;
                 }
             }
+            done.added += added;
         }
         // Users held on this node whom the node no longer lists at all.
         for (user, sessions) in held {
-            for (key, last_seen) in sessions {
-                match last_seen < cutoff {
-                    true => remove.push((key, user)),
+            for s in sessions {
+                match s.last_seen < cutoff {
+                    true => remove.push((s.key, user)),
                     false => done.in_grace += 1,
                 }
             }
@@ -546,5 +559,62 @@ mod tests {
         let gone = merge(&mut r, "PROXY1", &[], T0 + 200 * SEC, Pairing::ByCount);
         assert_eq!(gone.removed, 2);
         assert_eq!((r.active_users(), r.active_sessions()), (0, 0));
+    }
+
+    #[test]
+    fn a_placeholder_gives_way_to_the_session_events_name() {
+        let mut r = registry();
+        merge(
+            &mut r,
+            "PROXY1",
+            &[listed("LAB", "joe", &["qa"])],
+            T0,
+            Pairing::ByCount,
+        );
+        // joe's proxy logs a hashed id: a second session, until the next merge.
+        r.apply(
+            &event(Command::OpenConnection, "PROXY1", "LAB", "joe", Some("h")),
+            UnixMillis(T0 + 10 * SEC),
+        );
+        assert_eq!(r.active_sessions(), 2);
+        let done = merge(
+            &mut r,
+            "PROXY1",
+            &[listed("LAB", "joe", &["qa"])],
+            T0 + 60 * SEC,
+            Pairing::ByCount,
+        );
+        // The placeholder goes, the session events name stays: its stop will be understood.
+        assert_eq!(
+            (done.removed, done.confirmed, done.matched_event_ids),
+            (1, 1, 0)
+        );
+        r.apply(
+            &event(Command::StopSession, "PROXY1", "LAB", "joe", Some("h")),
+            UnixMillis(T0 + 70 * SEC),
+        );
+        assert_eq!(r.active_users(), 0);
+    }
+
+    #[test]
+    fn more_listed_sessions_than_held_are_added_under_free_ids() {
+        let mut r = registry();
+        merge(
+            &mut r,
+            "PROXY1",
+            &[listed("LAB", "joe", &["qa"])],
+            T0,
+            Pairing::ByCount,
+        );
+        // The kept placeholder holds "qa", listed last: the two added take the other ids.
+        let done = merge(
+            &mut r,
+            "PROXY1",
+            &[listed("LAB", "joe", &["qc", "qb", "qa"])],
+            T0 + 60 * SEC,
+            Pairing::ByCount,
+        );
+        assert_eq!((done.added, done.confirmed), (2, 1));
+        assert_eq!(r.active_sessions(), 3);
     }
 }
