@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use session_monitor::parser::{Command, Format};
 
+pub mod qlik;
+
 /// Options of `session-monitor-simulate`.
 #[derive(clap::Parser, Debug, Clone)]
 #[command(
@@ -44,6 +46,15 @@ pub struct SimulateArgs {
     /// Seed for reproducible traffic
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Also serve a fake Qlik Sense site (the repository and one proxy API per proxy) listing
+    /// the sessions the traffic has open, with its certificates written to this directory; the
+    /// service flags that use it are printed at start
+    #[arg(long, value_name = "DIR")]
+    pub qlik_api: Option<std::path::PathBuf>,
+    /// Share of session stops not sent, as if lost on the way, 0.0–1.0: without reconciliation
+    /// with the Qlik API, the service's count drifts up
+    #[arg(long, default_value_t = 0.0)]
+    pub lose_stops: f64,
 }
 
 /// What one [`run`] sent.
@@ -51,6 +62,10 @@ pub struct SimulateArgs {
 pub struct SimulateReport {
     /// All datagrams, malformed ones included.
     pub sent: u64,
+    /// Session stops not sent (`--lose-stops`).
+    pub lost_stops: u64,
+    /// Users with a session open at the end: what a correct receiver counts.
+    pub active_users: usize,
     pub malformed: u64,
     /// Well-formed datagrams per command, in [`Command::ALL`] order.
     pub by_command: [u64; 4],
@@ -71,12 +86,28 @@ impl SimulateReport {
 }
 
 /// Sends [`Traffic`] to `args.target` for `args.duration` seconds at `args.rate` datagrams per
-/// second. Blocking; prints nothing (the caller reports).
-pub fn run(args: &SimulateArgs) -> io::Result<SimulateReport> {
-    let rng = args
+/// second. Blocking; prints nothing but, with `--qlik-api`, the service flags that use the fake
+/// site, which `started` is given before the first datagram (the caller reports the rest).
+pub fn run(
+    args: &SimulateArgs,
+    started: impl FnOnce(Option<&qlik::SimulatedSite>),
+) -> io::Result<SimulateReport> {
+    let mut rng = args
         .seed
         .map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed);
+    if !(0.0..=1.0).contains(&args.lose_stops) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "--lose-stops must be between 0.0 and 1.0",
+        ));
+    }
+    let mut loss = fastrand::Rng::with_seed(rng.u64(..));
     let mut traffic = Traffic::new(args.users, args.proxies, args.malformed, rng)?;
+    let site = match &args.qlik_api {
+        Some(dir) => Some(qlik::SimulatedSite::start(dir, &traffic)?),
+        None => None,
+    };
+    started(site.as_ref());
     let target = resolve(&args.target)?;
     // Unconnected, like a log4net UdpAppender: fire and forget. A connected socket would turn the
     // ICMP "port unreachable" of a receiver that is not up yet (or restarting) into send errors.
@@ -89,6 +120,8 @@ pub fn run(args: &SimulateArgs) -> io::Result<SimulateReport> {
 
     let mut report = SimulateReport {
         sent: 0,
+        lost_stops: 0,
+        active_users: 0,
         malformed: 0,
         by_command: [0; 4],
         elapsed: Duration::ZERO,
@@ -101,8 +134,15 @@ pub fn run(args: &SimulateArgs) -> io::Result<SimulateReport> {
     while deadline.is_none_or(|d| Instant::now() < d) {
         for _ in 0..batch {
             let kind = traffic.next_into(&mut datagram);
+            if kind == Kind::Event(Command::StopSession) && loss.f64() < args.lose_stops {
+                report.lost_stops += 1;
+                continue;
+            }
             socket.send_to(&datagram, target)?;
             report.record(kind);
+        }
+        if let Some(site) = &site {
+            site.update(&traffic);
         }
         if args.rate > 0 {
             // Sleep until the schedule (datagram n is due at n / rate) catches up with what was
@@ -116,6 +156,10 @@ pub fn run(args: &SimulateArgs) -> io::Result<SimulateReport> {
         }
     }
     report.elapsed = start.elapsed();
+    report.active_users = traffic.active_users();
+    if let Some(site) = &site {
+        site.sync(&traffic);
+    }
     Ok(report)
 }
 
@@ -141,6 +185,20 @@ fn batch_size(rate: u64) -> u64 {
         rate => (rate / 100).clamp(1, 256),
     }
 }
+
+/// One open session as a proxy's API lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenSession {
+    /// Index into [`Traffic::proxy_hosts`].
+    pub proxy: usize,
+    pub user_directory: String,
+    pub user_id: String,
+    pub api_session_id: String,
+}
+
+/// Turns a logged session id into the API's: the proxy logs a salted hash of its session id,
+/// so the two differ (the bits of a v4 GUID's version and variant stay as they are).
+const API_ID_SALT: u128 = 0x5a5a_5a5a_5a5a_0a5a_3a5a_5a5a_5a5a_5a5a;
 
 /// What [`Traffic::next_into`] produced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -259,7 +317,10 @@ impl fmt::Display for Guid {
 }
 
 struct Proxy {
+    /// The machine name, which the proxy logs (log4net's `%hostname`).
     host: String,
+    /// The node's name in the Qlik repository, fully qualified as a site's usually is.
+    api_host: String,
     format: Format,
 }
 
@@ -340,7 +401,8 @@ impl Traffic {
         }
         let proxies = (0..proxies)
             .map(|i| Proxy {
-                host: format!("qs-proxy-{}.corp.example", i + 1),
+                host: format!("QS-PROXY-{}", i + 1),
+                api_host: format!("qs-proxy-{}.corp.example", i + 1),
                 format: FORMAT_ROTATION[i % FORMAT_ROTATION.len()],
             })
             .collect();
@@ -364,6 +426,28 @@ impl Traffic {
 
     pub fn active_sessions(&self) -> usize {
         self.active_sessions
+    }
+
+    /// The proxies' host names as the Qlik repository gives them (their datagrams carry the
+    /// machine name, the first label in capitals).
+    pub fn proxy_api_hosts(&self) -> Vec<String> {
+        self.proxies.iter().map(|p| p.api_host.clone()).collect()
+    }
+
+    /// Every open session: what each proxy's API lists. The id is the one the proxy's API
+    /// gives; a proxy logs a salted hash of it, so it differs from the id in the datagrams.
+    pub fn open_sessions(&self) -> Vec<OpenSession> {
+        self.users
+            .iter()
+            .flat_map(|u| {
+                u.sessions.iter().map(move |s| OpenSession {
+                    proxy: s.proxy,
+                    user_directory: u.directory.to_owned(),
+                    user_id: u.id.clone(),
+                    api_session_id: Guid(s.id.0 ^ API_ID_SALT).to_string(),
+                })
+            })
+            .collect()
     }
 
     /// Replaces `out` with the next datagram and says what it is. Reusing one buffer keeps the
@@ -739,7 +823,8 @@ mod tests {
                 .iter()
                 .any(|n| n.starts_with("LAB\\") && n.contains('.'))
         );
-        assert_eq!(t.proxies[0].host, "qs-proxy-1.corp.example");
+        assert_eq!(t.proxies[0].host, "QS-PROXY-1");
+        assert_eq!(t.proxy_api_hosts()[0], "qs-proxy-1.corp.example");
         // Many more users than the name lists combine to: still distinct.
         let t = traffic(5_000, 1, 0.0, 8);
         let distinct: HashSet<_> = t.users.iter().map(|u| (u.directory, &u.id)).collect();
@@ -900,10 +985,12 @@ mod tests {
             proxies: 3,
             malformed: 0.05,
             seed: Some(9),
+            qlik_api: None,
+            lose_stops: 0.0,
         };
         let sender = std::thread::spawn({
             let args = args.clone();
-            move || run(&args)
+            move || run(&args, |_| {})
         });
 
         let mut received = 0u64;
@@ -956,7 +1043,12 @@ mod tests {
             proxies: 1,
             malformed: 0.0,
             seed: None,
+            qlik_api: None,
+            lose_stops: 0.0,
         };
-        assert_eq!(run(&args).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(
+            run(&args, |_| {}).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
     }
 }

@@ -518,3 +518,73 @@ fn an_encrypted_key_is_read_with_its_passphrase() {
     assert_eq!(qlik_status(&service)["source"], "static");
     assert!(!service.log_text().contains("s3cret"));
 }
+
+/// The quick start's demo: the simulator's traffic with a fifth of the stops lost, and its fake
+/// Qlik site listing what is really open. The count the service reaches is the simulator's.
+#[test]
+fn the_simulators_site_corrects_the_lost_stops() {
+    use session_monitor_simulate::{Kind, Traffic, qlik::SimulatedSite};
+    let dir = tempfile::tempdir().unwrap();
+    let mut traffic = Traffic::new(200, 3, 0.01, fastrand::Rng::with_seed(11)).unwrap();
+    let site = SimulatedSite::start(&dir.path().join("qlik"), &traffic).unwrap();
+    let mut args = site.service_flags();
+    args.extend([
+        "--qlik-reconcile-interval=1s".into(),
+        "--qlik-reconcile-grace=1s".into(),
+    ]);
+    let service = start(dir.path(), &args);
+
+    let mut lose = fastrand::Rng::with_seed(12);
+    let (mut lost, mut datagram) = (0, Vec::new());
+    for _ in 0..20_000 {
+        let kind = traffic.next_into(&mut datagram);
+        if kind == Kind::Event(session_monitor::parser::Command::StopSession) && lose.f64() < 0.2 {
+            lost += 1;
+            continue;
+        }
+        service.send(&datagram);
+        site.update(&traffic);
+    }
+    site.sync(&traffic);
+    assert!(lost > 50, "{lost} stops lost");
+    let truth = (
+        traffic.active_users() as u64,
+        traffic.active_sessions() as u64,
+    );
+    let counts = || {
+        let summary = service.get_json("/api/v1/summary");
+        (
+            summary["active_users"].as_u64().unwrap(),
+            summary["active_sessions"].as_u64().unwrap(),
+        )
+    };
+    // Every datagram is in once a marker sent last has arrived; then reconciliation corrects
+    // what the lost stops left (counted in removed_total below).
+    service.send(own("Start session", "QS-PROXY-1", "LAB", "marker", "m"));
+    wait_for("the last datagram", || {
+        (service
+            .get_json("/api/v1/users")
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u["user_id"] == "marker"))
+        .then_some(())
+    });
+    service.send(own("Stop session", "QS-PROXY-1", "LAB", "marker", "m"));
+    wait_for("the simulator's counts", || {
+        (counts() == truth).then_some(())
+    });
+    let (_, metrics) = service.get("/metrics").unwrap();
+    let removed: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("session_monitor_qlik_reconcile_sessions_removed_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    assert!(
+        removed > 0.0,
+        "the lost stops were corrected by reconciliation:\n{metrics}"
+    );
+    // The proxies log their machine names; the repository gives fully qualified ones.
+    let hosts = service.get_json("/api/v1/summary")["hosts"].clone();
+    assert_eq!(hosts.as_array().unwrap().len(), 3, "{hosts}");
+}
