@@ -27,6 +27,7 @@ use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 use session_monitor_testkit::cluster::{Cluster, TestNamespace, http_get_at, wait_for_within};
+use session_monitor_testkit::qlik::{Casing, FakeQlik, FakeSession, NodeSpec, QlikCerts, Site};
 
 use common::Subscriber;
 
@@ -441,6 +442,109 @@ fn create_monitor(ns: &TestNamespace<'_>, broker: &TestNamespace<'_>) {
     );
 }
 
+/// The host as pods see it (the cluster's bridge; see the cluster tool's README).
+const HOST_FROM_PODS: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
+const QLIK_CENTRAL: &str = "qs-central.corp.example";
+
+/// Step 5e': spec.qlik set on the running monitor; returns the pod it rolled to. Leaves the
+/// monitor reconciling with a site that lists nobody, so later steps count as before.
+fn qlik_from_the_pod(ns: &TestNamespace<'_>, http_ip: &str, selector: &str, running: &Pod) -> Pod {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = QlikCerts::generate(dir.path(), &[QLIK_CENTRAL]);
+    let fake = FakeQlik::start_on(
+        HOST_FROM_PODS,
+        &certs,
+        Site {
+            nodes: vec![NodeSpec {
+                host_name: QLIK_CENTRAL.into(),
+                virtual_proxies: vec![String::new()],
+                casing: Casing::Pascal,
+            }],
+        },
+    );
+    let listed = FakeSession {
+        user_directory: "LAB".into(),
+        user_id: "known-only-to-qlik".into(),
+        session_id: "9d3f0c52-7a41-4b8e-9f0e-2c1d6a7b8e90".into(),
+    };
+    fake.set_sessions(0, "", vec![listed]);
+    let file = |path: &std::path::Path| std::fs::read_to_string(path).unwrap();
+    ns.create(
+        &serde_json::from_value::<Secret>(json!({
+            "metadata": {"name": "qlik-certificates"},
+            "type": "Opaque",
+            "stringData": {
+                "client.pem": file(&certs.client_cert),
+                "client_key.pem": file(&certs.client_key),
+                "root.pem": file(&certs.root),
+            },
+        }))
+        .unwrap(),
+    );
+    patch_monitor(
+        ns,
+        json!({"qlik": {
+            "repositoryUrl": format!("https://{QLIK_CENTRAL}:{}", fake.qrs_port()),
+            "certificatesSecret": {"name": "qlik-certificates"},
+            "resolve": [{"hostname": QLIK_CENTRAL, "ip": HOST_FROM_PODS.to_string()}],
+            "reconcileInterval": "2s",
+            "reconcileGrace": "1s",
+        }}),
+    );
+    let rolled = replaced(
+        ns,
+        &pod_name(running),
+        "the pod rolled for spec.qlik",
+        || {},
+    );
+    let mounted = rolled.spec.as_ref().unwrap().containers[0]
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.mount_path == "/etc/session-monitor/qlik")
+        .cloned()
+        .expect("the certificates are mounted");
+    assert_eq!(mounted.read_only, Some(true));
+    assert!(
+        ready_pods(ns, selector)
+            .iter()
+            .any(|p| pod_name(p) == pod_name(&rolled))
+    );
+
+    let summary = || -> Value {
+        let (_, body) = http_get_at(http_ip, 9842, "/api/v1/summary").unwrap_or_default();
+        serde_json::from_str(&body).unwrap_or(Value::Null)
+    };
+    let found = wait_for_within("the user only Qlik knows", POD_DEADLINE, || {
+        let s = summary();
+        let users: Vec<&str> = s["users"]
+            .as_array()
+            .map(|u| u.iter().filter_map(|u| u["name"].as_str()).collect())
+            .unwrap_or_default();
+        users
+            .contains(&"LAB\\known-only-to-qlik")
+            .then(|| s.clone())
+            .ok_or(format!("{}", s["qlik_api"]))
+    });
+    let node = &found["qlik_api"]["nodes"][0];
+    assert_eq!(node["up"], true, "{found}");
+    assert_eq!(node["host"], "qs-central", "{found}");
+    assert_eq!(found["qlik_api"]["repository_up"], true, "{found}");
+    assert!(fake.qrs_requests() >= 1 && fake.requests(0) >= 1);
+    assert_eq!(fake.forbidden(), 0);
+
+    // The session ends and its stop is lost: the next reconcile past the grace removes it.
+    fake.set_sessions(0, "", Vec::new());
+    wait_for_within("the user gone with the API's list", POD_DEADLINE, || {
+        let s = summary();
+        (s["active_users_per_host"]["qs-central"] == 0)
+            .then_some(())
+            .ok_or(format!("{}", s["active_users_per_host"]))
+    });
+    rolled
+}
+
 #[test]
 fn the_product_runs_in_a_real_cluster() {
     let Some(cluster) = Cluster::from_cluster_env("the_product_runs_in_a_real_cluster") else {
@@ -781,6 +885,15 @@ fn the_product_runs_in_a_real_cluster() {
             other => Err(format!("{other:?}")),
         }
     });
+
+    // 5e'. spec.qlik: the pod gets the certificates Secret, reaches a Qlik site (testkit's fake,
+    // on the host at the address pods reach it, by names only `resolve` knows) and counts the
+    // users its proxy API lists, then drops them when it no longer lists them.
+    let rolled = qlik_from_the_pod(&qlik, &http_ip, &pod_selector, &rolled);
+    assert_eq!(
+        first_metric(&http_ip, sessions),
+        before_many + f64::from(MANY)
+    );
 
     // 5f. helm upgrade to a second image tag, with two operator replicas: the operator and the
     // service roll, the state is kept.
