@@ -66,6 +66,9 @@ pub struct SessionMonitorSpec {
     /// Session expiry and excluded users.
     #[serde(default)]
     pub sessions: SessionsSpec,
+    /// Active users per minute, for the history, the daily peaks and the page.
+    #[serde(default, skip_serializing_if = "HistorySpec::is_empty")]
+    pub history: HistorySpec,
     /// The MQTT broker and topics the active users are published to.
     pub mqtt: MqttSpec,
     /// Reconciliation with the Qlik Sense proxies' own session lists (their QPS API), which
@@ -188,6 +191,22 @@ pub struct SessionsSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(inner(length(min = 1)))]
     pub exclude_users: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistorySpec {
+    /// How long active users per minute are kept (1h to 90d); default `14d`. Kept in the
+    /// checkpoint: longer retention, larger checkpoints (about 20 KB per day and proxy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION))]
+    pub retention: Option<String>,
+}
+
+impl HistorySpec {
+    fn is_empty(&self) -> bool {
+        self.retention.is_none()
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]

@@ -200,6 +200,7 @@ pub fn validate(monitor: &SessionMonitor, default_image: &str) -> Result<Plan, I
         http_listen: Some(([0, 0, 0, 0], CONTAINER_HTTP_PORT).into()),
         idle_timeout: optional_duration("spec.sessions.idleTimeout", &spec.sessions.idle_timeout)?,
         max_idle: optional_duration("spec.sessions.maxIdle", &spec.sessions.max_idle)?,
+        history_retention: optional_duration("spec.history.retention", &spec.history.retention)?,
         exclude_users: (!spec.sessions.exclude_users.is_empty())
             .then(|| spec.sessions.exclude_users.clone()),
         mqtt_url: Some(spec.mqtt.url.clone()),
@@ -475,6 +476,7 @@ fn spec_path(key: &str) -> &'static str {
         "udp_receive_buffer_bytes" => "spec.udp.receiveBufferBytes",
         "idle_timeout" => "spec.sessions.idleTimeout",
         "max_idle" => "spec.sessions.maxIdle",
+        "history_retention" => "spec.history.retention",
         "exclude_users" => "spec.sessions.excludeUsers",
         "mqtt_url" => "spec.mqtt.url",
         "mqtt_username" | "mqtt_password_file" => "spec.mqtt.credentialsSecret",
@@ -712,6 +714,10 @@ mod tests {
             (
                 json!({"mqtt": {"url": "mqtt://b"}, "checkpoint": {"shards": 101}}),
                 "spec.checkpoint.shards: 101 is not from 1 to 100",
+            ),
+            (
+                json!({"mqtt": {"url": "mqtt://b"}, "history": {"retention": "10m"}}),
+                "spec.history.retention: must be from 1h to 90days",
             ),
             (
                 json!({"mqtt": {"url": "mqtt://b"}, "checkpoint": {"interval": "0s"}}),

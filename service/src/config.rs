@@ -314,6 +314,15 @@ pub struct Settings {
     )]
     pub checkpoint_interval: Option<Duration>,
 
+    /// Active users per minute are kept this long, for /api/v1/history, /api/v1/peaks and the page [default: 14d]
+    #[arg(long, env = "SESSION_MONITOR_HISTORY_RETENTION", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde"
+    )]
+    pub history_retention: Option<Duration>,
+
     /// Qlik Sense repository (QRS), https://CENTRAL:4242; its proxies and virtual proxies are found there and reconciled with the events
     #[arg(long, env = "SESSION_MONITOR_QLIK_REPOSITORY_URL", value_name = "URL")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -551,6 +560,8 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     /// Reconciliation with the Qlik proxies' session lists; `None`: events only.
     pub qlik: Option<QlikConfig>,
+    /// How long active users per minute are kept.
+    pub history_retention: Duration,
     pub log_level: String,
     pub log_format: LogFormat,
 }
@@ -832,6 +843,13 @@ impl Config {
                     .unwrap_or(defaults::CHECKPOINT_INTERVAL),
             },
             qlik,
+            history_retention: match s.history_retention {
+                Some(r) if r < Duration::from_secs(3600) || r > LONGEST_TIMEOUT => {
+                    return Err(invalid("history_retention", "must be from 1h to 90days"));
+                }
+                Some(r) => r,
+                None => crate::history::DEFAULT_RETENTION,
+            },
             log_level: s.log_level.unwrap_or_else(|| "info".to_owned()),
             log_format: s.log_format.unwrap_or_default(),
         })

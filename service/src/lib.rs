@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod exclusions;
+pub mod history;
 pub mod http;
 pub mod ingest;
 pub mod metrics;

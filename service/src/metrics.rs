@@ -343,6 +343,11 @@ impl Metrics {
         }
     }
 
+    /// Datagrams dropped for any reason so far.
+    pub fn datagrams_dropped(&self) -> u64 {
+        self.dropped.iter().map(IntCounter::get).sum()
+    }
+
     /// Sets the gauges that mirror the registry's counts.
     pub fn set_counts(&self, users: usize, sessions: usize, hosts: &[HostSummary]) {
         self.active_users.set(users as i64);

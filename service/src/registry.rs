@@ -122,6 +122,8 @@ struct Host {
     name: Box<str>,
     sessions: u32,
     active_users: u32,
+    /// The last event that named one of its sessions (0: none since start).
+    last_event: UnixMillis,
 }
 
 #[derive(Debug)]
@@ -325,6 +327,9 @@ pub struct HostSummary {
     pub host: String,
     pub active_users: usize,
     pub active_sessions: usize,
+    /// The last event from this proxy that named a session; `None` since start (a broken
+    /// appender shows as a proxy whose last event grows old).
+    pub last_event: Option<UnixMillis>,
 }
 
 /// One active user, for the read API.
@@ -416,6 +421,8 @@ impl Registry {
         match event.command {
             Command::StopSession => match self.remove(&key) {
                 Some(session) => {
+                    let h = &mut self.hosts[session.host as usize];
+                    h.last_event = h.last_event.max(now);
                     if self.stops.enabled() {
                         self.set_scratch_to_user_key(event.user_directory, event.user_id);
                         self.stops.record(session.host, &self.scratch, now);
@@ -435,8 +442,10 @@ impl Registry {
                         }
                         Command::StartSession | Command::StopSession => {}
                     }
-                    let user = session.user;
+                    let (user, host) = (session.user, session.host);
                     self.user_mut(user).last_seen = now;
+                    let h = &mut self.hosts[host as usize];
+                    h.last_event = h.last_event.max(now);
                     Outcome::SessionRefreshed
                 }
                 None => self.unknown_session(event, now, admit_host),
@@ -579,6 +588,10 @@ impl Registry {
                 SessionId::None => self.by_host_user.insert((host, user), session),
             };
             self.retain(host, user);
+            // The checkpoint keeps no event times per host: a restored host's last event is its
+            // newest session's last activity.
+            let h = &mut self.hosts[host as usize];
+            h.last_event = h.last_event.max(r.last_seen);
             let u = self.user_mut(user);
             u.first_seen = u.first_seen.min(r.started);
             u.last_seen = u.last_seen.max(r.last_seen);
@@ -612,6 +625,7 @@ impl Registry {
                 host: h.name.to_string(),
                 active_users: h.active_users as usize,
                 active_sessions: h.sessions as usize,
+                last_event: (h.last_event.0 > 0).then_some(h.last_event),
             })
             .collect();
         hosts.sort_by(|a, b| a.host.cmp(&b.host));
@@ -712,6 +726,11 @@ impl Registry {
     }
 
     /// Every host of this registry with its counts, unsorted, without allocating.
+    /// Each host's last event, in the order of [`Registry::host_counts`].
+    pub(crate) fn host_last_events(&self) -> impl Iterator<Item = UnixMillis> {
+        self.hosts.iter().map(|h| h.last_event)
+    }
+
     pub(crate) fn host_counts(&self) -> impl Iterator<Item = (&str, usize, usize)> {
         self.hosts
             .iter()
@@ -746,6 +765,8 @@ impl Registry {
             None => self.by_host_user.insert((host, user), session),
         };
         self.user_mut(user).last_seen = now;
+        let h = &mut self.hosts[host as usize];
+        h.last_event = h.last_event.max(now);
         self.retain(host, user);
         match event.command {
             Command::StartSession => Outcome::SessionStarted,
@@ -827,6 +848,7 @@ impl Registry {
             name: name.into(),
             sessions: 0,
             active_users: 0,
+            last_event: UnixMillis(0),
         });
         Some(id)
     }
@@ -1010,7 +1032,8 @@ pub(super) mod tests {
             HostSummary {
                 host: "p1".into(),
                 active_users: 1,
-                active_sessions: 1
+                active_sessions: 1,
+                last_event: Some(at(0)),
             }
         );
         assert_eq!(
@@ -1018,7 +1041,8 @@ pub(super) mod tests {
             HostSummary {
                 host: "p2".into(),
                 active_users: 2,
-                active_sessions: 2
+                active_sessions: 2,
+                last_event: Some(at(0)),
             }
         );
         // Butler dropped joe on the first stop from any proxy; joe is still on p2.
@@ -1236,6 +1260,14 @@ pub(super) mod tests {
         );
     }
 
+    /// Hosts without their last event, which a checkpoint does not keep.
+    fn counts(hosts: &[HostSummary]) -> Vec<(String, usize, usize)> {
+        hosts
+            .iter()
+            .map(|h| (h.host.clone(), h.active_users, h.active_sessions))
+            .collect()
+    }
+
     #[test]
     fn snapshot_and_restore_round_trip_and_drop_expired() {
         let mut r = registry();
@@ -1254,7 +1286,7 @@ pub(super) mod tests {
         let mut back = registry();
         assert_eq!(back.restore(&records, at(21)), 3);
         assert_eq!(back.users(), r.users());
-        assert_eq!(back.hosts(), r.hosts());
+        assert_eq!(counts(&back.hosts()), counts(&r.hosts()));
 
         // At minute 40, joe's connection-less session on p1 (silent since 0) has expired.
         let mut later = registry();
@@ -1342,7 +1374,8 @@ pub(super) mod tests {
             vec![HostSummary {
                 host: "p1".into(),
                 active_users: 0,
-                active_sessions: 0
+                active_sessions: 0,
+                last_event: None,
             }]
         );
     }

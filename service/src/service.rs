@@ -96,6 +96,7 @@ pub async fn run(
         DEFAULT_SHARDS,
     );
     let state = Arc::new(State::new(registry, Metrics::new()));
+    *state.history() = crate::history::History::new(config.history_retention);
     if let MqttBroker::Embedded { listen } = config.mqtt.broker {
         broker::start(listen)?;
     }
@@ -147,7 +148,7 @@ pub async fn run(
     )
     .map_err(udp_error)?;
     let http_server = tokio::spawn({
-        let router = http::router(state.clone(), udp.clone());
+        let router = http::router(state.clone(), udp.clone(), phases.at(Phase::Saving));
         let mut stop = phases.at(Phase::Saving);
         async move {
             let stopped = async move { stop.requested().await };
@@ -185,6 +186,7 @@ pub async fn run(
     let mut checkpoint_writer = None;
     let mut publisher = None;
     let mut reconcile_task = None;
+    let mut history_sampler = None;
     let failed = match restored {
         Some(Ok(())) => {
             // One reconcile with the Qlik proxies before turning ready, so that the first count
@@ -217,6 +219,11 @@ pub async fn run(
                 FINAL_CHECKPOINT_DEADLINE,
                 phases.at(Phase::Saving),
             )));
+            // Sampled from here on: before, the registry was partial (restoring, reconciling).
+            history_sampler = Some(tokio::spawn(crate::history::run(
+                state.clone(),
+                phases.at(Phase::Saving),
+            )));
             publisher = Some(tokio::spawn(mqtt::run(
                 config.mqtt.clone(),
                 mqtt_options,
@@ -244,7 +251,7 @@ pub async fn run(
         let _ = writer.await;
     }
     let _ = tokio::join!(http_server, expiry);
-    if let Some(task) = reconcile_task {
+    for task in [reconcile_task, history_sampler].into_iter().flatten() {
         let _ = task.await;
     }
     phases.enter(Phase::Closing);

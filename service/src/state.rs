@@ -6,6 +6,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::watch;
 
+use crate::history::History;
 use crate::metrics::Metrics;
 use crate::qlik::reconciler::QlikStatus;
 use crate::registry::{ShardedRegistry, UnixMillis};
@@ -21,6 +22,8 @@ pub struct State {
     ready: AtomicBool,
     /// Reconciliation with the Qlik proxy API, for the summary; `None` while it is off.
     qlik: Mutex<Option<QlikStatus>>,
+    /// Active users per minute (its own lock: a sample or a view never waits for a shard).
+    history: Mutex<History>,
 }
 
 impl State {
@@ -32,6 +35,7 @@ impl State {
             metrics,
             ready: AtomicBool::new(false),
             qlik: Mutex::new(None),
+            history: Mutex::new(History::new(crate::history::DEFAULT_RETENTION)),
         }
     }
 
@@ -79,6 +83,10 @@ impl State {
 
     pub fn qlik_status(&self) -> MutexGuard<'_, Option<QlikStatus>> {
         self.qlik.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn history(&self) -> MutexGuard<'_, History> {
+        self.history.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn is_ready(&self) -> bool {

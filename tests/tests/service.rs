@@ -509,3 +509,56 @@ fn the_readme_documents_every_setting() {
         );
     }
 }
+
+/// The history is in the checkpoint: after a restart, the minutes before it are still there,
+/// and the day's peak with them.
+#[test]
+fn history_and_peaks_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--mqtt-url", "mqtt://127.0.0.1:9"];
+    let mut service = Service::start(dir.path(), &args);
+    for user in ["joe", "ann", "eve"] {
+        service.send(own(
+            "Start session",
+            "qs1",
+            "LAB",
+            user,
+            &format!("s-{user}"),
+        ));
+    }
+    // A proxy's count is sampled (the total's highest is exact): wait for the sample of three.
+    wait_for("a sample of three", || {
+        let h = service.get_json("/api/v1/history");
+        (h["hosts"]["qs1"]["last"].as_array()?.last() == Some(&serde_json::json!(3))).then_some(())
+    });
+    service.send(own("Stop session", "qs1", "LAB", "eve", "s-eve"));
+    wait_for("a sample of two", || {
+        let h = service.get_json("/api/v1/history");
+        (h["total"]["last"].as_array().unwrap().last() == Some(&serde_json::json!(2))).then_some(h)
+    });
+    service.signal(libc::SIGTERM);
+    assert!(service.wait_exit().success());
+
+    service.restart(&args);
+    let history = service.get_json("/api/v1/history");
+    let max: Vec<u64> = history["total"]["max"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_u64())
+        .collect();
+    assert!(max.contains(&3), "the minute before the restart: {history}");
+    assert_eq!(
+        history["hosts"]["qs1"]["max"].as_array().unwrap().len(),
+        history["times"].as_array().unwrap().len()
+    );
+    let peaks = service.get_json("/api/v1/peaks?days=1");
+    assert_eq!(peaks["days"][0]["active_users"], 3, "{peaks}");
+    assert_eq!(
+        peaks["days"][0]["hosts"]["qs1"]["active_users"], 3,
+        "{peaks}"
+    );
+    let (code, body) = service.get("/api/v1/peaks?days=99").unwrap();
+    assert_eq!(code, 400);
+    assert!(body.contains("days"), "{body}");
+}

@@ -1,6 +1,6 @@
 //! The checkpoint wire format: versioned, compact, compressed. Pure: bytes in, bytes out.
 //!
-//! Layout (version 2):
+//! Layout (version 3):
 //! ```text
 //! "SMCP" | version: u8 | zlib( body )
 //! body    = saved_at: varint (unix ms)
@@ -13,6 +13,11 @@
 //!               host index: varint (into hosts), user index: varint (into the segment's users)
 //!               saved_at - started: varint, saved_at - last_seen: varint
 //!               open connections: varint
+//!           history: hosts: varint count, then strings
+//!             minutes: varint count, then per minute (oldest first)
+//!               minute: varint (the first since the epoch, then the distance from the previous)
+//!               total max, total last, ms into the minute of the max: varints
+//!               hosts: varint count, then (host index, max, last): varints
 //! string  = varint byte length, UTF-8 bytes
 //! ```
 //! A segment is one registry shard, written from the shard's own tables while it is locked
@@ -21,7 +26,8 @@
 //! take their 16 bytes, so a session costs about 25 bytes before compression. zlib carries an
 //! Adler-32 checksum, so truncation and bit rot are detected, not restored as garbage.
 //!
-//! Version 1 (still read) had one implicit segment and every session id as a string.
+//! Version 2 (still read) had no history; version 1 (still read) also had one implicit segment
+//! and every session id as a string.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -30,12 +36,13 @@ use flate2::Compression;
 use flate2::read::ZlibDecoder;
 use flate2::write::ZlibEncoder;
 
+use crate::history::{History, Minute, Sample};
 use crate::registry::{SessionRecord, UnixMillis, format_guid, parse_guid};
 
 const MAGIC: &[u8; 4] = b"SMCP";
 /// Bump when the layout changes; readers refuse versions newer than they know, and keep
 /// decoding every older one.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// A decoded checkpoint may not be larger than this: a guard against a small crafted file that
 /// decompresses to gigabytes. A million sessions take well under 100 MiB.
 const MAX_BODY_BYTES: u64 = 512 << 20;
@@ -94,6 +101,7 @@ pub struct BodyWriter {
     segments_left: usize,
     users_left: usize,
     sessions_left: usize,
+    history: bool,
 }
 
 impl BodyWriter {
@@ -112,6 +120,7 @@ impl BodyWriter {
             segments_left: segments,
             users_left: 0,
             sessions_left: 0,
+            history: false,
         }
     }
 
@@ -160,9 +169,39 @@ impl BodyWriter {
         put_varint(out, u64::from(s.open_connections));
     }
 
+    /// Writes the history, after the last segment (an empty one if this is never called).
+    pub fn history(&mut self, history: &History) {
+        debug_assert!(self.segments_left == 0 && self.sessions_left == 0 && !self.history);
+        self.history = true;
+        let out = &mut self.body;
+        put_varint(out, history.hosts().len() as u64);
+        for h in history.hosts() {
+            put_str(out, h);
+        }
+        put_varint(out, history.minutes().len() as u64);
+        let mut previous = 0;
+        for m in history.minutes() {
+            put_varint(out, u64::from(m.minute - previous));
+            previous = m.minute;
+            put_varint(out, u64::from(m.total.max));
+            put_varint(out, u64::from(m.total.last));
+            put_varint(out, u64::from(m.total_max_at));
+            put_varint(out, m.hosts.len() as u64);
+            for (host, sample) in &m.hosts {
+                put_varint(out, u64::from(*host));
+                put_varint(out, u64::from(sample.max));
+                put_varint(out, u64::from(sample.last));
+            }
+        }
+    }
+
     /// Compresses the body into the checkpoint's bytes. The slow part: call it outside locks.
-    pub fn finish(self) -> Vec<u8> {
+    pub fn finish(mut self) -> Vec<u8> {
         debug_assert!(self.segments_left == 0 && self.sessions_left == 0);
+        if !self.history {
+            put_varint(&mut self.body, 0);
+            put_varint(&mut self.body, 0);
+        }
         let mut out = Vec::with_capacity(self.body.len() / 2 + 16);
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
@@ -233,6 +272,9 @@ pub struct Decoded {
     pub saved_at: UnixMillis,
     pub hosts: Vec<String>,
     pub segments: Vec<Segment>,
+    /// The history's hosts and minutes (empty before version 3).
+    pub history_hosts: Vec<String>,
+    pub history: Vec<Minute>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -371,14 +413,68 @@ pub fn decode_segments(bytes: &[u8]) -> Result<Decoded, DecodeError> {
         }
         segments.push(Segment { users, sessions });
     }
+    let (history_hosts, history) = match version {
+        1 | 2 => (Vec::new(), Vec::new()),
+        _ => read_history(&mut r)?,
+    };
     if !r.buf.is_empty() {
-        return Err(corrupt("trailing bytes after the last session"));
+        return Err(corrupt("trailing bytes after the history"));
     }
     Ok(Decoded {
         saved_at,
         hosts,
         segments,
+        history_hosts,
+        history,
     })
+}
+
+fn read_history(r: &mut Reader<'_>) -> Result<(Vec<String>, Vec<Minute>), DecodeError> {
+    let hosts = (0..r.count()?)
+        .map(|_| r.string())
+        .collect::<Result<Vec<_>, _>>()?;
+    let number = |r: &mut Reader<'_>, what: &str| {
+        u32::try_from(r.varint()?).map_err(|_| corrupt(&format!("history {what} out of range")))
+    };
+    let count = r.count()?;
+    let mut minutes = Vec::with_capacity(count);
+    let mut minute = 0u32;
+    for i in 0..count {
+        let step = number(r, "minute")?;
+        if i > 0 && step == 0 {
+            return Err(corrupt("history minutes out of order"));
+        }
+        minute = minute
+            .checked_add(step)
+            .ok_or_else(|| corrupt("history minute out of range"))?;
+        let total = Sample {
+            max: number(r, "count")?,
+            last: number(r, "count")?,
+        };
+        let total_max_at = u16::try_from(r.varint()?)
+            .ok()
+            .filter(|ms| *ms < 60_000)
+            .ok_or_else(|| corrupt("history time out of range"))?;
+        let host_count = r.count()?;
+        let mut samples = Vec::with_capacity(host_count);
+        for _ in 0..host_count {
+            let host = r.index(hosts.len(), "history host")? as u16;
+            samples.push((
+                host,
+                Sample {
+                    max: number(r, "count")?,
+                    last: number(r, "count")?,
+                },
+            ));
+        }
+        minutes.push(Minute {
+            minute,
+            total,
+            total_max_at,
+            hosts: samples,
+        });
+    }
+    Ok((hosts, minutes))
 }
 
 fn corrupt(what: &str) -> DecodeError {
@@ -492,8 +588,51 @@ mod tests {
             ],
         };
         let bytes = encode(&c);
-        assert_eq!(&bytes[..5], b"SMCP\x02");
+        assert_eq!(&bytes[..5], b"SMCP\x03");
         assert_eq!(decode(&bytes).unwrap(), c);
+    }
+
+    #[test]
+    fn the_history_round_trips() {
+        let mut history = History::new(crate::history::DEFAULT_RETENTION);
+        let t0 = 1_764_460_800_000;
+        history.record(
+            UnixMillis(t0 + 5_000),
+            Sample::new(3),
+            [("qs1", 2), ("qs2", 1)],
+        );
+        history.record(UnixMillis(t0 + 20_000), Sample::new(5), [("qs1", 4)]);
+        // Two minutes down, then back.
+        history.record(UnixMillis(t0 + 3 * 60_000), Sample::new(1), [("qs2", 1)]);
+        let mut w = BodyWriter::new(UnixMillis(t0 + 200_000), &["qs1".into()], 0);
+        w.history(&history);
+        let decoded = decode_segments(&w.finish()).unwrap();
+        assert_eq!(decoded.history_hosts, history.hosts());
+        assert_eq!(
+            decoded.history,
+            history.minutes().cloned().collect::<Vec<_>>()
+        );
+        assert_eq!(decoded.history[0].total_max_at, 20_000);
+    }
+
+    #[test]
+    fn version_2_is_still_read_without_history() {
+        // Version 2 is version 3 without the history section (two zero counts at the end).
+        let c = Checkpoint {
+            saved_at: UnixMillis(1_700_000_100_000),
+            hosts: vec!["qs1".into()],
+            sessions: vec![record(None, "qs1", "LAB", "joe", 1_700_000_000_000)],
+        };
+        let v3 = encode(&c);
+        let mut body = Vec::new();
+        ZlibDecoder::new(&v3[5..]).read_to_end(&mut body).unwrap();
+        assert_eq!(body[body.len() - 2..], [0, 0]);
+        body.truncate(body.len() - 2);
+        let mut z = ZlibEncoder::new(b"SMCP\x02".to_vec(), Compression::fast());
+        z.write_all(&body).unwrap();
+        let v2 = z.finish().unwrap();
+        assert_eq!(decode(&v2).unwrap(), c);
+        assert!(decode_segments(&v2).unwrap().history.is_empty());
     }
 
     #[test]

@@ -233,6 +233,12 @@ pub async fn restore(store: &Store, state: &State) -> Result<(), StoreError> {
         Ok(checkpoint) => {
             let now = UnixMillis::now();
             let restored = state.registry().restore_decoded(&checkpoint, now);
+            let minutes = checkpoint.history.len();
+            state.history().restore(
+                checkpoint.history_hosts.clone(),
+                checkpoint.history.clone(),
+                now,
+            );
             let sessions: usize = checkpoint.segments.iter().map(|s| s.sessions.len()).sum();
             state.changed(true);
             state
@@ -253,6 +259,7 @@ pub async fn restore(store: &Store, state: &State) -> Result<(), StoreError> {
                 skipped = sessions - restored,
                 saved_at_ms = checkpoint.saved_at.0,
                 bytes = bytes.len(),
+                history_minutes = minutes,
                 "restored sessions from checkpoint"
             );
             Ok(())
@@ -307,7 +314,8 @@ async fn save_once(store: &Store, state: &Arc<State>) -> Result<u64, StoreError>
     let (bytes, sessions) = {
         let state = state.clone();
         blocking(move || {
-            let (body, sessions) = state.registry().write_checkpoint(UnixMillis::now());
+            let (mut body, sessions) = state.registry().write_checkpoint(UnixMillis::now());
+            body.history(&state.history());
             (body.finish(), sessions)
         })
         .await

@@ -1,5 +1,9 @@
 //! HTTP on one port: Prometheus `/metrics`, the `/healthz` and `/readyz` probes, and the small
-//! read API under `/api/v1`. Read-only: nothing here changes the registry.
+//! read API under `/api/v1`, described by `api/openapi.json` (served at `/api/v1/openapi.json`).
+//! Read-only: nothing here changes the registry.
+
+mod history;
+mod stream;
 
 use std::collections::BTreeMap;
 use std::net::UdpSocket;
@@ -14,6 +18,7 @@ use serde::Serialize;
 
 use crate::qlik::reconciler::QlikStatus;
 use crate::registry::{HostSummary, UnixMillis, UserView};
+use crate::shutdown::Stop;
 use crate::state::State;
 
 #[derive(Clone)]
@@ -21,16 +26,51 @@ struct Http {
     state: Arc<State>,
     /// For the kernel's drop count at scrape time.
     udp: Arc<UdpSocket>,
+    /// Ends the event streams at shutdown.
+    stop: Stop,
 }
 
-pub fn router(state: Arc<State>, udp: Arc<UdpSocket>) -> Router {
+/// The API's description, kept beside the code and checked against real answers by a test.
+const OPENAPI: &str = include_str!("../../api/openapi.json");
+
+pub fn router(state: Arc<State>, udp: Arc<UdpSocket>, stop: Stop) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/summary", get(summary))
         .route("/api/v1/users", get(users))
-        .with_state(Http { state, udp })
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/history", get(history::history))
+        .route("/api/v1/peaks", get(history::peaks_view))
+        .route("/api/v1/stream", get(stream::stream))
+        .route(
+            "/api/v1/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
+        .with_state(Http { state, udp, stop })
+}
+
+/// A request the API cannot answer: 400 with `{"error": "…"}` naming what is wrong.
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn bad(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(serde_json::json!({ "error": self.message }));
+        (self.status, body).into_response()
+    }
 }
 
 async fn metrics(AxumState(http): AxumState<Http>) -> Response {
@@ -118,4 +158,52 @@ async fn summary(AxumState(http): AxumState<Http>) -> Json<Summary> {
 
 async fn users(AxumState(http): AxumState<Http>) -> Json<Vec<UserView>> {
     Json(http.state.registry().users())
+}
+
+#[derive(Serialize)]
+struct Status {
+    version: &'static str,
+    ready: bool,
+    mqtt_connected: bool,
+    datagrams_received: u64,
+    datagrams_dropped: u64,
+    udp_kernel_drops: u64,
+    /// The last event from any proxy.
+    last_event: Option<UnixMillis>,
+    hosts: Vec<HostSummary>,
+    history: HistoryStatus,
+}
+
+#[derive(Serialize)]
+struct HistoryStatus {
+    retention_seconds: u64,
+    minutes: usize,
+}
+
+/// What the page's health panel shows: is the service well, and is every proxy still sending.
+async fn status(AxumState(http): AxumState<Http>) -> Json<Status> {
+    let state = &http.state;
+    let m = &state.metrics;
+    if let Some(drops) = crate::ingest::kernel_drops(&http.udp) {
+        m.set_kernel_drops(drops);
+    }
+    let hosts = state.registry().hosts();
+    let history = {
+        let h = state.history();
+        HistoryStatus {
+            retention_seconds: h.retention().as_secs(),
+            minutes: h.minutes().len(),
+        }
+    };
+    Json(Status {
+        version: env!("CARGO_PKG_VERSION"),
+        ready: state.is_ready(),
+        mqtt_connected: m.mqtt_connected.get() == 1,
+        datagrams_received: m.datagrams_received.get(),
+        datagrams_dropped: m.datagrams_dropped(),
+        udp_kernel_drops: m.udp_kernel_drops.get(),
+        last_event: hosts.iter().filter_map(|h| h.last_event).max(),
+        hosts,
+        history,
+    })
 }
