@@ -416,6 +416,10 @@ pub struct TopicsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
     pub connection_close: Option<String>,
+    /// Retained topic with today's (UTC) peak of concurrent users; off unless named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub peak_today: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]

@@ -228,6 +228,7 @@ pub fn validate(monitor: &SessionMonitor, default_image: &str) -> Result<Plan, I
         mqtt_topic_session_stop: topics.session_stop.clone(),
         mqtt_topic_connection_open: topics.connection_open.clone(),
         mqtt_topic_connection_close: topics.connection_close.clone(),
+        mqtt_topic_peak_today: topics.peak_today.clone(),
         mqtt_user_list_format: spec.mqtt.user_list_format.map(|f| match f {
             UserListFormat::DirectoryAndId => service_config::UserListFormat::DirectoryAndId,
             UserListFormat::UserId => service_config::UserListFormat::UserId,
@@ -492,6 +493,7 @@ fn spec_path(key: &str) -> &'static str {
         "mqtt_topic_session_stop" => "spec.mqtt.topics.sessionStop",
         "mqtt_topic_connection_open" => "spec.mqtt.topics.connectionOpen",
         "mqtt_topic_connection_close" => "spec.mqtt.topics.connectionClose",
+        "mqtt_topic_peak_today" => "spec.mqtt.topics.peakToday",
         "publish_interval" => "spec.mqtt.publishInterval",
         "count_publish_interval" => "spec.mqtt.countPublishInterval",
         "checkpoint_interval" => "spec.checkpoint.interval",

@@ -246,6 +246,15 @@ pub struct Settings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mqtt_topic_connection_close: Option<String>,
 
+    /// Retained topic with today's (UTC) peak of concurrent users, {"date","active_users","at"} [default: off]
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_MQTT_TOPIC_PEAK_TODAY",
+        value_name = "TOPIC"
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_topic_peak_today: Option<String>,
+
     /// User list entries: `directory-and-id` (DIR\userid) or `user-id` (Butler's) [default: directory-and-id]
     #[arg(
         long,
@@ -634,6 +643,8 @@ pub struct Topics {
     pub session_stop: Option<String>,
     pub connection_open: Option<String>,
     pub connection_close: Option<String>,
+    /// Retained: today's peak of concurrent users.
+    pub peak_today: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -761,6 +772,7 @@ impl Config {
                 "mqtt_topic_connection_close",
                 s.mqtt_topic_connection_close,
             )?,
+            peak_today: optional_topic("mqtt_topic_peak_today", s.mqtt_topic_peak_today)?,
         };
         let client_id = match s.mqtt_client_id {
             Some(id) if id.trim().is_empty() => {

@@ -14,6 +14,7 @@ pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod mqtt;
+pub mod page;
 pub mod parser;
 pub mod qlik;
 pub mod ratelimit;

@@ -562,3 +562,44 @@ fn history_and_peaks_survive_a_restart() {
     assert_eq!(code, 400);
     assert!(body.contains("days"), "{body}");
 }
+
+/// The optional retained topic with today's peak: it rises with the count and stays when the
+/// count falls.
+#[test]
+fn todays_peak_is_published_when_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start();
+    let sub = Subscriber::connect(broker.port, "#");
+    let service = Service::start(
+        dir.path(),
+        &[
+            "--mqtt-url",
+            &broker.url(),
+            "--mqtt-topic-peak-today",
+            "qliksense/users/peak/today",
+        ],
+    );
+    service.send(own("Start session", "qs1", "LAB", "joe", "s1"));
+    service.send(own("Start session", "qs1", "LAB", "ann", "s2"));
+    sub.wait_for_payload(COUNT, "2");
+    let peak = |sub: &Subscriber| -> Option<serde_json::Value> {
+        let m = sub.latest().get("qliksense/users/peak/today").cloned()?;
+        serde_json::from_str(&m.payload).ok()
+    };
+    wait_for("a peak of 2", || {
+        peak(&sub).filter(|p| p["active_users"] == 2)
+    });
+    service.send(own("Stop session", "qs1", "LAB", "ann", "s2"));
+    sub.wait_for_payload(COUNT, "1");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let today = peak(&sub).unwrap();
+    assert_eq!(today["active_users"], 2, "{today}");
+    assert_eq!(today["date"].as_str().unwrap().len(), 10, "{today}");
+    // Retained: a late subscriber gets it at once.
+    let late = Subscriber::connect(broker.port, "qliksense/users/peak/today");
+    wait_for("the retained peak", || {
+        late.messages()
+            .into_iter()
+            .find(|m| m.retain && m.payload.contains("\"active_users\":2"))
+    });
+}

@@ -14,7 +14,7 @@ mod sampler;
 use std::collections::VecDeque;
 use std::time::Duration;
 
-pub use peaks::{DayPeak, HourPeak, Peak, peaks};
+pub use peaks::{DayPeak, HourPeak, Peak, peaks, today_payload};
 pub use sampler::{run, sample};
 
 use crate::registry::UnixMillis;

@@ -101,6 +101,35 @@ pub fn peaks(history: &History, now: UnixMillis, days: u32) -> Vec<DayPeak> {
     out
 }
 
+/// Today's (UTC) highest count so far, as the optional retained MQTT topic carries it:
+/// `{"date":"2026-11-30","active_users":42,"at":…}`. `current` is the highest count since
+/// the history's last sample, which it does not have yet.
+pub fn today_payload(history: &History, now: UnixMillis, current: usize) -> String {
+    let today = now.0 - now.0 % DAY_MS;
+    let mut peak = None;
+    for m in history.minutes().rev() {
+        if m.start().0 < today {
+            break;
+        }
+        // Walking back, a tie keeps the earlier minute: the time the peak was first reached.
+        if peak.is_none_or(|p: Peak| m.total.max >= p.active_users) {
+            peak = Some(Peak {
+                active_users: m.total.max,
+                at: m.total_max_time(),
+            });
+        }
+    }
+    let peak = match peak {
+        Some(p) if p.active_users as usize >= current => p,
+        _ => Peak {
+            active_users: current as u32,
+            at: now,
+        },
+    };
+    serde_json::json!({"date": date(today), "active_users": peak.active_users, "at": peak.at})
+        .to_string()
+}
+
 fn finish_hosts(day: Option<&mut DayPeak>, peaks: &mut [Option<Peak>], names: &[String]) {
     if let Some(day) = day {
         day.hosts = peaks
@@ -131,6 +160,26 @@ mod tests {
     use crate::history::{DEFAULT_RETENTION, Sample};
 
     const DAY0: u64 = 1_764_460_800_000; // 2025-11-30T00:00:00Z
+
+    #[test]
+    fn todays_peak_is_the_highest_since_midnight_or_the_count_now() {
+        let mut h = History::new(DEFAULT_RETENTION);
+        let at = |ms: u64| UnixMillis(DAY0 + ms);
+        h.record(at(DAY_MS - HOUR_MS), Sample::new(50), []); // yesterday
+        h.record(at(DAY_MS + HOUR_MS), Sample::new(7), []);
+        h.record(at(DAY_MS + 2 * HOUR_MS + 5_000), Sample::new(9), []);
+        h.record(at(DAY_MS + 3 * HOUR_MS), Sample::new(9), []);
+        let now = at(DAY_MS + 4 * HOUR_MS);
+        let peak: serde_json::Value = serde_json::from_str(&today_payload(&h, now, 3)).unwrap();
+        assert_eq!(peak["date"], "2025-12-01");
+        assert_eq!(peak["active_users"], 9);
+        assert_eq!(peak["at"], at(DAY_MS + 2 * HOUR_MS + 5_000).0);
+        let higher: serde_json::Value = serde_json::from_str(&today_payload(&h, now, 12)).unwrap();
+        assert_eq!(
+            (higher["active_users"].as_u64(), higher["at"].as_u64()),
+            (Some(12), Some(now.0))
+        );
+    }
 
     #[test]
     fn dates_are_utc_calendar_days() {

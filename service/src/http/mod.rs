@@ -49,6 +49,7 @@ pub fn router(state: Arc<State>, udp: Arc<UdpSocket>, stop: Stop) -> Router {
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
         )
         .with_state(Http { state, udp, stop })
+        .merge(crate::page::router())
 }
 
 /// A request the API cannot answer: 400 with `{"error": "…"}` naming what is wrong.

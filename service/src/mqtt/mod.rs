@@ -72,6 +72,26 @@ pub fn render_counts(registry: &ShardedRegistry, topics: &Topics) -> Vec<(String
     messages
 }
 
+/// The count messages plus, when its topic is set, today's peak (which can change only when a
+/// count does).
+fn with_peak_today(
+    mut messages: Vec<(String, String)>,
+    state: &State,
+    topics: &Topics,
+) -> Vec<(String, String)> {
+    if let Some(topic) = &topics.peak_today {
+        // Not yet in the history: the highest count since its last sample.
+        let current = state.registry().peak();
+        let payload = crate::history::today_payload(
+            &state.history(),
+            crate::registry::UnixMillis::now(),
+            current,
+        );
+        messages.push((topic.clone(), payload));
+    }
+    messages
+}
+
 /// The user list payload. Proportional to the registry: each shard is locked only to copy its
 /// names, the sort and the JSON happen outside the locks.
 pub fn render_list(registry: &ShardedRegistry, format: UserListFormat) -> String {
@@ -370,7 +390,11 @@ async fn publish_loop(
         }
         let now = std::time::Instant::now();
         if schedule.take(Class::Counts, now) {
-            let messages = render_counts(state.registry(), &config.topics);
+            let messages = with_peak_today(
+                render_counts(state.registry(), &config.topics),
+                state,
+                &config.topics,
+            );
             let complete = publish(config, client, metrics, &mut retained, messages);
             schedule.published(Class::Counts, std::time::Instant::now(), complete);
         }
@@ -398,7 +422,11 @@ async fn publish_final(
     state: &Arc<State>,
     retained: &mut Retained,
 ) {
-    let mut messages = render_counts(state.registry(), &config.topics);
+    let mut messages = with_peak_today(
+        render_counts(state.registry(), &config.topics),
+        state,
+        &config.topics,
+    );
     let (registry_state, format) = (state.clone(), config.user_list_format);
     if let Ok(list) =
         tokio::task::spawn_blocking(move || render_list(registry_state.registry(), format)).await

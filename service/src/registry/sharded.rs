@@ -133,6 +133,14 @@ impl ShardedRegistry {
         result
     }
 
+    /// The highest number of active users since [`ShardedRegistry::take_peak`] last ran,
+    /// leaving it for that to take.
+    pub fn peak(&self) -> usize {
+        self.peak
+            .load(Ordering::Acquire)
+            .max(self.users.load(Ordering::Acquire))
+    }
+
     /// The highest number of active users since the last call (at least the current number),
     /// and starts the next stretch at the current number.
     pub fn take_peak(&self) -> usize {
