@@ -45,6 +45,7 @@ pub fn run(users: usize) -> Payload {
         session_stop: None,
         connection_open: None,
         connection_close: None,
+        peak_today: None,
     };
     let mut render = Duration::MAX;
     let mut messages = Vec::new();

@@ -31,11 +31,7 @@ impl SimulatedSite {
         let site = Site {
             nodes: hosts
                 .iter()
-                .map(|host| NodeSpec {
-                    host_name: host.clone(),
-                    virtual_proxies: vec![String::new()],
-                    casing: Casing::Pascal,
-                })
+                .map(|host| NodeSpec::new(host, &[""], Casing::Pascal))
                 .collect(),
         };
         let fake = FakeQlik::start(&certs, site);
@@ -84,11 +80,11 @@ impl SimulatedSite {
         self.updated.set(Some(Instant::now()));
         let mut by_proxy: Vec<Vec<FakeSession>> = vec![Vec::new(); self.hosts.len()];
         for s in traffic.open_sessions() {
-            by_proxy[s.proxy].push(FakeSession {
-                user_directory: s.user_directory,
-                user_id: s.user_id,
-                session_id: s.api_session_id,
-            });
+            by_proxy[s.proxy].push(FakeSession::new(
+                &s.user_directory,
+                &s.user_id,
+                &s.api_session_id,
+            ));
         }
         for (node, sessions) in by_proxy.into_iter().enumerate() {
             self.fake.set_sessions(node, "", sessions);

@@ -74,6 +74,15 @@ const CLIENT_EXTENSIONS: &str = "basicConstraints=critical,CA:FALSE\n\
     extendedKeyUsage=clientAuth\n";
 
 impl QlikCerts {
+    /// The service's flags for these files: `--qlik-client-cert-file=…`, `…-key-file`, `…-ca-file`.
+    pub fn service_flags(&self) -> Vec<String> {
+        vec![
+            format!("--qlik-client-cert-file={}", self.client_cert.display()),
+            format!("--qlik-client-key-file={}", self.client_key.display()),
+            format!("--qlik-ca-file={}", self.root.display()),
+        ]
+    }
+
     /// Makes the site's root CA, one server certificate per host name (each valid for its name,
     /// `localhost` and 127.0.0.1), the client certificate, and the unrelated CA's pair. The
     /// first host name is the central node's: Qlik names the root `<central node>-CA`.
@@ -254,7 +263,7 @@ fn issue(dir: &Path, ca: &str, name: &str, common_name: &str, extensions: &str) 
 }
 
 /// Runs `openssl` in `dir`, failing the test with its error output if it fails.
-fn openssl(dir: &Path, args: &[&str]) {
+pub fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
         .args(args)
         .current_dir(dir)
@@ -292,6 +301,16 @@ pub struct NodeSpec {
     pub casing: Casing,
 }
 
+impl NodeSpec {
+    pub fn new(host_name: &str, virtual_proxies: &[&str], casing: Casing) -> NodeSpec {
+        NodeSpec {
+            host_name: host_name.into(),
+            virtual_proxies: virtual_proxies.iter().map(|p| p.to_string()).collect(),
+            casing,
+        }
+    }
+}
+
 /// The keys of the QPS session bodies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Casing {
@@ -307,6 +326,16 @@ pub struct FakeSession {
     pub user_directory: String,
     pub user_id: String,
     pub session_id: String,
+}
+
+impl FakeSession {
+    pub fn new(user_directory: &str, user_id: &str, session_id: &str) -> FakeSession {
+        FakeSession {
+            user_directory: user_directory.into(),
+            user_id: user_id.into(),
+            session_id: session_id.into(),
+        }
+    }
 }
 
 /// How a node's QPS (or the QRS) answers, switchable while the test runs.

@@ -30,19 +30,11 @@ const REPOSITORY_USER: (&str, &str) = (
 );
 
 fn session(user: &str, id: &str) -> FakeSession {
-    FakeSession {
-        user_directory: "LAB".into(),
-        user_id: user.into(),
-        session_id: id.into(),
-    }
+    FakeSession::new("LAB", user, id)
 }
 
 fn node(host_name: &str, virtual_proxies: &[&str], casing: Casing) -> NodeSpec {
-    NodeSpec {
-        host_name: host_name.into(),
-        virtual_proxies: virtual_proxies.iter().map(|p| p.to_string()).collect(),
-        casing,
-    }
+    NodeSpec::new(host_name, virtual_proxies, casing)
 }
 
 /// A central node (PascalCase, virtual proxies "" and "sales") and a rim node (camelCase, "").

@@ -72,31 +72,17 @@ fn every_answer_matches_the_openapi_document() {
     let fake = FakeQlik::start(
         &certs,
         Site {
-            nodes: vec![NodeSpec {
-                host_name: NODE.into(),
-                virtual_proxies: vec![String::new()],
-                casing: Casing::Pascal,
-            }],
+            nodes: vec![NodeSpec::new(NODE, &[""], Casing::Pascal)],
         },
     );
-    fake.set_sessions(
-        0,
-        "",
-        vec![FakeSession {
-            user_directory: "LAB".into(),
-            user_id: "only-in-qlik".into(),
-            session_id: "q1".into(),
-        }],
-    );
-    let args = [
+    fake.set_sessions(0, "", vec![FakeSession::new("LAB", "only-in-qlik", "q1")]);
+    let mut args = vec![
         "--mqtt-url".to_owned(),
         "mqtt://127.0.0.1:9".into(),
         format!("--qlik-proxies=https://{NODE}:{}/", fake.node_port(0)),
         format!("--qlik-resolve={NODE}=127.0.0.1"),
-        format!("--qlik-client-cert-file={}", certs.client_cert.display()),
-        format!("--qlik-client-key-file={}", certs.client_key.display()),
-        format!("--qlik-ca-file={}", certs.root.display()),
     ];
+    args.extend(certs.service_flags());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let service = Service::start(dir.path(), &args);
     service.send(own("Start session", "QS-NODE1", "LAB", "joe", "s1"));

@@ -11,18 +11,7 @@ use common::{Mosquitto, Service, wait_for};
 
 /// Makes a CA, a server certificate for 127.0.0.1 and a client certificate in `dir`.
 fn make_certificates(dir: &Path) {
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl must be installed");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let openssl = |args: &[&str]| session_monitor_testkit::qlik::openssl(dir, args);
     openssl(&[
         "req",
         "-x509",

@@ -18,19 +18,11 @@ const RIM1: &str = "qs-rim1.corp.local";
 const RIM2: &str = "qs-rim2.corp.local";
 
 fn session(user: &str, id: &str) -> FakeSession {
-    FakeSession {
-        user_directory: "LAB".into(),
-        user_id: user.into(),
-        session_id: id.into(),
-    }
+    FakeSession::new("LAB", user, id)
 }
 
 fn node(host_name: &str, virtual_proxies: &[&str], casing: Casing) -> NodeSpec {
-    NodeSpec {
-        host_name: host_name.into(),
-        virtual_proxies: virtual_proxies.iter().map(|p| p.to_string()).collect(),
-        casing,
-    }
+    NodeSpec::new(host_name, virtual_proxies, casing)
 }
 
 /// The flags that point the service at `fake` through discovery, with `certs`' files.
@@ -43,13 +35,8 @@ fn discovery_args(fake: &FakeQlik, certs: &QlikCerts, extra: &[&str]) -> Vec<Str
         format!("https://{CENTRAL}:{}", fake.qrs_port()),
         "--qlik-resolve".into(),
         resolve,
-        "--qlik-client-cert-file".into(),
-        path(&certs.client_cert),
-        "--qlik-client-key-file".into(),
-        path(&certs.client_key),
-        "--qlik-ca-file".into(),
-        path(&certs.root),
     ];
+    args.extend(certs.service_flags());
     args.extend(extra.iter().map(|a| a.to_string()));
     args
 }

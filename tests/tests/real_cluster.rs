@@ -455,18 +455,14 @@ fn qlik_from_the_pod(ns: &TestNamespace<'_>, http_ip: &str, selector: &str, runn
         HOST_FROM_PODS,
         &certs,
         Site {
-            nodes: vec![NodeSpec {
-                host_name: QLIK_CENTRAL.into(),
-                virtual_proxies: vec![String::new()],
-                casing: Casing::Pascal,
-            }],
+            nodes: vec![NodeSpec::new(QLIK_CENTRAL, &[""], Casing::Pascal)],
         },
     );
-    let listed = FakeSession {
-        user_directory: "LAB".into(),
-        user_id: "known-only-to-qlik".into(),
-        session_id: "9d3f0c52-7a41-4b8e-9f0e-2c1d6a7b8e90".into(),
-    };
+    let listed = FakeSession::new(
+        "LAB",
+        "known-only-to-qlik",
+        "9d3f0c52-7a41-4b8e-9f0e-2c1d6a7b8e90",
+    );
     fake.set_sessions(0, "", vec![listed]);
     let file = |path: &std::path::Path| std::fs::read_to_string(path).unwrap();
     ns.create(
