@@ -44,6 +44,8 @@ pub struct HourPeak {
     pub hour: UnixMillis,
     #[serde(flatten)]
     pub peak: Peak,
+    /// Per host (by name), the minute it was reached.
+    pub hosts: BTreeMap<String, Peak>,
 }
 
 /// The peaks of the last `days` UTC days up to `now` (today included), newest first; days
@@ -78,22 +80,31 @@ pub fn peaks(history: &History, now: UnixMillis, days: u32) -> Vec<DayPeak> {
         Peak::raise(&mut peak, m.total.max, m.total_max_time());
         d.peak = peak.expect("raised from Some");
         let hour = UnixMillis(start - start % HOUR_MS);
-        match d.hours.last_mut() {
-            Some(h) if h.hour == hour => {
-                let mut p = Some(h.peak);
-                Peak::raise(&mut p, m.total.max, m.total_max_time());
-                h.peak = p.expect("raised from Some");
+        let h = match d.hours.last_mut() {
+            Some(h) if h.hour == hour => h,
+            _ => {
+                d.hours.push(HourPeak {
+                    hour,
+                    peak: Peak {
+                        active_users: 0,
+                        at: m.total_max_time(),
+                    },
+                    hosts: BTreeMap::new(),
+                });
+                d.hours.last_mut().expect("pushed")
             }
-            _ => d.hours.push(HourPeak {
-                hour,
-                peak: Peak {
-                    active_users: m.total.max,
-                    at: m.total_max_time(),
-                },
-            }),
-        }
+        };
+        let mut p = Some(h.peak);
+        Peak::raise(&mut p, m.total.max, m.total_max_time());
+        h.peak = p.expect("raised from Some");
         for (host, sample) in &m.hosts {
             Peak::raise(&mut host_peaks[*host as usize], sample.max, m.start());
+            let name = &history.hosts()[*host as usize];
+            let mut hp = h.hosts.get(name).copied();
+            Peak::raise(&mut hp, sample.max, m.start());
+            if let Some(hp) = hp {
+                h.hosts.insert(name.clone(), hp);
+            }
         }
     }
     finish_hosts(out.last_mut(), &mut host_peaks, history.hosts());
@@ -216,6 +227,14 @@ mod tests {
         );
         assert_eq!(first.hours.len(), 2);
         assert_eq!(first.hours[1].peak.active_users, 7);
+        assert_eq!(
+            first.hours[0].hosts["qs1"],
+            Peak {
+                active_users: 8,
+                at: at(9 * HOUR_MS)
+            }
+        );
+        assert_eq!(first.hours[1].hosts["qs2"].active_users, 6);
         assert_eq!(
             first.hosts["qs2"],
             Peak {
