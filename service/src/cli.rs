@@ -41,6 +41,9 @@ fn serve(flags: Settings, config_file: Option<PathBuf>) -> ExitCode {
         None => flags,
     };
     let mut settings = settings;
+    if let Ok(token) = std::env::var("SESSION_MONITOR_API_TOKEN") {
+        settings.api_token = Some(crate::config::Secret(token));
+    }
     if let Ok(passphrase) = std::env::var("SESSION_MONITOR_QLIK_CLIENT_KEY_PASSPHRASE") {
         settings.qlik_client_key_passphrase = Some(crate::config::Secret(passphrase));
     }

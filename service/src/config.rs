@@ -440,6 +440,11 @@ pub struct Settings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qlik_resolve: Option<Vec<String>>,
 
+    /// File holding a token that /api/* and the page then require, as `Authorization: Bearer` or by signing in at /login (or set SESSION_MONITOR_API_TOKEN; never a flag) [default: none, open]
+    #[arg(long, env = "SESSION_MONITOR_API_TOKEN_FILE", value_name = "PATH")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_token_file: Option<PathBuf>,
+
     /// Log filter, e.g. `info` or `session_monitor=debug,info` [default: info]
     #[arg(long, env = "SESSION_MONITOR_LOG_LEVEL", value_name = "FILTER")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -455,6 +460,11 @@ pub struct Settings {
     #[arg(skip)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mqtt_password: Option<Secret>,
+
+    /// The API token: from SESSION_MONITOR_API_TOKEN or the config file, never a flag.
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_token: Option<Secret>,
 
     /// The Qlik client key's passphrase: from SESSION_MONITOR_QLIK_CLIENT_KEY_PASSPHRASE or the
     /// config file, never a flag.
@@ -571,6 +581,8 @@ pub struct Config {
     pub qlik: Option<QlikConfig>,
     /// How long active users per minute are kept.
     pub history_retention: Duration,
+    /// `None`: the API and the page are open.
+    pub api_token: Option<ApiToken>,
     pub log_level: String,
     pub log_format: LogFormat,
 }
@@ -701,6 +713,7 @@ impl Config {
         }
         let checkpoint_store = checkpoint_store(&s)?;
         let qlik = QlikConfig::from_settings(&s)?;
+        let api_token = api_token(&s)?;
         let exclusions = Exclusions::new(s.exclude_users.clone().unwrap_or_default())
             .map_err(|e| invalid("exclude_users", e.to_string()))?;
 
@@ -855,6 +868,7 @@ impl Config {
                     .unwrap_or(defaults::CHECKPOINT_INTERVAL),
             },
             qlik,
+            api_token,
             history_retention: match s.history_retention {
                 Some(r) if r < Duration::from_secs(3600) || r > LONGEST_TIMEOUT => {
                     return Err(invalid("history_retention", "must be from 1h to 90days"));
@@ -866,6 +880,55 @@ impl Config {
             log_format: s.log_format.unwrap_or_default(),
         })
     }
+}
+
+/// A token the API and the page require; never shown by `Debug`.
+#[derive(Clone)]
+pub struct ApiToken(std::sync::Arc<str>);
+
+impl ApiToken {
+    /// Compares in time independent of where the two differ, so the answer's timing does not
+    /// tell how much of a guess was right.
+    pub fn matches(&self, presented: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), presented.as_bytes());
+        let mut differ = a.len() ^ b.len();
+        for (i, x) in a.iter().enumerate() {
+            differ |= usize::from(x ^ b.get(i).copied().unwrap_or(!x));
+        }
+        differ == 0
+    }
+}
+
+impl std::fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiToken(<redacted>)")
+    }
+}
+
+/// Long enough that guessing over HTTP is hopeless; the README shows how to make one.
+const MIN_TOKEN_CHARS: usize = 16;
+
+fn api_token(s: &Settings) -> Result<Option<ApiToken>, ConfigError> {
+    let (key, token) = match (&s.api_token, &s.api_token_file) {
+        (Some(token), _) => ("api_token_file", token.0.clone()),
+        (None, Some(path)) => (
+            "api_token_file",
+            std::fs::read_to_string(path)
+                .map_err(|e| invalid("api_token_file", format!("{}: {e}", path.display())))?
+                .trim()
+                .to_owned(),
+        ),
+        (None, None) => return Ok(None),
+    };
+    if token.chars().count() < MIN_TOKEN_CHARS || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            key,
+            format!(
+                "the token must be at least {MIN_TOKEN_CHARS} printable characters without spaces (e.g. openssl rand -hex 24)"
+            ),
+        ));
+    }
+    Ok(Some(ApiToken(token.into())))
 }
 
 fn checkpoint_store(s: &Settings) -> Result<CheckpointStoreConfig, ConfigError> {
@@ -1087,6 +1150,31 @@ mod tests {
 
     fn config(s: Settings) -> Result<Config, ConfigError> {
         Config::from_settings(s, None)
+    }
+
+    #[test]
+    fn the_api_token_matches_only_itself() {
+        let token = ApiToken("0123456789abcdef".into());
+        assert!(token.matches("0123456789abcdef"));
+        for other in [
+            "",
+            "0123456789abcde",
+            "0123456789abcdeF",
+            "0123456789abcdef0",
+        ] {
+            assert!(!token.matches(other), "{other}");
+        }
+        assert_eq!(format!("{token:?}"), "ApiToken(<redacted>)");
+        let s = Settings {
+            api_token: Some(Secret("has a space in it!!".into())),
+            ..Settings::default()
+        };
+        assert!(
+            config(s)
+                .unwrap_err()
+                .to_string()
+                .contains("api_token_file")
+        );
     }
 
     #[test]

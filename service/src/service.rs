@@ -148,7 +148,12 @@ pub async fn run(
     )
     .map_err(udp_error)?;
     let http_server = tokio::spawn({
-        let router = http::router(state.clone(), udp.clone(), phases.at(Phase::Saving));
+        let router = http::router(
+            state.clone(),
+            udp.clone(),
+            phases.at(Phase::Saving),
+            config.api_token.clone(),
+        );
         let mut stop = phases.at(Phase::Saving);
         async move {
             let stopped = async move { stop.requested().await };

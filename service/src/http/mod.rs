@@ -2,6 +2,7 @@
 //! read API under `/api/v1`, described by `api/openapi.json` (served at `/api/v1/openapi.json`).
 //! Read-only: nothing here changes the registry.
 
+mod auth;
 mod history;
 mod stream;
 
@@ -16,6 +17,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 
+use crate::config::ApiToken;
 use crate::qlik::reconciler::QlikStatus;
 use crate::registry::{HostSummary, UnixMillis, UserView};
 use crate::shutdown::Stop;
@@ -33,11 +35,40 @@ struct Http {
 /// The API's description, kept beside the code and checked against real answers by a test.
 const OPENAPI: &str = include_str!("../../api/openapi.json");
 
-pub fn router(state: Arc<State>, udp: Arc<UdpSocket>, stop: Stop) -> Router {
-    Router::new()
+pub fn router(
+    state: Arc<State>,
+    udp: Arc<UdpSocket>,
+    stop: Stop,
+    token: Option<ApiToken>,
+) -> Router {
+    let http = Http { state, udp, stop };
+    // Open to all: Prometheus and the kubelet carry no token.
+    let open = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .with_state(http.clone());
+    let guarded = guarded(http).merge(crate::page::router());
+    let guarded = match token {
+        None => guarded,
+        Some(token) => guarded
+            .route(
+                "/login",
+                get(auth::login_form)
+                    .post(auth::login)
+                    .with_state(token.clone()),
+            )
+            .layer(axum::middleware::from_fn_with_state(
+                token,
+                auth::require_token,
+            )),
+    };
+    open.merge(guarded)
+}
+
+/// What the token guards when one is set: the API (it lists user names) and the page.
+fn guarded(http: Http) -> Router {
+    Router::new()
         .route("/api/v1/summary", get(summary))
         .route("/api/v1/users", get(users))
         .route("/api/v1/status", get(status))
@@ -48,8 +79,7 @@ pub fn router(state: Arc<State>, udp: Arc<UdpSocket>, stop: Stop) -> Router {
             "/api/v1/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
         )
-        .with_state(Http { state, udp, stop })
-        .merge(crate::page::router())
+        .with_state(http)
 }
 
 /// A request the API cannot answer: 400 with `{"error": "…"}` naming what is wrong.
