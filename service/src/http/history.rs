@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::Json;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State as AxumState};
 use serde::{Deserialize, Serialize};
 
@@ -37,8 +38,9 @@ pub struct HistoryView {
 
 pub async fn history(
     AxumState(http): AxumState<Http>,
-    Query(q): Query<HistoryQuery>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> Result<Json<HistoryView>, ApiError> {
+    let Query(q) = query.map_err(rejected)?;
     let now = UnixMillis::now();
     let to = match q.to.as_deref() {
         Some(v) => millis("to", v)?,
@@ -87,6 +89,12 @@ pub async fn history(
     }))
 }
 
+/// A query string that does not parse at all (a parameter given twice, say): a 400 in the
+/// API's own shape, not axum's plain text.
+fn rejected(rejection: QueryRejection) -> ApiError {
+    ApiError::bad(format!("query: {}", rejection.body_text()))
+}
+
 fn millis(name: &str, value: &str) -> Result<UnixMillis, ApiError> {
     value.parse::<u64>().map(UnixMillis).map_err(|_| {
         ApiError::bad(format!(
@@ -107,8 +115,9 @@ pub struct PeaksView {
 
 pub async fn peaks_view(
     AxumState(http): AxumState<Http>,
-    Query(q): Query<PeaksQuery>,
+    query: Result<Query<PeaksQuery>, QueryRejection>,
 ) -> Result<Json<PeaksView>, ApiError> {
+    let Query(q) = query.map_err(rejected)?;
     let history = http.state.history();
     let most = (history.retention().as_secs() / 86_400).max(1) as u32;
     let days = match q.days.as_deref() {
