@@ -530,7 +530,12 @@ impl Settings {
             message,
         };
         let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
-        toml::from_str(&text).map_err(|e| file_error(e.to_string()))
+        Settings::from_toml(&text).map_err(file_error)
+    }
+
+    /// Parses the text of a TOML config file (the file's name is the caller's to add).
+    pub fn from_toml(text: &str) -> Result<Settings, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
     }
 
     /// `self` where set, else `fallback`.

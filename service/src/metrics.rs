@@ -403,7 +403,8 @@ impl Tally {
             Outcome::SessionStarted
             | Outcome::SessionRefreshed
             | Outcome::SessionStopped
-            | Outcome::HostLimitReached => {}
+            | Outcome::HostLimitReached
+            | Outcome::SessionOfAnotherUser => {}
         }
     }
 

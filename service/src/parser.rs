@@ -132,10 +132,12 @@ pub enum Reject {
     FieldTooLong,
     /// A new proxy host beyond `max_proxy_hosts` (decided by the registry).
     TooManyHosts,
+    /// A proxy session id that another user holds (decided by the registry).
+    SessionOfAnotherUser,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 10] = [
+    pub const ALL: [Reject; 11] = [
         Reject::SourceNotAllowed,
         Reject::TooLarge,
         Reject::Empty,
@@ -146,6 +148,7 @@ impl Reject {
         Reject::MissingUser,
         Reject::FieldTooLong,
         Reject::TooManyHosts,
+        Reject::SessionOfAnotherUser,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -160,6 +163,7 @@ impl Reject {
             Reject::MissingUser => "missing_user",
             Reject::FieldTooLong => "field_too_long",
             Reject::TooManyHosts => "too_many_hosts",
+            Reject::SessionOfAnotherUser => "session_of_another_user",
         }
     }
 }

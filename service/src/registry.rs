@@ -83,6 +83,12 @@ pub enum Outcome {
     UnknownSessionClosed,
     /// The event names a new proxy host beyond the limit; it was not applied.
     HostLimitReached,
+    /// The event names a proxy session id that another user holds. A real proxy never sends
+    /// one (ids are unique per session, a session has one user), so it is refused rather than
+    /// credited to either user: crediting it would make the counts depend on whether the two
+    /// users share a shard, and a restore could then differ from the registry it saved
+    /// (found by the `datagram` fuzz target).
+    SessionOfAnotherUser,
 }
 
 impl Outcome {
@@ -178,6 +184,13 @@ impl BySessionId {
         match parse_guid(id) {
             Some(guid) => self.guids.contains_key(&guid),
             None => self.other.contains_key(id),
+        }
+    }
+
+    fn get(&self, id: &str) -> Option<&Session> {
+        match parse_guid(id) {
+            Some(guid) => self.guids.get(&guid),
+            None => self.other.get(id),
         }
     }
 
@@ -418,7 +431,16 @@ impl Registry {
             }
         };
 
+        // Who may name this session: for an id, the user the event names, if this registry
+        // holds any session of theirs (one hash lookup of the key computed above).
+        let owner = match key {
+            SessionKey::ProxySession(_) => self.user_index.get(self.scratch.as_str()).copied(),
+            SessionKey::HostUser(_, user) => Some(user),
+        };
         match event.command {
+            Command::StopSession if self.holder(&key).is_some_and(|h| Some(h) != owner) => {
+                Outcome::SessionOfAnotherUser
+            }
             Command::StopSession => match self.remove(&key) {
                 Some(session) => {
                     let h = &mut self.hosts[session.host as usize];
@@ -432,6 +454,7 @@ impl Registry {
                 None => Outcome::UnknownSessionStopped,
             },
             command => match self.get_mut(&key) {
+                Some(session) if Some(session.user) != owner => Outcome::SessionOfAnotherUser,
                 Some(session) => {
                     session.last_seen = now;
                     session.from_api = false;
@@ -772,6 +795,15 @@ impl Registry {
             Command::StartSession => Outcome::SessionStarted,
             _ => Outcome::SessionRecovered,
         }
+    }
+
+    /// The user holding the session `key` names, if any.
+    fn holder(&self, key: &SessionKey<'_>) -> Option<UserId> {
+        match *key {
+            SessionKey::ProxySession(id) => self.by_session_id.get(id),
+            SessionKey::HostUser(h, u) => self.by_host_user.get(&(h, u)),
+        }
+        .map(|s| s.user)
     }
 
     fn get_mut(&mut self, key: &SessionKey<'_>) -> Option<&mut Session> {

@@ -24,30 +24,18 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Api;
 use kube::api::PostParams;
-use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-pub const MANIFEST_ANNOTATION: &str = "sessionmonitor.io/checkpoint-manifest";
-pub const GENERATION_ANNOTATION: &str = "sessionmonitor.io/checkpoint-generation";
+use super::layout;
+
+use super::layout::{Assembly, Corrupt, DATA_KEY, MANIFEST_FORMAT, Manifest};
+pub use super::layout::{GENERATION_ANNOTATION, MANIFEST_ANNOTATION};
 /// Set on `NAME` when a checkpoint could not be read and could not be copied aside, so that the
 /// next write, which replaces it, leaves a trace.
 pub const CORRUPT_ANNOTATION: &str = "sessionmonitor.io/corrupt-checkpoint";
-const DATA_KEY: &str = "checkpoint";
 /// The API server refuses ConfigMaps whose data and binaryData exceed 1 MiB together; the rest
 /// of the object (metadata, the manifest) needs room as well.
 pub const DEFAULT_SHARD_BYTES: usize = 900 * 1024;
-/// Manifest layout version.
-const MANIFEST_FORMAT: u32 = 1;
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct Manifest {
-    format: u32,
-    generation: u64,
-    bytes: usize,
-    crc32: u32,
-    /// Shard ConfigMaps holding chunks 1.. in order (chunk 0 is in `NAME`).
-    shards: Vec<String>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigMapError {
@@ -137,7 +125,7 @@ impl ConfigMapStore {
     }
 
     fn shard_name(&self, index: usize) -> String {
-        format!("{}-{index}", self.name)
+        layout::shard_name(&self.name, index)
     }
 
     fn corrupt(&self, reason: impl Into<String>) -> ConfigMapError {
@@ -156,39 +144,24 @@ impl ConfigMapStore {
             let Some(main) = self.get(&mut inner, &self.name).await? else {
                 return Ok(None);
             };
-            let Some(manifest) = self.manifest_of(&main)? else {
-                if chunk(&main).is_some() {
-                    return Err(self.corrupt("data without a manifest annotation"));
+            let manifest = self.manifest_of(&main)?;
+            let mut shards = Vec::new();
+            for shard in manifest.iter().flat_map(|m| &m.shards) {
+                shards.push(self.get(&mut inner, shard).await?);
+            }
+            match layout::assemble(&main, manifest, &shards) {
+                Ok(Assembly::Empty) => return Ok(None),
+                Ok(Assembly::Mixed) => continue,
+                Ok(Assembly::Complete { bytes, manifest }) => {
+                    inner.manifest = Some(manifest);
+                    inner.last_loaded = Some(bytes.clone());
+                    return Ok(Some(bytes));
                 }
-                return Ok(None);
-            };
-            let mut bytes = chunk(&main)
-                .ok_or_else(|| self.corrupt("no checkpoint data"))?
-                .to_vec();
-            let mut mixed = false;
-            for shard in &manifest.shards {
-                let cm = self
-                    .get(&mut inner, shard)
-                    .await?
-                    .ok_or_else(|| self.corrupt(format!("shard {shard} is missing")))?;
-                if generation_of(&cm) != Some(manifest.generation) {
-                    mixed = true;
-                    break;
+                Err(Corrupt { reason, bytes }) => {
+                    inner.last_loaded = bytes;
+                    return Err(self.corrupt(reason));
                 }
-                bytes.extend_from_slice(
-                    chunk(&cm).ok_or_else(|| self.corrupt(format!("shard {shard} has no data")))?,
-                );
             }
-            if mixed {
-                continue;
-            }
-            if bytes.len() != manifest.bytes || crc32fast::hash(&bytes) != manifest.crc32 {
-                inner.last_loaded = Some(bytes);
-                return Err(self.corrupt("length or CRC-32 does not match the manifest"));
-            }
-            inner.manifest = Some(manifest);
-            inner.last_loaded = Some(bytes.clone());
-            return Ok(Some(bytes));
         }
         Err(self.corrupt("shards keep changing under the reader (another writer?)"))
     }
@@ -289,32 +262,7 @@ impl ConfigMapStore {
     }
 
     fn manifest_of(&self, cm: &ConfigMap) -> Result<Option<Manifest>, ConfigMapError> {
-        let Some(text) = cm
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(MANIFEST_ANNOTATION))
-        else {
-            return Ok(None);
-        };
-        let manifest: Manifest = serde_json::from_str(text)
-            .map_err(|e| self.corrupt(format!("manifest annotation: {e}")))?;
-        if manifest.format > MANIFEST_FORMAT {
-            return Err(self.corrupt(format!(
-                "manifest format {} is newer than this build",
-                manifest.format
-            )));
-        }
-        // Read only objects this store owns, whatever the annotation says.
-        let allowed: HashSet<String> = (1..=self.max_shards.max(manifest.shards.len()))
-            .map(|i| self.shard_name(i))
-            .collect();
-        if let Some(stranger) = manifest.shards.iter().find(|s| !allowed.contains(*s)) {
-            return Err(self.corrupt(format!(
-                "manifest names {stranger}, not one of this store's shards"
-            )));
-        }
-        Ok(Some(manifest))
+        layout::manifest_of(&self.name, self.max_shards, cm).map_err(|c| self.corrupt(c.reason))
     }
 
     async fn get(
@@ -401,20 +349,4 @@ fn labels() -> BTreeMap<String, String> {
             "checkpoint".to_owned(),
         ),
     ])
-}
-
-fn chunk(cm: &ConfigMap) -> Option<&[u8]> {
-    cm.binary_data
-        .as_ref()?
-        .get(DATA_KEY)
-        .map(|b| b.0.as_slice())
-}
-
-fn generation_of(cm: &ConfigMap) -> Option<u64> {
-    cm.metadata
-        .annotations
-        .as_ref()?
-        .get(GENERATION_ANNOTATION)?
-        .parse()
-        .ok()
 }

@@ -8,6 +8,7 @@ pub mod configmap;
 #[cfg(test)]
 mod fake_api;
 pub mod file;
+pub mod layout;
 #[cfg(test)]
 mod tests;
 

@@ -213,8 +213,10 @@ fn accept(
     let text = parser::clean_datagram(datagram, &config.limits)?;
     let event = parser::parse(&text, &config.limits)?;
     let outcome = state.registry().apply(&event, now);
-    if outcome == Outcome::HostLimitReached {
-        return Err(Reject::TooManyHosts);
+    match outcome {
+        Outcome::HostLimitReached => return Err(Reject::TooManyHosts),
+        Outcome::SessionOfAnotherUser => return Err(Reject::SessionOfAnotherUser),
+        _ => {}
     }
     tally.event(event.format, event.command, outcome);
     if outcome != Outcome::Excluded

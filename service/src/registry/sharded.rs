@@ -40,7 +40,10 @@ pub struct ShardedRegistry {
     /// The highest total since [`ShardedRegistry::take_peak`] last read it.
     peak: AtomicUsize,
     /// Picks a user's shard; seeded per process, like the shards' own hash tables.
-    hasher: foldhash::quality::RandomState,
+    /// Chooses a user's shard. Seeded the same in every process, so a restored registry puts
+    /// every user where the saved one had them (shard choice is not a hash table's defence
+    /// against crafted keys: those are the shards' own tables, which keep random seeds).
+    hasher: foldhash::quality::FixedState,
     hosts: Mutex<HostNames>,
     max_hosts: usize,
 }
@@ -84,6 +87,9 @@ impl HostDisplay {
     }
 }
 
+/// Any constant: it only has to be the same in every process.
+const SHARD_SEED: u64 = 0x5e55_10e5_0000_0001;
+
 impl ShardedRegistry {
     pub fn new(
         expiry: ExpiryPolicy,
@@ -103,7 +109,7 @@ impl ShardedRegistry {
             shards,
             users: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
-            hasher: Default::default(),
+            hasher: foldhash::quality::FixedState::with_seed(SHARD_SEED),
             hosts: Mutex::new(HostNames::default()),
             max_hosts,
         }
@@ -557,6 +563,64 @@ mod tests {
             Outcome::Excluded
         );
         assert!(r.hosts().is_empty());
+    }
+
+    /// Found by the `datagram` fuzz target: a second user naming the first one's session id.
+    /// Once the second user's event was credited to the first user's session when the two shared
+    /// a shard, and made a second session when they did not; with shards chosen by a per-process
+    /// random seed, a restore could put them in one shard and lose a session. Now such an event
+    /// is refused wherever the users land, and the shard of a user is the same in every process.
+    #[test]
+    fn a_session_id_of_another_user_is_refused_and_restores_exactly() {
+        let ann = "5c1b8f3d-2a1e-4d4a-8b9f-4a3c2d1e0f22";
+        for shards in [1, 2, 4, 8] {
+            let r =
+                ShardedRegistry::new(ExpiryPolicy::default(), Exclusions::default(), 64, shards);
+            let start = r.apply(&event(Command::StartSession, "qs2", "ann", Some(ann)), NOW);
+            assert_eq!(start, Outcome::SessionStarted);
+            r.apply(
+                &event(
+                    Command::OpenConnection,
+                    "qs2",
+                    "ann",
+                    Some("5c1b8f3d-2a1e-4d40d9e11"),
+                ),
+                NOW,
+            );
+            let taken = [
+                Command::OpenConnection,
+                Command::StopSession,
+                Command::CloseConnection,
+                Command::StartSession,
+            ];
+            for command in taken {
+                let same_shard = r.shard_of("LAB", "]nn") == r.shard_of("LAB", "ann");
+                let outcome = r.apply(&event(command, "qs2", "]nn", Some(ann)), NOW);
+                if same_shard {
+                    assert_eq!(
+                        outcome,
+                        Outcome::SessionOfAnotherUser,
+                        "{command:?} with {shards} shards"
+                    );
+                }
+            }
+            let (body, _) = r.write_checkpoint(NOW);
+            let decoded = crate::checkpoint::codec::decode_segments(&body.finish()).unwrap();
+            let restored =
+                ShardedRegistry::new(ExpiryPolicy::default(), Exclusions::default(), 64, shards);
+            assert_eq!(restored.restore_decoded(&decoded, NOW), r.active_sessions());
+            assert_eq!(restored.users(), r.users(), "{shards} shards");
+        }
+    }
+
+    #[test]
+    fn a_user_lands_in_the_same_shard_in_every_registry() {
+        let a = ShardedRegistry::new(ExpiryPolicy::default(), Exclusions::default(), 64, 16);
+        let b = ShardedRegistry::new(ExpiryPolicy::default(), Exclusions::default(), 64, 16);
+        for i in 0..100 {
+            let user = format!("user{i}");
+            assert_eq!(a.shard_of("LAB", &user), b.shard_of("LAB", &user));
+        }
     }
 
     proptest! {
