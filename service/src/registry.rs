@@ -140,8 +140,6 @@ struct User {
     /// it contains a backslash itself.
     directory_len: u32,
     sessions: u32,
-    first_seen: UnixMillis,
-    last_seen: UnixMillis,
 }
 
 impl User {
@@ -465,8 +463,7 @@ impl Registry {
                         }
                         Command::StartSession | Command::StopSession => {}
                     }
-                    let (user, host) = (session.user, session.host);
-                    self.user_mut(user).last_seen = now;
+                    let host = session.host;
                     let h = &mut self.hosts[host as usize];
                     h.last_event = h.last_event.max(now);
                     Outcome::SessionRefreshed
@@ -595,7 +592,7 @@ impl Registry {
                     host
                 }
             };
-            let user = self.intern_user_at_scratch(r.user_directory, r.user_id, r.started);
+            let user = self.intern_user_at_scratch(r.user_directory, r.user_id);
             let session = Session {
                 user,
                 host,
@@ -615,9 +612,6 @@ impl Registry {
             // newest session's last activity.
             let h = &mut self.hosts[host as usize];
             h.last_event = h.last_event.max(r.last_seen);
-            let u = self.user_mut(user);
-            u.first_seen = u.first_seen.min(r.started);
-            u.last_seen = u.last_seen.max(r.last_seen);
             restored += 1;
         }
         restored
@@ -679,10 +673,12 @@ impl Registry {
                     sessions: 0,
                     open_connections: 0,
                     hosts: Vec::new(),
-                    first_seen: u.first_seen,
-                    last_seen: u.last_seen,
+                    first_seen: s.started,
+                    last_seen: s.last_seen,
                 }
             });
+            view.first_seen = view.first_seen.min(s.started);
+            view.last_seen = view.last_seen.max(s.last_seen);
             view.sessions += 1;
             view.open_connections += u64::from(s.open_connections);
             let host = &self.hosts[s.host as usize].name;
@@ -773,7 +769,7 @@ impl Registry {
         let Some(host) = self.intern_host(event.host, admit_host) else {
             return Outcome::HostLimitReached;
         };
-        let user = self.intern_user(event.user_directory, event.user_id, now);
+        let user = self.intern_user(event.user_directory, event.user_id);
         let open_connections = u32::from(event.command == Command::OpenConnection);
         let session = Session {
             user,
@@ -787,7 +783,6 @@ impl Registry {
             Some(id) => self.by_session_id.insert(id, session),
             None => self.by_host_user.insert((host, user), session),
         };
-        self.user_mut(user).last_seen = now;
         let h = &mut self.hosts[host as usize];
         h.last_event = h.last_event.max(now);
         self.retain(host, user);
@@ -890,18 +885,13 @@ impl Registry {
         self.user_index.get(self.scratch.as_str()).copied()
     }
 
-    fn intern_user(&mut self, directory: &str, user_id: &str, now: UnixMillis) -> UserId {
+    fn intern_user(&mut self, directory: &str, user_id: &str) -> UserId {
         self.set_scratch_to_user_key(directory, user_id);
-        self.intern_user_at_scratch(directory, user_id, now)
+        self.intern_user_at_scratch(directory, user_id)
     }
 
     /// [`Registry::intern_user`] when the scratch already holds the user's key.
-    fn intern_user_at_scratch(
-        &mut self,
-        directory: &str,
-        user_id: &str,
-        now: UnixMillis,
-    ) -> UserId {
+    fn intern_user_at_scratch(&mut self, directory: &str, user_id: &str) -> UserId {
         if let Some(&id) = self.user_index.get(self.scratch.as_str()) {
             return id;
         }
@@ -909,8 +899,6 @@ impl Registry {
             display: format!("{directory}\\{user_id}").into(),
             directory_len: directory.len() as u32,
             sessions: 0,
-            first_seen: now,
-            last_seen: now,
         };
         let id = match self.free_users.pop() {
             Some(id) => {
@@ -1326,6 +1314,26 @@ pub(super) mod tests {
         assert_eq!(later.user_names(), vec!["CORP\\ann", "LAB\\joe"]);
         assert_eq!(later.users()[1].hosts, vec!["p2"]);
         assert_consistent(&later);
+    }
+
+    /// A user's first and last seen come from their active sessions, so a restore (which has
+    /// only the sessions) shows them as they were, even after the session that carried the
+    /// user's newest or oldest event has stopped. The real-API-server e2e test found this under
+    /// load, when two of a user's events fell in different milliseconds.
+    #[test]
+    fn first_and_last_seen_survive_a_restore_after_a_stop() {
+        let mut r = registry();
+        r.apply(&event(StartSession, "p1", "LAB", "joe", Some("old")), at(0));
+        r.apply(&event(StartSession, "p1", "LAB", "joe", Some("s1")), at(2));
+        r.apply(&event(StartSession, "p1", "LAB", "joe", Some("new")), at(3));
+        r.apply(&event(StopSession, "p1", "LAB", "joe", Some("new")), at(4));
+        r.apply(&event(StopSession, "p1", "LAB", "joe", Some("old")), at(4));
+        let joe = &r.users()[0];
+        assert_eq!((joe.first_seen, joe.last_seen), (at(2), at(2)));
+
+        let mut back = registry();
+        assert_eq!(back.restore(&r.snapshot(), at(5)), 1);
+        assert_eq!(back.users(), r.users());
     }
 
     #[test]

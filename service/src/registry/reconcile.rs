@@ -309,7 +309,7 @@ impl Registry {
         if taken {
             return false;
         }
-        let user_id = self.intern_user(&user.directory, &user.user_id, at);
+        let user_id = self.intern_user(&user.directory, &user.user_id);
         let session = Session {
             user: user_id,
             host,
@@ -323,8 +323,6 @@ impl Registry {
             false => self.by_session_id.insert(api_id, session),
         };
         self.retain(host, user_id);
-        let u = self.user_mut(user_id);
-        u.last_seen = u.last_seen.max(at);
         true
     }
 }
