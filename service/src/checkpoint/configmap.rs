@@ -75,6 +75,28 @@ pub struct ConfigMapStore {
     inner: Mutex<Inner>,
 }
 
+/// What this store knows of the manifest committed in `NAME`.
+#[derive(Default)]
+enum Committed {
+    /// Not read yet, or a commit's outcome is unknown: its answer was lost (an API server that
+    /// died after writing to etcd, a connection reset), so it may or may not have taken effect.
+    /// `NAME` is read before any shard is chosen: a write must never reuse the shards of a
+    /// manifest it only believes is old.
+    #[default]
+    Unknown,
+    /// As read or written; `None` when `NAME` holds no manifest (or an unreadable one).
+    Known(Option<Manifest>),
+}
+
+impl Committed {
+    fn manifest(&self) -> Option<&Manifest> {
+        match self {
+            Committed::Known(m) => m.as_ref(),
+            Committed::Unknown => None,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     /// Metadata per object as last read or written (`None`: known not to exist). Replacing an
@@ -82,7 +104,7 @@ struct Inner {
     /// keeps labels and owner references that the operator set.
     objects: HashMap<String, Option<ObjectMeta>>,
     /// The committed manifest; its shards must not be overwritten.
-    manifest: Option<Manifest>,
+    manifest: Committed,
     /// What the last load read, kept for setting it aside if it does not decode.
     last_loaded: Option<Vec<u8>>,
     /// A note for [`CORRUPT_ANNOTATION`], written with every later commit.
@@ -120,7 +142,7 @@ impl ConfigMapStore {
             .lock()
             .await
             .manifest
-            .as_ref()
+            .manifest()
             .map_or(0, |m| m.shards.len())
     }
 
@@ -142,6 +164,7 @@ impl ConfigMapStore {
         // A writer elsewhere may replace shards between our reads; the generations tell.
         for _ in 0..3 {
             let Some(main) = self.get(&mut inner, &self.name).await? else {
+                inner.manifest = Committed::Known(None);
                 return Ok(None);
             };
             let manifest = self.manifest_of(&main)?;
@@ -150,10 +173,13 @@ impl ConfigMapStore {
                 shards.push(self.get(&mut inner, shard).await?);
             }
             match layout::assemble(&main, manifest, &shards) {
-                Ok(Assembly::Empty) => return Ok(None),
+                Ok(Assembly::Empty) => {
+                    inner.manifest = Committed::Known(None);
+                    return Ok(None);
+                }
                 Ok(Assembly::Mixed) => continue,
                 Ok(Assembly::Complete { bytes, manifest }) => {
-                    inner.manifest = Some(manifest);
+                    inner.manifest = Committed::Known(Some(manifest));
                     inner.last_loaded = Some(bytes.clone());
                     return Ok(Some(bytes));
                 }
@@ -169,6 +195,15 @@ impl ConfigMapStore {
     /// Writes a checkpoint: free shards first, then `NAME` with chunk 0 and the manifest.
     pub async fn save(&self, bytes: &[u8]) -> Result<(), ConfigMapError> {
         let mut inner = self.inner.lock().await;
+        if let Committed::Unknown = inner.manifest {
+            let main = self.get(&mut inner, &self.name.clone()).await?;
+            let manifest = main.and_then(|cm| self.manifest_of(&cm).ok().flatten());
+            tracing::debug!(
+                generation = manifest.as_ref().map(|m| m.generation),
+                "read the committed checkpoint manifest before choosing shards"
+            );
+            inner.manifest = Committed::Known(manifest);
+        }
         let chunks: Vec<&[u8]> = if bytes.is_empty() {
             vec![&[]]
         } else {
@@ -176,6 +211,7 @@ impl ConfigMapStore {
         };
         let in_use: HashSet<&str> = inner
             .manifest
+            .manifest()
             .iter()
             .flat_map(|m| m.shards.iter().map(String::as_str))
             .collect();
@@ -192,7 +228,7 @@ impl ConfigMapStore {
                 max: self.max_shards,
             });
         }
-        let generation = inner.manifest.as_ref().map_or(0, |m| m.generation) + 1;
+        let generation = inner.manifest.manifest().map_or(0, |m| m.generation) + 1;
         let shards: Vec<String> = free.into_iter().take(needed).collect();
         for (shard, chunk) in shards.iter().zip(&chunks[1..]) {
             let annotations =
@@ -213,10 +249,22 @@ impl ConfigMapStore {
         if let Some(note) = &inner.corrupt_note {
             annotations.insert(CORRUPT_ANNOTATION.to_owned(), note.clone());
         }
-        self.put(&mut inner, &self.name.clone(), annotations, chunks[0])
-            .await?;
-        inner.manifest = Some(manifest);
-        Ok(())
+        match self
+            .put(&mut inner, &self.name.clone(), annotations, chunks[0])
+            .await
+        {
+            Ok(()) => {
+                inner.manifest = Committed::Known(Some(manifest));
+                Ok(())
+            }
+            // A conflict already read what is committed; any other error may have been
+            // applied all the same.
+            Err(error @ ConfigMapError::Conflict(_)) => Err(error),
+            Err(error) => {
+                inner.manifest = Committed::Unknown;
+                Err(error)
+            }
+        }
     }
 
     /// Keeps an unreadable checkpoint: copied to `NAME-corrupt-<unix time>` if RBAC allows
@@ -246,7 +294,7 @@ impl ConfigMapStore {
         };
         // Its shards are left alone by the bank rule only while the manifest names them; the
         // manifest is unreadable, so forget it and let the next write use any shard.
-        inner.manifest = None;
+        inner.manifest = Committed::Known(None);
         match self.api.create(&PostParams::default(), &copy).await {
             Ok(_) => Ok(format!("ConfigMap {}/{copy_name}", self.namespace)),
             Err(error) => {
@@ -325,7 +373,7 @@ impl ConfigMapStore {
                 if let Some(current) = self.get(inner, name).await?
                     && name == self.name
                 {
-                    inner.manifest = self.manifest_of(&current).ok().flatten();
+                    inner.manifest = Committed::Known(self.manifest_of(&current).ok().flatten());
                 }
                 Err(ConfigMapError::Conflict(name.to_owned()))
             }

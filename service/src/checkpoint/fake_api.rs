@@ -20,8 +20,17 @@ struct World {
     objects: BTreeMap<String, Value>,
     resource_version: u64,
     log: Vec<String>,
-    /// (method, path suffix, status): the next matching request gets this error instead.
-    faults: VecDeque<(Method, String, u16)>,
+    /// The next matching requests get an error instead of their answer.
+    faults: VecDeque<Fault>,
+}
+
+struct Fault {
+    method: Method,
+    path_suffix: String,
+    status: u16,
+    /// Whether the request takes effect before the error is answered, as when the API server
+    /// dies after writing to etcd or the connection drops on the way back.
+    applied: bool,
 }
 
 #[derive(Clone, Default)]
@@ -50,11 +59,22 @@ impl FakeApi {
 
     /// The next `method` request whose path ends with `path_suffix` fails with `status`.
     pub fn fail_next(&self, method: Method, path_suffix: &str, status: u16) {
-        self.world
-            .lock()
-            .unwrap()
-            .faults
-            .push_back((method, path_suffix.to_owned(), status));
+        self.push_fault(method, path_suffix, status, false);
+    }
+
+    /// The next `method` request whose path ends with `path_suffix` takes effect, but its
+    /// answer is `status`: the client cannot tell whether it was applied.
+    pub fn lose_next_answer(&self, method: Method, path_suffix: &str, status: u16) {
+        self.push_fault(method, path_suffix, status, true);
+    }
+
+    fn push_fault(&self, method: Method, path_suffix: &str, status: u16, applied: bool) {
+        self.world.lock().unwrap().faults.push_back(Fault {
+            method,
+            path_suffix: path_suffix.to_owned(),
+            status,
+            applied,
+        });
     }
 
     pub fn object(&self, name: &str) -> Option<Value> {
@@ -91,14 +111,22 @@ async fn answer(world: &Mutex<World>, request: Request<Body>) -> Response<Body> 
         .unwrap_or_default();
     let mut world = world.lock().unwrap();
     world.log.push(format!("{method} {path}"));
-    if let Some(i) = world
+    let fault = world
         .faults
         .iter()
-        .position(|(m, p, _)| *m == method && path.ends_with(p.as_str()))
-    {
-        let (_, _, code) = world.faults.remove(i).unwrap();
-        return status(code, "InternalError", "injected fault");
+        .position(|f| f.method == method && path.ends_with(f.path_suffix.as_str()))
+        .and_then(|i| world.faults.remove(i));
+    match fault {
+        Some(f) if f.applied => {
+            serve(&mut world, method, &path, &body);
+            status(f.status, "InternalError", "injected fault after applying")
+        }
+        Some(f) => status(f.status, "InternalError", "injected fault"),
+        None => serve(&mut world, method, &path, &body),
     }
+}
+
+fn serve(world: &mut World, method: Method, path: &str, body: &[u8]) -> Response<Body> {
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     // api/v1/namespaces/{ns}/configmaps[/{name}]
     let name = segments.get(5).map(|s| s.to_string());
@@ -108,7 +136,7 @@ async fn answer(world: &Mutex<World>, request: Request<Body>) -> Response<Body> 
             None => status(404, "NotFound", &format!("configmaps \"{name}\" not found")),
         },
         (Method::POST, None) => {
-            let mut object: Value = serde_json::from_slice(&body).unwrap();
+            let mut object: Value = serde_json::from_slice(body).unwrap();
             let name = object["metadata"]["name"].as_str().unwrap().to_owned();
             if world.objects.contains_key(&name) {
                 return status(
@@ -126,7 +154,7 @@ async fn answer(world: &Mutex<World>, request: Request<Body>) -> Response<Body> 
             ok(StatusCode::CREATED, &object)
         }
         (Method::PUT, Some(name)) => {
-            let mut object: Value = serde_json::from_slice(&body).unwrap();
+            let mut object: Value = serde_json::from_slice(body).unwrap();
             let Some(current) = world.objects.get(&name) else {
                 return status(404, "NotFound", &format!("configmaps \"{name}\" not found"));
             };

@@ -177,6 +177,41 @@ async fn a_write_that_fails_before_its_commit_leaves_the_old_checkpoint_whole() 
     assert_eq!(store(&api, 4, 100).load().await.unwrap(), Some(old));
 }
 
+/// A commit that took effect although its answer was an error (the API server died after
+/// writing to etcd): the next write must learn that, or it would take the shards the committed
+/// manifest names for "free", overwrite them, and a crash before its own commit would leave
+/// `cp` naming shards of another generation: an unreadable checkpoint, and every session lost
+/// at the next start. Found while writing the fault test that restarts the real API server
+/// during sharded writes.
+#[tokio::test]
+async fn a_commit_whose_answer_was_lost_is_read_back_before_any_shard_is_reused() {
+    let api = FakeApi::default();
+    let s = store(&api, 4, 100);
+    assert_eq!(s.load().await.unwrap(), None);
+    s.save(&noise(250, 1)).await.unwrap(); // cp-1, cp-2
+    api.lose_next_answer(Method::PUT, "/cp", 503);
+    s.save(&noise(250, 2)).await.unwrap_err(); // cp-3, cp-4, and committed after all
+    api.take_log();
+
+    // The next write reads cp first, sees generation 2 on cp-3 and cp-4, and writes cp-1 and
+    // cp-2; its commit fails, and what is stored is still generation 2, whole.
+    api.fail_next(Method::PUT, "/cp", 503);
+    s.save(&noise(250, 3)).await.unwrap_err();
+    assert_eq!(
+        api.take_log(),
+        [get("cp"), put("cp-1"), put("cp-2"), put("cp")]
+    );
+    assert_eq!(
+        store(&api, 4, 100).load().await.unwrap(),
+        Some(noise(250, 2))
+    );
+    s.save(&noise(250, 3)).await.unwrap();
+    assert_eq!(
+        store(&api, 4, 100).load().await.unwrap(),
+        Some(noise(250, 3))
+    );
+}
+
 #[tokio::test]
 async fn a_reader_never_returns_a_mix_of_generations() {
     let api = FakeApi::default();
@@ -253,6 +288,8 @@ async fn no_configmap_over_1_mib_is_ever_sent() {
 async fn a_checkpoint_that_cannot_fit_is_refused_before_anything_is_sent() {
     let api = FakeApi::default();
     let s = store(&api, 2, configmap::DEFAULT_SHARD_BYTES);
+    assert_eq!(s.load().await.unwrap(), None);
+    api.take_log();
     let err = s.save(&noise(3 * 1024 * 1024, 7)).await.unwrap_err();
     assert!(
         matches!(
