@@ -3,6 +3,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+const PARTIAL_SUFFIX: &str = ".partial";
+
 /// A checkpoint kept in one file, replaced atomically (write a temporary file beside it, fsync,
 /// rename over, fsync the directory) so a crash mid-write leaves the previous checkpoint intact.
 #[derive(Clone, Debug)]
@@ -31,12 +33,43 @@ impl FileStore {
     pub fn save(&self, bytes: &[u8]) -> std::io::Result<()> {
         let dir = self.dir();
         std::fs::create_dir_all(dir)?;
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&self.partial_prefix())
+            .suffix(PARTIAL_SUFFIX)
+            .tempfile_in(dir)?;
         tmp.write_all(bytes)?;
         tmp.as_file().sync_all()?;
         tmp.persist(&self.path).map_err(|e| e.error)?;
         // The rename is durable only once the directory entry is.
         std::fs::File::open(dir)?.sync_all()
+    }
+
+    /// Removes what writes cut short left behind: a process killed mid-write (SIGKILL, OOM,
+    /// power loss) never reaches the temporary file's own clean-up, and each crash would leave
+    /// up to a checkpoint's size on the volume. Returns the names removed.
+    pub fn remove_partial_writes(&self) -> std::io::Result<Vec<String>> {
+        let entries = match std::fs::read_dir(self.dir()) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let prefix = self.partial_prefix();
+        let mut removed = Vec::new();
+        for entry in entries {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&prefix) && name.ends_with(PARTIAL_SUFFIX) {
+                std::fs::remove_file(self.dir().join(&name))?;
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// `.<file name>.`: a write in progress is `.<file name>.<random>.partial` beside it, so it
+    /// is recognisably ours and never mistaken for another file in a shared directory.
+    fn partial_prefix(&self) -> String {
+        let name = self.path.file_name().unwrap_or_default().to_string_lossy();
+        format!(".{name}.")
     }
 
     /// Creates the directory and a temporary file in it, then removes the file.
@@ -85,5 +118,29 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn partial_writes_of_a_killed_process_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path().join("cp"));
+        assert_eq!(store.remove_partial_writes().unwrap(), Vec::<String>::new());
+        store.save(b"whole").unwrap();
+        // What a write cut short by SIGKILL leaves, and files that are not ours.
+        let left = ".cp.a1B2c3.partial";
+        for name in [left, ".cpx.a1B2c3.partial", ".cp.notes", "cp.corrupt-42"] {
+            std::fs::write(dir.path().join(name), b"half").unwrap();
+        }
+        assert_eq!(store.remove_partial_writes().unwrap(), vec![left]);
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [".cp.notes", ".cpx.a1B2c3.partial", "cp", "cp.corrupt-42"]
+        );
+        assert_eq!(store.load().unwrap().as_deref(), Some(&b"whole"[..]));
     }
 }

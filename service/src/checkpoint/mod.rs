@@ -120,7 +120,19 @@ impl Store {
         match self {
             Store::File(f) => {
                 let f = f.clone();
-                let bytes = blocking(move || f.load().map_err(|e| file_error(&f, e))).await?;
+                let bytes = blocking(move || {
+                    // Loaded once, at start: the time to clear what a crash left behind.
+                    match f.remove_partial_writes() {
+                        Ok(removed) if removed.is_empty() => {}
+                        Ok(removed) => tracing::warn!(
+                            ?removed,
+                            "removed partial checkpoint writes left by a process that did not finish them (killed mid-write)"
+                        ),
+                        Err(error) => tracing::warn!(%error, "could not clear partial checkpoint writes"),
+                    }
+                    f.load().map_err(|e| file_error(&f, e))
+                })
+                .await?;
                 Ok(bytes.map_or(Loaded::Nothing, Loaded::Bytes))
             }
             Store::ConfigMap(c) => match c.load().await {
@@ -310,6 +322,9 @@ pub async fn save(store: &Store, state: &Arc<State>) -> Result<u64, StoreError> 
 async fn save_once(store: &Store, state: &Arc<State>) -> Result<u64, StoreError> {
     let started = Instant::now();
     let revision = state.revision();
+    // With "checkpoint written" (or "checkpoint write failed") it brackets each write in the
+    // log, which tells a crash mid-write from one between writes.
+    tracing::debug!(revision, "checkpoint write started");
     // Written shard by shard from the registry's own tables, then compressed, all on a blocking
     // thread: each shard is locked only while its part is written.
     let (bytes, sessions) = {
