@@ -250,7 +250,7 @@ pub fn bare_receiver_main(port: u16, buffer: usize) {
         limits: Default::default(),
         receive_buffer_bytes: buffer,
     };
-    let (socket, _) = session_monitor::ingest::bind(&config).expect("bind");
+    let socket = session_monitor::ingest::bind(&config).expect("bind").socket;
     socket.set_read_timeout(None).expect("blocking receive");
     let count = Arc::new(AtomicU64::new(0));
     let counter = count.clone();

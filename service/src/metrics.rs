@@ -34,6 +34,7 @@ pub struct Metrics {
     pub udp_receive_buffer_bytes: IntGauge,
     pub ingest_spool_high_water_bytes: IntGauge,
     pub udp_kernel_drops: IntCounter,
+    pub udp_oversized_filter: IntGauge,
     /// The kernel's count as last read, so concurrent scrapes add each drop once.
     kernel_drops_seen: std::sync::atomic::AtomicU64,
     pub mqtt_connected: IntGauge,
@@ -156,7 +157,11 @@ impl Metrics {
             ),
             udp_kernel_drops: counter(
                 "udp_kernel_drops_total",
-                "Datagrams the kernel dropped because the socket's receive buffer was full.",
+                "Datagrams the kernel dropped: the socket's receive buffer was full, or they were over udp_max_datagram_bytes (see udp_oversized_filter).",
+            ),
+            udp_oversized_filter: gauge(
+                "udp_oversized_filter",
+                "1 when the kernel drops datagrams over udp_max_datagram_bytes before they take receive buffer space (they count in udp_kernel_drops_total; one in 64 is let through to be counted as too_large and logged).",
             ),
             kernel_drops_seen: std::sync::atomic::AtomicU64::new(0),
             mqtt_connected: gauge("mqtt_connected", "1 while connected to the MQTT broker."),

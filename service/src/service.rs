@@ -59,12 +59,14 @@ pub struct Sockets {
     pub udp: UdpSocket,
     /// What the kernel granted for the UDP receive buffer (see [`ingest::bind`]).
     pub udp_receive_buffer_bytes: usize,
+    /// Whether the kernel drops oversized datagrams (see [`ingest::filter`]), or why not.
+    pub udp_oversized_filter: std::io::Result<()>,
     pub http: std::net::TcpListener,
 }
 
 impl Sockets {
     pub fn bind(config: &Config) -> Result<Sockets, StartError> {
-        let (udp, granted) = ingest::bind(&config.udp).map_err(|source| StartError::Udp {
+        let bound = ingest::bind(&config.udp).map_err(|source| StartError::Udp {
             addr: config.udp.listen,
             source,
         })?;
@@ -75,8 +77,9 @@ impl Sockets {
                 source,
             })?;
         Ok(Sockets {
-            udp,
-            udp_receive_buffer_bytes: granted,
+            udp: bound.socket,
+            udp_receive_buffer_bytes: bound.receive_buffer_bytes,
+            udp_oversized_filter: bound.oversized_filter,
             http,
         })
     }
@@ -111,6 +114,7 @@ pub async fn run(
     let Sockets {
         udp,
         udp_receive_buffer_bytes,
+        udp_oversized_filter,
         http,
     } = sockets;
     let udp_error = |source| StartError::Udp {
@@ -122,6 +126,20 @@ pub async fn run(
         .metrics
         .udp_receive_buffer_bytes
         .set(udp_receive_buffer_bytes as i64);
+    match udp_oversized_filter {
+        Ok(()) => {
+            state.metrics.udp_oversized_filter.set(1);
+            tracing::info!(
+                max_datagram_bytes = config.udp.limits.max_datagram_bytes,
+                sample_one_in = ingest::filter::SAMPLE_ONE_IN,
+                "the kernel drops oversized datagrams before they take receive buffer space"
+            );
+        }
+        Err(error) => tracing::warn!(
+            %error,
+            "no kernel filter for oversized datagrams: a flood of them can crowd out the proxies' events"
+        ),
+    }
     let udp = Arc::new(udp);
     let http_error = |source| StartError::Http {
         addr: config.http_listen,

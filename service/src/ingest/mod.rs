@@ -11,6 +11,7 @@
 //! Stop order: the receiver stops reading and closes the spool; the applier applies what is left
 //! and returns, so everything received is in the registry before the final checkpoint.
 
+pub mod filter;
 mod socket;
 pub mod spool;
 
@@ -23,7 +24,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use tokio::sync::mpsc;
 
-pub use socket::{bind, kernel_drops};
+pub use socket::{Bound, bind, kernel_drops};
 
 use crate::config::UdpConfig;
 use crate::metrics::Tally;

@@ -14,10 +14,18 @@ pub const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
 /// Datagrams taken from the kernel per system call at most.
 pub const BATCH: usize = 64;
 
-/// Binds the UDP socket with the configured receive buffer. Returns the socket and the buffer
-/// size the kernel actually granted (Linux reports double the usable size and caps the request
-/// at net.core.rmem_max unless we may force it).
-pub fn bind(config: &UdpConfig) -> std::io::Result<(UdpSocket, usize)> {
+/// A bound UDP socket and what the kernel granted it.
+pub struct Bound {
+    pub socket: UdpSocket,
+    /// The receive buffer size the kernel granted (Linux reports double the usable size and
+    /// caps the request at net.core.rmem_max unless we may force it).
+    pub receive_buffer_bytes: usize,
+    /// Whether oversized datagrams are dropped by the kernel (see [`super::filter`]), or why not.
+    pub oversized_filter: std::io::Result<()>,
+}
+
+/// Binds the UDP socket with the configured receive buffer and the oversized-datagram filter.
+pub fn bind(config: &UdpConfig) -> std::io::Result<Bound> {
     let socket = Socket::new(
         Domain::for_address(config.listen),
         Type::DGRAM,
@@ -35,7 +43,16 @@ pub fn bind(config: &UdpConfig) -> std::io::Result<(UdpSocket, usize)> {
     let granted = socket.recv_buffer_size()?;
     let socket: UdpSocket = socket.into();
     socket.set_read_timeout(Some(SHUTDOWN_POLL))?;
-    Ok((socket, granted))
+    let oversized_filter = super::filter::attach(
+        &socket,
+        config.limits.max_datagram_bytes,
+        super::filter::SAMPLE_ONE_IN,
+    );
+    Ok(Bound {
+        socket,
+        receive_buffer_bytes: granted,
+        oversized_filter,
+    })
 }
 
 /// SO_RCVBUFFORCE: the requested size even above net.core.rmem_max, for a privileged process.
