@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
+use common::churn::session_id;
 use common::datagram::{butler, butler_sos, own};
 use common::{Service, free_tcp_port, wait_for};
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -360,26 +361,6 @@ fn the_configmap_checkpoint_on_a_real_api_server_survives_sigterm_and_sigkill() 
     drop(service);
     ns.delete();
     eprintln!("restart test took {:?}", started.elapsed());
-}
-
-/// A proxy session id shaped like Qlik's (a UUID), different for every `n`, and as
-/// incompressible as real ones, so the checkpoint has a realistic size.
-fn session_id(n: u64) -> String {
-    fn splitmix(mut x: u64) -> u64 {
-        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        x ^ (x >> 31)
-    }
-    let (a, b) = (splitmix(2 * n), splitmix(2 * n + 1));
-    format!(
-        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0xfff,
-        b >> 48,
-        b & 0xffff_ffff_ffff
-    )
 }
 
 #[test]

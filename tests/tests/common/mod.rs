@@ -44,6 +44,8 @@ pub fn program(name: &str) -> PathBuf {
     }
 }
 
+pub mod churn;
+
 pub use session_monitor_testkit::cluster::free_tcp_port;
 
 pub fn free_udp_port() -> u16 {
@@ -149,8 +151,12 @@ pub struct Service {
     checkpoint_file: bool,
 }
 
-pub fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_session-monitor-under-test")
+/// The service binary: the debug build Cargo made for these tests, or the one
+/// `SESSION_MONITOR_TEST_BINARY` names (e.g. `target/release/session-monitor`, to see the faults
+/// at the speed users run it).
+pub fn binary() -> String {
+    std::env::var("SESSION_MONITOR_TEST_BINARY")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_session-monitor-under-test").to_owned())
 }
 
 /// A command for the binary with no SESSION_MONITOR_* settings leaking in from the environment.
@@ -283,6 +289,22 @@ impl Service {
             .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// The process's resident memory in bytes (`VmRSS`).
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status");
+        kib * 1024
+    }
+
     pub fn signal(&self, signal: libc::c_int) {
         let pid = self.child.as_ref().expect("running").id() as libc::pid_t;
         // SAFETY: kill(2) on our own child's pid.
@@ -293,6 +315,22 @@ impl Service {
     pub fn wait_exit(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
         wait_for("the service to exit", || child.try_wait().unwrap())
+    }
+
+    /// The log's length now, for [`Service::log_since`].
+    pub fn log_len(&self) -> u64 {
+        std::fs::metadata(&self.log).map_or(0, |m| m.len())
+    }
+
+    /// The log written since it was `offset` bytes long.
+    pub fn log_since(&self, offset: u64) -> String {
+        use std::io::Seek;
+        let mut f = std::fs::File::open(&self.log).unwrap();
+        f.seek(std::io::SeekFrom::Start(offset)).unwrap();
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).unwrap();
+        // The service may be mid-line, even mid-character.
+        String::from_utf8_lossy(&bytes).into_owned()
     }
 
     pub fn log_text(&self) -> String {
