@@ -14,11 +14,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::path::Path;
-use std::time::Instant;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
-use common::churn::session_id;
+use common::churn::{self, Churn, WRITE_STARTED, killed_in_a_write, session_id};
 use common::datagram::{butler, butler_sos, own};
 use common::{Service, free_tcp_port, wait_for};
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -35,6 +36,8 @@ const DATA_KEY: &str = "checkpoint";
 /// The API server's limit for a ConfigMap's data.
 const MIB: usize = 1024 * 1024;
 const WRITES_OK: &str = "session_monitor_checkpoint_writes_total{result=\"success\"}";
+const WRITES_FAILED: &str = "session_monitor_checkpoint_writes_total{result=\"failure\"}";
+const RESTORED: &str = "session_monitor_checkpoint_restores_total{result=\"restored\"}";
 
 /// A checkpoint as stored in the cluster, read and checked the way the service reads it.
 struct Stored {
@@ -193,14 +196,14 @@ fn expected(users: &[(&str, u64)]) -> BTreeMap<String, u64> {
 
 /// The service with the ConfigMap store in `ns`, reaching the cluster through `KUBECONFIG`.
 /// MQTT goes to the embedded broker on a port of its own (no mosquitto needed).
-fn service_args(ns: &TestNamespace) -> Vec<String> {
+fn service_args(ns: &TestNamespace, interval: &str) -> Vec<String> {
     [
         "--checkpoint-configmap",
         NAME,
         "--checkpoint-namespace",
         ns.name(),
         "--checkpoint-interval",
-        "200ms",
+        interval,
         "--mqtt-embedded-listen",
         &format!("127.0.0.1:{}", free_tcp_port()),
     ]
@@ -208,8 +211,15 @@ fn service_args(ns: &TestNamespace) -> Vec<String> {
     .to_vec()
 }
 
+/// Checkpoints every 200 ms unless a test asks otherwise.
+const INTERVAL: &str = "200ms";
+
 fn start_service(dir: &Path, ns: &TestNamespace) -> Service {
-    let args = service_args(ns);
+    start_service_every(dir, ns, INTERVAL)
+}
+
+fn start_service_every(dir: &Path, ns: &TestNamespace, interval: &str) -> Service {
+    let args = service_args(ns, interval);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let kubeconfig = ns.cluster().kubeconfig().to_str().unwrap();
     Service::start_without_checkpoint_file(dir, &args, &[("KUBECONFIG", kubeconfig)])
@@ -218,7 +228,11 @@ fn start_service(dir: &Path, ns: &TestNamespace) -> Service {
 /// Starts the stopped service again (same ports, same cluster, a new broker port) and waits
 /// until it is ready, i.e. has restored the checkpoint.
 fn restart_service(service: &mut Service, ns: &TestNamespace) {
-    let args = service_args(ns);
+    restart_service_every(service, ns, INTERVAL);
+}
+
+fn restart_service_every(service: &mut Service, ns: &TestNamespace, interval: &str) {
+    let args = service_args(ns, interval);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     service.restart(&args);
 }
@@ -485,4 +499,294 @@ fn a_large_registry_is_sharded_across_configmaps_and_restored_exactly() {
     drop(service);
     ns.delete();
     eprintln!("sharding test took {:?}", started.elapsed());
+}
+
+/// The churn session numbers in a stored checkpoint.
+fn stored_sessions(stored: &Stored) -> BTreeSet<u64> {
+    stored
+        .checkpoint
+        .sessions
+        .iter()
+        .map(|s| churn::number(&s.user_id))
+        .collect()
+}
+
+/// Shards written for a generation after the committed one: what a write cut short between its
+/// first shard and its commit leaves.
+fn uncommitted_shards(ns: &TestNamespace, stored: &Stored) -> usize {
+    (1..=MAX_SHARDS)
+        .filter_map(|i| ns.get::<ConfigMap>(&format!("{NAME}-{i}")))
+        .filter(|cm| {
+            annotation(cm, GENERATION_ANNOTATION)
+                .and_then(|g| g.parse::<u64>().ok())
+                .is_some_and(|g| g > stored.generation)
+        })
+        .count()
+}
+
+/// Fills the registry with `held` churn sessions and waits until the store holds all of them.
+fn fill(service: &Service, ns: &TestNamespace, churn: &mut Churn, held: u64) -> Stored {
+    let fill = churn.batch(held, 0);
+    service.send_paced(&fill.datagrams());
+    let stored = wait_for_checkpoint(service, ns, "the whole registry in the ConfigMaps", |s| {
+        s.checkpoint.sessions.len() == held as usize
+    });
+    churn.check(&fill, stored_sessions(&stored)).unwrap();
+    stored
+}
+
+/// SIGKILL aimed at 100 sharded ConfigMap writes (a checkpoint of 45,000 sessions, about
+/// 1.2 MB, takes the main ConfigMap and a shard): every checkpoint left behind reads whole, holds each session
+/// as before or after the last batch, and restores in full.
+#[test]
+fn sigkill_during_sharded_configmap_writes_leaves_old_or_new_never_a_mix() {
+    const ITERATIONS: usize = 100;
+    const HELD: u64 = 45_000;
+    const BATCH: u64 = 1_000;
+    let test = "sigkill_during_sharded_configmap_writes_leaves_old_or_new_never_a_mix";
+    let Some(cluster) = Cluster::from_env(test) else {
+        return;
+    };
+    let seed = fastrand::u64(..);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let ns = cluster.create_namespace("smon-kill");
+    let dir = tempfile::tempdir().unwrap();
+    let every = "20ms";
+    let mut service = start_service_every(dir.path(), &ns, every);
+    let mut churn = Churn::default();
+    let stored = fill(&service, &ns, &mut churn, HELD);
+    assert!(!stored.shards.is_empty(), "the checkpoint is sharded");
+
+    let started = Instant::now();
+    let (mut in_write, mut cut_short) = (0, 0);
+    for i in 0..ITERATIONS {
+        let batch = churn.batch(BATCH, BATCH as usize);
+        for d in batch.datagrams() {
+            service.send(d);
+        }
+        let offset = service.log_len();
+        wait_for("a checkpoint write to start", || {
+            service
+                .log_since(offset)
+                .contains(WRITE_STARTED)
+                .then_some(())
+        });
+        std::thread::sleep(Duration::from_millis(rng.u64(0..250)));
+        service.signal(libc::SIGKILL);
+        service.wait_exit();
+        in_write += usize::from(killed_in_a_write(&service.log_since(offset)));
+
+        let stored = read_checkpoint(&ns).unwrap_or_else(|| {
+            panic!("iteration {i}: the manifest names a shard of another generation")
+        });
+        cut_short += usize::from(uncommitted_shards(&ns, &stored) > 0);
+        churn
+            .check(&batch, stored_sessions(&stored))
+            .unwrap_or_else(|e| panic!("iteration {i} (seed {seed}): {e}"));
+
+        restart_service_every(&mut service, &ns, every);
+        assert_eq!(metric(&service, RESTORED), 1.0, "iteration {i}");
+        assert_eq!(
+            metric(&service, "session_monitor_checkpoint_restored_sessions"),
+            churn.held().len() as f64,
+            "iteration {i}"
+        );
+    }
+    eprintln!(
+        "{ITERATIONS} kills (seed {seed}) in {:?}: {in_write} during a checkpoint write \
+         ({cut_short} after writing a shard of the next generation); every checkpoint was whole",
+        started.elapsed()
+    );
+    assert!(in_write > 0, "no kill landed in a write");
+    drop(service);
+    ns.delete();
+}
+
+/// An API server of this test's own, which it can kill and start again: etcd keeps running, so
+/// what was committed survives, as in a control-plane restart.
+struct OwnApiServer {
+    tool: PathBuf,
+    dir: tempfile::TempDir,
+    restarted: Vec<std::process::Child>,
+}
+
+impl OwnApiServer {
+    /// `None`, after saying why, without `SESSION_MONITOR_TEST_KUBE_APISERVER` (the path of the
+    /// `kube-apiserver` tool; `.ci/run` sets it).
+    fn start(test: &str) -> Option<OwnApiServer> {
+        let Some(tool) = std::env::var_os("SESSION_MONITOR_TEST_KUBE_APISERVER") else {
+            eprintln!("skipping {test}: SESSION_MONITOR_TEST_KUBE_APISERVER is not set");
+            return None;
+        };
+        let server = OwnApiServer {
+            tool: PathBuf::from(tool),
+            dir: tempfile::tempdir().unwrap(),
+            restarted: Vec::new(),
+        };
+        let out = Command::new(&server.tool)
+            .arg("start")
+            .arg(server.dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(server)
+    }
+
+    fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    /// SIGKILL to kube-apiserver; returns its executable and arguments for [`Self::start_again`].
+    fn kill(&mut self) -> (String, Vec<String>) {
+        let pid_file = self.dir.path().join("run/kube-apiserver.pid");
+        let record = std::fs::read_to_string(&pid_file).unwrap();
+        let mut fields = record.split_whitespace();
+        let pid: i32 = fields.next().unwrap().parse().unwrap();
+        let exe = fields.nth(1).unwrap().to_owned();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .skip(1)
+            .map(|a| String::from_utf8(a.to_vec()).unwrap())
+            .collect();
+        // SAFETY: kill(2) on the API server this test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        wait_for("kube-apiserver to exit", || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+            stat.is_none_or(|s| s.rsplit(") ").next().is_some_and(|r| r.starts_with('Z')))
+                .then_some(())
+        });
+        (exe, args)
+    }
+
+    /// Starts the killed API server again with its command line; the pid file is updated so
+    /// that the tool's `stop` finds the new process.
+    fn start_again(&mut self, (exe, args): (String, Vec<String>)) {
+        let pid_file = self.dir.path().join("run/kube-apiserver.pid");
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("logs/kube-apiserver.log"))
+            .unwrap();
+        let child = Command::new(&exe)
+            .args(&args)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
+        let start_time = stat
+            .rsplit(") ")
+            .next()
+            .unwrap()
+            .split(' ')
+            .nth(19)
+            .unwrap();
+        std::fs::write(&pid_file, format!("{} {start_time} {exe}\n", child.id())).unwrap();
+        self.restarted.push(child);
+    }
+}
+
+impl Drop for OwnApiServer {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.tool)
+            .arg("stop")
+            .arg(self.dir.path())
+            .output();
+        for child in &mut self.restarted {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The API server killed at random moments of sharded checkpoint writes and started again, ten
+/// times. Each time, once a write has failed and before the service may write again (it is
+/// stopped with SIGSTOP), the stored
+/// checkpoint reads whole and holds each session as before or after the batch; then the service
+/// continues, writes the registry as it is, and at the end a restart restores all of it.
+#[test]
+fn an_api_server_restarted_in_the_middle_of_sharded_writes_leaves_old_or_new() {
+    const ROUNDS: usize = 10;
+    const HELD: u64 = 45_000;
+    const BATCH: u64 = 1_000;
+    let test = "an_api_server_restarted_in_the_middle_of_sharded_writes_leaves_old_or_new";
+    let Some(mut server) = OwnApiServer::start(test) else {
+        return;
+    };
+    let cluster = Cluster::connect(test, "its own kube-apiserver", server.kubeconfig());
+    let seed = fastrand::u64(..);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let ns = cluster.create_namespace("smon-apiserver");
+    let dir = tempfile::tempdir().unwrap();
+    let every = "20ms";
+    let mut service = start_service_every(dir.path(), &ns, every);
+    let mut churn = Churn::default();
+    fill(&service, &ns, &mut churn, HELD);
+
+    let mut cut_short = 0;
+    for round in 0..ROUNDS {
+        let batch = churn.batch(BATCH, BATCH as usize);
+        for d in batch.datagrams() {
+            service.send(d);
+        }
+        let offset = service.log_len();
+        wait_for("a checkpoint write to start", || {
+            service
+                .log_since(offset)
+                .contains(WRITE_STARTED)
+                .then_some(())
+        });
+        std::thread::sleep(Duration::from_millis(rng.u64(0..400)));
+        let failed = metric(&service, WRITES_FAILED);
+        let command = server.kill();
+        // The write in flight (or the next) fails; then the service is frozen, so that nothing
+        // it does after the API server is back hides what the crash left.
+        wait_for("a checkpoint write to fail", || {
+            (service.metric(WRITES_FAILED)? > failed).then_some(())
+        });
+        service.signal(libc::SIGSTOP);
+        server.start_again(command);
+        wait_for("the restarted API server to answer", || {
+            cluster
+                .run("GET /version", cluster.client().apiserver_version())
+                .ok()
+        });
+        let stored = read_checkpoint(&ns).unwrap_or_else(|| {
+            panic!("round {round}: the manifest names a shard of another generation")
+        });
+        cut_short += usize::from(uncommitted_shards(&ns, &stored) > 0);
+        churn
+            .check(&batch, stored_sessions(&stored))
+            .unwrap_or_else(|e| panic!("round {round} (seed {seed}): {e}"));
+
+        service.signal(libc::SIGCONT);
+        let stored = wait_for_checkpoint(&service, &ns, "the registry as it is, written", |s| {
+            let sessions = stored_sessions(s);
+            batch.starts.clone().all(|n| sessions.contains(&n))
+                && batch.stops.iter().all(|n| !sessions.contains(n))
+        });
+        churn.check(&batch, stored_sessions(&stored)).unwrap();
+    }
+    let failed = metric(&service, WRITES_FAILED);
+    eprintln!(
+        "{ROUNDS} API server restarts (seed {seed}): {failed} checkpoint writes failed, \
+         {cut_short} restarts found a shard of an uncommitted generation; every checkpoint was whole"
+    );
+    assert!(failed >= ROUNDS as f64);
+
+    service.signal(libc::SIGKILL);
+    service.wait_exit();
+    restart_service_every(&mut service, &ns, every);
+    assert_eq!(metric(&service, RESTORED), 1.0);
+    assert_eq!(
+        metric(&service, "session_monitor_checkpoint_restored_sessions"),
+        churn.held().len() as f64
+    );
+    drop(service);
+    ns.delete();
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::churn::{self, Batch, Churn};
+use common::churn::{self, Churn, WRITE_STARTED, killed_in_a_write};
 use common::datagram::own;
 use common::{Mosquitto, Service, Subscriber, wait_for};
 use session_monitor::checkpoint::codec;
@@ -45,15 +45,6 @@ fn stored_sessions(path: &Path) -> BTreeSet<u64> {
         .collect()
 }
 
-const WRITE_STARTED: &str = "checkpoint write started";
-
-/// Whether a killed process's `log` ends inside a checkpoint write.
-fn killed_in_a_write(log: &str) -> bool {
-    let last = |what: &str| log.rfind(what);
-    let ended = last("checkpoint written").max(last("checkpoint write failed"));
-    last(WRITE_STARTED) > ended
-}
-
 /// Files a write cut short left in `dir` (`.<name>.<random>.partial`).
 fn partial_writes(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
@@ -61,21 +52,6 @@ fn partial_writes(dir: &Path) -> Vec<String> {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.ends_with(".partial"))
         .collect()
-}
-
-/// Sends `batch` paced so the socket buffer never overflows, and waits until the service has
-/// read all of it (`received` datagrams before it).
-fn send_all(service: &Service, batch: &Batch, received: &mut f64) {
-    for chunk in batch.datagrams().chunks(500) {
-        for d in chunk {
-            service.send(d);
-        }
-        *received += chunk.len() as f64;
-        let want = *received;
-        wait_for("the service to read the chunk", || {
-            (service.metric("session_monitor_datagrams_received_total")? == want).then_some(())
-        });
-    }
 }
 
 #[test]
@@ -124,7 +100,7 @@ fn sigkill_during_file_checkpoint_writes_leaves_old_or_new_never_a_mix() {
 
     let mut churn = Churn::default();
     let fill = churn.batch(HELD, 0);
-    send_all(&service, &fill, &mut 0.0);
+    service.send_paced(&fill.datagrams());
     wait_for("the whole registry in the checkpoint file", || {
         (file.exists() && stored_sessions(&file).len() == HELD as usize).then_some(())
     });
@@ -262,9 +238,8 @@ fn a_full_disk_fails_checkpoints_keeps_the_last_one_whole_and_recovers() {
     let mut service = Service::start_without_checkpoint_file(dir.path(), &args, &[]);
 
     let mut churn = Churn::default();
-    let mut received = 0.0;
     let first = churn.batch(300, 0);
-    send_all(&service, &first, &mut received);
+    service.send_paced(&first.datagrams());
     wait_for("the first batch applied", || {
         (service.metric("session_monitor_active_sessions")? == 300.0).then_some(())
     });
@@ -277,7 +252,7 @@ fn a_full_disk_fails_checkpoints_keeps_the_last_one_whole_and_recovers() {
     let filler = fill_up(&volume.0);
     let failures_before = metric(&service, WRITES_FAILED);
     let second = churn.batch(2_000, 100);
-    send_all(&service, &second, &mut received);
+    service.send_paced(&second.datagrams());
     wait_for("the second batch applied", || {
         (service.metric("session_monitor_active_sessions")? == 2_200.0).then_some(())
     });

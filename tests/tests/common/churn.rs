@@ -120,3 +120,13 @@ pub fn session_id(n: u64) -> String {
         b & 0xffff_ffff_ffff
     )
 }
+
+/// The service's debug event at the start of each checkpoint write.
+pub const WRITE_STARTED: &str = "checkpoint write started";
+
+/// Whether a killed process's `log` ends inside a checkpoint write.
+pub fn killed_in_a_write(log: &str) -> bool {
+    let last = |what: &str| log.rfind(what);
+    let ended = last("checkpoint written").max(last("checkpoint write failed"));
+    last(WRITE_STARTED) > ended
+}

@@ -260,6 +260,23 @@ impl Service {
             .unwrap();
     }
 
+    /// Sends `datagrams` in chunks the socket buffer holds, each once the service has read the
+    /// one before, so that none is dropped by the kernel.
+    pub fn send_paced(&self, datagrams: &[String]) {
+        let mut received = self
+            .metric("session_monitor_datagrams_received_total")
+            .unwrap_or(0.0);
+        for chunk in datagrams.chunks(500) {
+            for d in chunk {
+                self.send(d);
+            }
+            received += chunk.len() as f64;
+            wait_for("the service to read the chunk", || {
+                (self.metric("session_monitor_datagrams_received_total")? >= received).then_some(())
+            });
+        }
+    }
+
     /// HTTP GET on the service; `(status, body)`.
     pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.http_port))?;
