@@ -78,6 +78,11 @@ pub struct SessionMonitorSpec {
     /// Registry checkpoints (ConfigMaps `<name>-checkpoint`, `<name>-checkpoint-1`…).
     #[serde(default)]
     pub checkpoint: CheckpointSpec,
+    /// A bearer token that the read API and the page, which list user names, then require
+    /// (`/metrics` and the probes stay open); default: none, open to whoever reaches the
+    /// ClusterIP Service `<name>-http`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_auth: Option<ApiAuthSpec>,
     /// The HTTP port (`/metrics`, probes, API) and an optional ServiceMonitor.
     #[serde(default)]
     pub metrics: MetricsSpec,
@@ -381,6 +386,40 @@ pub struct QlikResolve {
     /// Its IPv4 or IPv6 address.
     #[schemars(length(min = 1))]
     pub ip: String,
+}
+
+/// Where the API token comes from: exactly one of `generateToken: true` and `tokenSecret`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("oneOf" = [{"required": ["generateToken"]}, {"required": ["tokenSecret"]}]))]
+pub struct ApiAuthSpec {
+    /// `true`: the operator creates the Secret `<name>-api-token` (key `token`, 64 random hex
+    /// characters), owned by the monitor, once, and never overwrites it. Delete the Secret to
+    /// rotate the token: a new one is created and the pod restarts. Either this or
+    /// `tokenSecret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generate_token: Option<bool>,
+    /// A Secret of your own in the monitor's namespace holding the token (16 or more printable
+    /// characters without spaces), mounted read-only into the pod. Either this or
+    /// `generateToken`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret: Option<ApiTokenSecret>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiTokenSecret {
+    /// The Secret's name.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Key of the token in the Secret; default `token`.
+    #[serde(default = "default_token_key")]
+    #[schemars(length(min = 1))]
+    pub key: String,
+}
+
+fn default_token_key() -> String {
+    "token".to_owned()
 }
 
 /// Topic names; unset ones keep the service's Butler-compatible defaults. Event topics are off

@@ -3,11 +3,12 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
-    Probe, ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource,
+    Probe, ResourceRequirements, SeccompProfile, Secret, SecretKeySelector, SecretVolumeSource,
     SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec as CoreServiceSpec, Volume,
     VolumeMount,
 };
@@ -282,6 +283,17 @@ fn deployment(
         ));
         mounts.push(mount("qlik-certificates", paths::QLIK_CERTIFICATES_DIR));
     }
+    if let Some(token) = &plan.api_token {
+        // A file, as the service's `api_token_file` reads it: never an environment variable,
+        // which `kubectl describe pod` and crash dumps show.
+        let key = &token.secret;
+        volumes.push(secret_volume(
+            "api-token",
+            &key.secret,
+            &[(&key.key, paths::API_TOKEN)],
+        ));
+        mounts.push(mount("api-token", paths::API_TOKEN_DIR));
+    }
     let probe = |path: &str, period: i32, failures: i32| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
@@ -396,6 +408,33 @@ fn deployment(
         }),
         status: None,
     }
+}
+
+/// The Secret of a generated API token (`spec.apiAuth.generateToken`), holding `token`. It is
+/// created only where none exists and never applied again, so the token stays the same across
+/// reconciles and operator restarts. `None` when the spec does not ask for a generated token.
+pub fn generated_token_secret(
+    monitor: &SessionMonitor,
+    plan: &Plan,
+    token: String,
+) -> Option<Secret> {
+    let key = plan.api_token.as_ref().filter(|t| t.generated)?;
+    Some(Secret {
+        metadata: ObjectMeta {
+            name: Some(key.secret.secret.clone()),
+            namespace: Some(plan.namespace.clone()),
+            labels: Some(labels(plan)),
+            // Deleted with the monitor, as every other child.
+            owner_references: monitor.controller_owner_ref(&()).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(
+            key.secret.key.clone(),
+            ByteString(token.into_bytes()),
+        )])),
+        ..Secret::default()
+    })
 }
 
 fn default_resources() -> ResourceRequirements {
@@ -1059,5 +1098,126 @@ mod tests {
         // Only the HTTP Service has the port it scrapes; the job is named for the monitor.
         assert_eq!(sm["spec"]["selector"]["matchLabels"][ROLE_LABEL], HTTP_ROLE);
         assert_eq!(sm["spec"]["jobLabel"], "app.kubernetes.io/instance");
+    }
+
+    fn with_generated_token() -> SessionMonitor {
+        monitor(json!({"mqtt": {"url": "mqtt://b"}, "apiAuth": {"generateToken": true}}))
+    }
+
+    #[test]
+    fn the_api_token_is_mounted_read_only_where_the_setting_points() {
+        let (plan, d) = built(&with_generated_token());
+        let pod = d.deployment.spec.unwrap().template.spec.unwrap();
+        let volume = pod
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == "api-token")
+            .expect("a volume of the token Secret");
+        let secret = volume.secret.unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("qlik-prod-api-token"));
+        let items: Vec<_> = secret
+            .items
+            .unwrap()
+            .into_iter()
+            .map(|i| (i.key, i.path))
+            .collect();
+        assert_eq!(items, [("token".to_owned(), "token".to_owned())]);
+        assert_eq!(secret.default_mode, Some(0o440));
+        let c = &pod.containers[0];
+        let mount = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "api-token")
+            .unwrap();
+        assert_eq!(mount.mount_path, paths::API_TOKEN_DIR);
+        assert_eq!(mount.read_only, Some(true));
+        let settings: session_monitor::config::Settings =
+            toml::from_str(&plan.config_toml).unwrap();
+        let file = settings.api_token_file.unwrap();
+        assert_eq!(file.parent(), Some(std::path::Path::new(&mount.mount_path)));
+        assert_eq!(file.file_name().unwrap(), "token");
+        // A file only: not in the environment, and the pod gets no access to Secrets.
+        assert!(c.env.iter().flatten().all(|e| !e.name.contains("TOKEN")));
+        let rules = d.role.rules.unwrap();
+        assert!(
+            rules
+                .iter()
+                .all(|r| r.resources == Some(vec!["configmaps".to_owned()]))
+        );
+    }
+
+    #[test]
+    fn a_users_token_secret_is_mounted_from_its_key() {
+        let m = monitor(json!({
+            "mqtt": {"url": "mqtt://b"},
+            "apiAuth": {"tokenSecret": {"name": "reader-token", "key": "bearer"}},
+        }));
+        let (_, d) = built(&m);
+        let pod = d.deployment.spec.unwrap().template.spec.unwrap();
+        let secret = pod
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == "api-token")
+            .unwrap()
+            .secret
+            .unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("reader-token"));
+        let item = &secret.items.unwrap()[0];
+        assert_eq!((item.key.as_str(), item.path.as_str()), ("bearer", "token"));
+    }
+
+    #[test]
+    fn without_api_auth_no_token_is_mounted() {
+        let (_, d) = built(&testing::example());
+        let pod = d.deployment.spec.unwrap().template.spec.unwrap();
+        assert!(pod.volumes.unwrap().iter().all(|v| v.name != "api-token"));
+    }
+
+    #[test]
+    fn a_recreated_token_secret_rolls_the_pod() {
+        let m = with_generated_token();
+        let plan = validate(&m, "img").unwrap();
+        let checksum = |version: &str| {
+            let versions = BTreeMap::from([("qlik-prod-api-token".to_owned(), version.to_owned())]);
+            config_checksum(&plan, &versions)
+        };
+        assert_eq!(checksum("5"), checksum("5"), "stable while the Secret is");
+        assert_ne!(checksum("5"), checksum("9"));
+        // And it differs from the same spec without a token.
+        let open = validate(&testing::minimal(), "img").unwrap();
+        assert_ne!(checksum("5"), config_checksum(&open, &BTreeMap::new()));
+    }
+
+    #[test]
+    fn the_generated_token_secret_is_owned_labelled_and_holds_only_the_token() {
+        let m = with_generated_token();
+        let plan = validate(&m, "img").unwrap();
+        let secret = generated_token_secret(&m, &plan, "ab".repeat(32)).unwrap();
+        assert_eq!(secret.metadata.name.as_deref(), Some("qlik-prod-api-token"));
+        assert_eq!(secret.metadata.namespace.as_deref(), Some(NAMESPACE));
+        assert_eq!(secret.metadata.labels, Some(labels(&plan)));
+        let owners = secret.metadata.owner_references.unwrap();
+        assert_eq!(owners.len(), 1);
+        assert_eq!(
+            (owners[0].uid.as_str(), owners[0].controller),
+            (UID, Some(true))
+        );
+        assert_eq!(secret.type_.as_deref(), Some("Opaque"));
+        let data = secret.data.unwrap();
+        assert_eq!(data.keys().collect::<Vec<_>>(), ["token"]);
+        assert_eq!(data["token"].0, "ab".repeat(32).into_bytes());
+        // Nothing to create when the user brings the Secret, or without apiAuth.
+        let own = monitor(json!({
+            "mqtt": {"url": "mqtt://b"},
+            "apiAuth": {"tokenSecret": {"name": "reader-token"}},
+        }));
+        let own_plan = validate(&own, "img").unwrap();
+        assert_eq!(generated_token_secret(&own, &own_plan, "x".into()), None);
+        let open = testing::minimal();
+        let open_plan = validate(&open, "img").unwrap();
+        assert_eq!(generated_token_secret(&open, &open_plan, "x".into()), None);
     }
 }

@@ -32,8 +32,10 @@ pub const OPERATOR_RULES: &[(&str, &str, &[&str])] = &[
         "rolebindings",
         &["list", "watch", "create", "patch"],
     ),
-    // Referenced Secrets are checked (existence and keys), never copied.
-    ("", "secrets", &["get"]),
+    // Referenced Secrets are checked (existence and keys), never copied. `create` only for the
+    // generated API token's Secret (`spec.apiAuth.generateToken`), which is never updated; no
+    // list or watch, which would let the operator read every Secret it can see.
+    ("", "secrets", &["get", "create"]),
     (
         "monitoring.coreos.com",
         "servicemonitors",

@@ -10,7 +10,8 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{
-    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, Preconditions,
+    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+    Preconditions,
 };
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -44,6 +45,10 @@ pub enum Error {
         name: String,
         source: kube::Error,
     },
+    /// The operating system gave no random bytes for a new API token (the token itself never
+    /// appears in an error).
+    #[error("creating Secret {name}: no random bytes for the API token: {reason}")]
+    Random { name: String, reason: String },
 }
 
 /// What the API server said, as a person reads it: its message, code and reason (kube's own
@@ -62,7 +67,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "ApiError",
-            Error::Apply { .. } => "ApplyFailed",
+            Error::Apply { .. } | Error::Random { .. } => "ApplyFailed",
         }
     }
 }
@@ -122,7 +127,7 @@ pub async fn reconcile(monitor: Arc<SessionMonitor>, ctx: Arc<Context>) -> Resul
                 .ok()
                 .flatten();
             let outcome = match &error {
-                Error::Apply { .. } => Outcome::ApplyFailed(message),
+                Error::Apply { .. } | Error::Random { .. } => Outcome::ApplyFailed(message),
                 Error::Kube(_) => Outcome::ApiError(message),
             };
             update_status(&monitor, &ctx, &outcome, deployment.as_ref(), None).await?;
@@ -165,7 +170,8 @@ async fn run_pipeline(
             ));
         }
     };
-    let secret_versions = match check_secrets(&ctx.client, &plan).await? {
+    let known = ensure_api_token(ctx, monitor, &plan).await?;
+    let secret_versions = match check_secrets(&ctx.client, &plan, known).await? {
         Ok(versions) => versions,
         Err(missing) => {
             warn!(reason = %missing, "referenced Secret missing; nothing applied");
@@ -189,18 +195,89 @@ async fn run_pipeline(
     ))
 }
 
-/// `Ok(Err(message))` when a Secret or key is missing; the resourceVersions otherwise.
+/// The generated API token's Secret (`spec.apiAuth.generateToken`), created where it is
+/// missing; `None` when the spec does not ask for one. Never written when it exists, so the
+/// token stays the same across reconciles and operator restarts; a deleted one is replaced by a
+/// new token, whose resourceVersion then rolls the pod.
+async fn ensure_api_token(
+    ctx: &Context,
+    monitor: &SessionMonitor,
+    plan: &Plan,
+) -> Result<Option<Secret>, Error> {
+    let Some(token) = plan.api_token.as_ref().filter(|t| t.generated) else {
+        return Ok(None);
+    };
+    let name = token.secret.secret.clone();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &plan.namespace);
+    if let Some(existing) = api.get_opt(&name).await? {
+        return Ok(Some(existing));
+    }
+    let value = new_token().map_err(|e| Error::Random {
+        name: name.clone(),
+        reason: e.to_string(),
+    })?;
+    let Some(secret) = desired::generated_token_secret(monitor, plan, value) else {
+        return Ok(None);
+    };
+    let params = PostParams {
+        field_manager: Some(MANAGER.into()),
+        ..PostParams::default()
+    };
+    // A create, not an apply: it can never overwrite a token someone (another replica, an
+    // earlier attempt whose answer was lost) created meanwhile.
+    match api.create(&params, &secret).await {
+        Ok(created) => {
+            info!(secret = %name, "created the API token Secret");
+            let event = Event {
+                type_: EventType::Normal,
+                reason: "ApiTokenCreated".into(),
+                note: Some(format!(
+                    "created Secret {name} with a new API token (key {:?}); the pod is (re)started \
+                     with it",
+                    token.secret.key
+                )),
+                action: "Reconcile".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&event, &monitor.object_ref(&())).await {
+                warn!(error = %e, "could not record Event");
+            }
+            Ok(Some(created))
+        }
+        Err(kube::Error::Api(status)) if status.is_already_exists() || status.code == 409 => {
+            Ok(api.get_opt(&name).await?)
+        }
+        Err(source) => Err(Error::Apply {
+            kind: "Secret".into(),
+            name,
+            source,
+        }),
+    }
+}
+
+/// 32 bytes from the operating system's generator, hex-encoded: 64 characters, well over the
+/// service's minimum of 16 printable ones.
+fn new_token() -> Result<String, getrandom::Error> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// `Ok(Err(message))` when a Secret or key is missing; the resourceVersions otherwise. `known`:
+/// a Secret this reconcile already read (the generated token's), not read again.
 async fn check_secrets(
     client: &Client,
     plan: &Plan,
+    known: Option<Secret>,
 ) -> Result<Result<BTreeMap<String, String>, String>, Error> {
     let api: Api<Secret> = Api::namespaced(client.clone(), &plan.namespace);
     let mut versions = BTreeMap::new();
-    let mut seen: BTreeMap<&str, Option<Secret>> = BTreeMap::new();
+    let mut seen: BTreeMap<String, Option<Secret>> =
+        known.into_iter().map(|s| (s.name_any(), Some(s))).collect();
     for key in &plan.secret_keys {
         if !seen.contains_key(key.secret.as_str()) {
             let secret = api.get_opt(&key.secret).await?;
-            seen.insert(&key.secret, secret);
+            seen.insert(key.secret.clone(), secret);
         }
         let Some(secret) = &seen[key.secret.as_str()] else {
             return Ok(Err(format!(

@@ -1378,6 +1378,17 @@ async fn an_invalid_spec_applies_nothing_and_waits_for_a_change() {
             }}),
             "spec.qlik.reconcileInterval: must be at most 1day",
         ),
+        (
+            json!({"mqtt": {"url": "mqtt://b"}, "apiAuth": {
+                "generateToken": true, "tokenSecret": {"name": "reader-token"},
+            }}),
+            "spec.apiAuth.tokenSecret: set either spec.apiAuth.generateToken or \
+             spec.apiAuth.tokenSecret, not both",
+        ),
+        (
+            json!({"mqtt": {"url": "mqtt://b"}, "apiAuth": {"generateToken": false}}),
+            "spec.apiAuth.generateToken: set it to true",
+        ),
     ];
     for (spec, field) in cases {
         let m = monitor(spec);
@@ -1665,6 +1676,373 @@ async fn a_monitor_being_deleted_is_left_to_the_garbage_collector() {
     let mut server = ApiServer::new();
     let run = server.reconcile(&m, Scenario::Deleted.calls()).await;
     assert_eq!(run.action(), Action::await_change());
+}
+
+// The API token (`spec.apiAuth`).
+
+/// The generated token's Secret of [`with_generated_token`].
+const TOKEN_SECRET: &str = "qlik-prod-api-token";
+/// The resourceVersion the API server gives the Secret the reconcile creates.
+const CREATED_TOKEN_VERSION: &str = "501";
+/// The create of the generated token's Secret: a POST by [`MANAGER`], never an apply.
+const CREATE_QUERY: &str = "&fieldManager=session-monitor-operator";
+
+fn with_generated_token() -> SessionMonitor {
+    monitor(json!({
+        "mqtt": {"url": "mqtt://broker.mqtt.svc:1883"},
+        "checkpoint": {"shards": 2},
+        "apiAuth": {"generateToken": true},
+    }))
+}
+
+fn read_token_secret(found: Option<Value>) -> Call {
+    let call = Call::new(Method::GET, path(CORE, "secrets", TOKEN_SECRET), "");
+    match found {
+        Some(secret) => call.answering(move |_| Reply::Json(200, secret)),
+        None => call.answering(not_found("", "secrets", TOKEN_SECRET)),
+    }
+}
+
+/// The token's Secret as the reconcile must create it: named for the monitor, labelled and
+/// owned as every child, with one key `token` of 64 hex characters.
+fn create_token_secret() -> Call {
+    Call::new(
+        Method::POST,
+        format!("{CORE}/namespaces/{NAMESPACE}/secrets"),
+        CREATE_QUERY,
+    )
+    .content_type("application/json")
+    .checking(|secret| {
+        assert_eq!(secret["apiVersion"], "v1");
+        assert_eq!(secret["kind"], "Secret");
+        assert_eq!(secret["type"], "Opaque");
+        let metadata = &secret["metadata"];
+        assert_eq!(metadata["name"], TOKEN_SECRET);
+        assert_eq!(metadata["namespace"], NAMESPACE);
+        assert_eq!(
+            metadata["labels"],
+            json!({
+                "app.kubernetes.io/name": "session-monitor",
+                "app.kubernetes.io/instance": NAME,
+                "app.kubernetes.io/managed-by": "session-monitor-operator",
+                "app.kubernetes.io/component": "session-tracking",
+            })
+        );
+        let owners = metadata["ownerReferences"].as_array().expect("an owner");
+        assert_eq!(owners.len(), 1, "{owners:?}");
+        assert_eq!(owners[0]["kind"], "SessionMonitor");
+        assert_eq!(owners[0]["name"], NAME);
+        assert_eq!(owners[0]["uid"], UID);
+        assert_eq!(owners[0]["controller"], true);
+        let data = secret["data"].as_object().expect("data");
+        assert_eq!(data.keys().collect::<Vec<_>>(), ["token"]);
+        let token = token_of(secret);
+        assert_eq!(token.len(), 64, "{token:?}");
+        assert!(
+            token
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
+            "{token:?}"
+        );
+        assert_eq!(secret.get("stringData"), None);
+    })
+    .answering(|request| {
+        match stored(json!({"metadata": {"resourceVersion": CREATED_TOKEN_VERSION}}))(request) {
+            Reply::Json(_, object) => Reply::Json(201, object),
+            text => text,
+        }
+    })
+}
+
+/// The decoded `token` of a Secret as JSON.
+fn token_of(secret: &Value) -> String {
+    let encoded = secret["data"]["token"].as_str().expect("a token");
+    String::from_utf8(base64_decode(encoded)).expect("an ASCII token")
+}
+
+/// Enough base64 for a test (the API server's standard alphabet, with padding).
+fn base64_decode(text: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let digits: Vec<u32> = text
+        .bytes()
+        .filter(|&b| b != b'=')
+        .map(|b| ALPHABET.iter().position(|&a| a == b).expect("base64") as u32)
+        .collect();
+    let mut bytes = Vec::new();
+    for chunk in digits.chunks(4) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, d)| n | (d << (18 - 6 * i)));
+        bytes.extend(n.to_be_bytes()[1..chunk.len()].iter());
+    }
+    bytes
+}
+
+/// The Deployment mounts `secret`'s `key` as the token file the configuration names.
+fn mounts_the_token(secret: &'static str, key: &'static str) -> impl Fn(&Value) + Send {
+    move |deployment| {
+        let pod = &deployment["spec"]["template"]["spec"];
+        let volumes = pod["volumes"].as_array().unwrap();
+        let volume = volumes
+            .iter()
+            .find(|v| v["name"] == "api-token")
+            .unwrap_or_else(|| panic!("no volume of the token Secret: {volumes:?}"));
+        assert_eq!(
+            volume,
+            &json!({
+                "name": "api-token",
+                "secret": {
+                    "secretName": secret,
+                    "items": [{"key": key, "path": "token"}],
+                    "defaultMode": 0o440,
+                },
+            })
+        );
+        let container = &pod["containers"][0];
+        assert!(
+            container["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .contains(&json!({
+                    "name": "api-token",
+                    "mountPath": paths::API_TOKEN_DIR,
+                    "readOnly": true,
+                })),
+            "{}",
+            container["volumeMounts"]
+        );
+        assert!(
+            !container["env"].to_string().contains(secret),
+            "a file only, never the environment: {}",
+            container["env"]
+        );
+    }
+}
+
+/// The rendered configuration points at the mounted token file.
+fn configures_the_token_file(cm: &Value) {
+    let toml = cm["data"][paths::CONFIG_KEY].as_str().unwrap();
+    let settings: session_monitor::config::Settings = toml::from_str(toml).unwrap();
+    assert_eq!(
+        settings.api_token_file,
+        Some(std::path::PathBuf::from(paths::API_TOKEN_FILE))
+    );
+    assert_eq!(settings.api_token, None, "no token in the ConfigMap");
+}
+
+/// `calls` with the token's mount and setting checked on the Deployment and the ConfigMap.
+fn checking_the_token(calls: Vec<Call>, secret: &'static str, key: &'static str) -> Vec<Call> {
+    let calls = also_checking(
+        calls,
+        &format!(
+            "PATCH {}",
+            path(CORE, "configmaps", &format!("{NAME}-config"))
+        ),
+        configures_the_token_file,
+    );
+    also_checking(
+        calls,
+        &format!("PATCH {}", path(APPS, "deployments", NAME)),
+        mounts_the_token(secret, key),
+    )
+}
+
+/// The pod-template checksum of a reconcile that saw the token's Secret at `version`.
+fn token_checksum(m: &SessionMonitor, secret: &str, version: &str) -> String {
+    let plan = validate(m, IMAGE).expect("a valid spec");
+    config_checksum(
+        &plan,
+        &BTreeMap::from([(secret.to_owned(), version.to_owned())]),
+    )
+}
+
+fn applied_checksum(run: &Run) -> Value {
+    run.body(&format!("PATCH {}", path(APPS, "deployments", NAME)))["spec"]["template"]["metadata"]
+        ["annotations"][CHECKSUM_ANNOTATION]
+        .clone()
+}
+
+#[tokio::test]
+async fn a_missing_token_secret_is_created_once_and_mounted() {
+    let m = with_generated_token();
+    let mut server = ApiServer::new();
+    let mut calls = vec![
+        read_token_secret(None),
+        create_token_secret(),
+        event("Normal", "ApiTokenCreated").checking(|e| {
+            assert!(note(e).contains(TOKEN_SECRET), "{e}");
+        }),
+    ];
+    calls.extend(checking_the_token(
+        applies(Rollout::Pending).calls(),
+        TOKEN_SECRET,
+        "token",
+    ));
+    calls.push(status_patch(&m));
+    let run = server.reconcile(&m, calls).await;
+
+    assert_eq!(run.action(), Action::requeue(RESYNC));
+    assert_eq!(
+        run.requests()[..4],
+        [
+            "GET /api/v1/namespaces/qlik/secrets/qlik-prod-api-token",
+            "POST /api/v1/namespaces/qlik/secrets",
+            "POST /apis/events.k8s.io/v1/namespaces/qlik/events",
+            // The created Secret is not read again.
+            "PATCH /api/v1/namespaces/qlik/serviceaccounts/qlik-prod",
+        ]
+    );
+    // The new Secret's resourceVersion is in the checksum: a recreated token rolls the pod.
+    assert_eq!(
+        applied_checksum(&run),
+        token_checksum(&m, TOKEN_SECRET, CREATED_TOKEN_VERSION)
+    );
+    // The token is in the Secret and nowhere else: not in the Event, the status or any other
+    // object the reconcile wrote.
+    let token = token_of(run.body(&format!("POST {CORE}/namespaces/{NAMESPACE}/secrets")));
+    for seen in run
+        .seen
+        .iter()
+        .filter(|s| !s.request.starts_with("POST /api/v1/"))
+    {
+        assert!(
+            !seen.body.to_string().contains(&token),
+            "{} carries the token",
+            seen.request
+        );
+    }
+    assert_eq!(summary(&run.status())[2], "Degraded=False/Reconciled");
+}
+
+#[tokio::test]
+async fn an_existing_token_secret_is_used_and_never_written() {
+    let m = with_generated_token();
+    let mut server = ApiServer::new();
+    let existing = named_secret(TOKEN_SECRET, "500", "7070", &["token"]);
+    let mut calls = vec![read_token_secret(Some(existing))];
+    calls.extend(checking_the_token(
+        applies(Rollout::Pending).calls(),
+        TOKEN_SECRET,
+        "token",
+    ));
+    calls.push(status_patch(&m));
+    let run = server.reconcile(&m, calls).await;
+
+    assert_eq!(run.action(), Action::requeue(RESYNC));
+    // Read once; no POST, PUT or PATCH of a Secret, and no Event.
+    assert!(
+        run.requests()
+            .iter()
+            .all(|r| !r.contains("/secrets") || r.starts_with("GET ")),
+        "{:?}",
+        run.requests()
+    );
+    assert_eq!(
+        applied_checksum(&run),
+        token_checksum(&m, TOKEN_SECRET, "500")
+    );
+}
+
+#[tokio::test]
+async fn a_token_secret_created_meanwhile_is_kept_not_replaced() {
+    let m = with_generated_token();
+    let mut server = ApiServer::new();
+    // Missing at the GET, there at the POST: another writer was faster. Its token stays.
+    let conflict = create_token_secret().answering(|_| {
+        failure(
+            409,
+            "AlreadyExists",
+            &format!("secrets \"{TOKEN_SECRET}\" already exists"),
+            json!({"name": TOKEN_SECRET, "kind": "secrets"}),
+        )
+    });
+    let theirs = named_secret(TOKEN_SECRET, "502", "7071", &["token"]);
+    let mut calls = vec![
+        read_token_secret(None),
+        conflict,
+        read_token_secret(Some(theirs)),
+    ];
+    calls.extend(checking_the_token(
+        applies(Rollout::Pending).calls(),
+        TOKEN_SECRET,
+        "token",
+    ));
+    calls.push(status_patch(&m));
+    let run = server.reconcile(&m, calls).await;
+
+    assert_eq!(run.action(), Action::requeue(RESYNC));
+    assert_eq!(
+        applied_checksum(&run),
+        token_checksum(&m, TOKEN_SECRET, "502")
+    );
+    assert_eq!(summary(&run.status())[2], "Degraded=False/Reconciled");
+    assert_eq!(server.reconciles("Reconciled"), 1);
+}
+
+#[tokio::test]
+async fn a_refused_token_secret_fails_the_reconcile_and_names_the_secret() {
+    let m = with_generated_token();
+    let mut server = ApiServer::new();
+    let forbidden = create_token_secret().answering(|_| {
+        failure(
+            403,
+            "Forbidden",
+            "secrets is forbidden: User \"system:serviceaccount:session-monitor-system:\
+             session-monitor-operator\" cannot create resource \"secrets\" in API group \"\" \
+             in the namespace \"qlik\"",
+            json!({"kind": "secrets"}),
+        )
+    });
+    let calls = vec![
+        read_token_secret(None),
+        forbidden,
+        read_deployment(Rollout::Absent),
+        event("Warning", "ApplyFailed"),
+        status_patch(&m),
+    ];
+    let run = server.reconcile(&m, calls).await;
+
+    let error = run.result.as_ref().expect_err("the Secret was refused");
+    assert!(
+        matches!(error, Error::Apply { kind, name, source: kube::Error::Api(status) }
+            if kind == "Secret" && name == TOKEN_SECRET && status.is_forbidden()),
+        "{error:?}"
+    );
+    let message = degraded_message(&run.status());
+    assert!(
+        message.starts_with("applying Secret qlik-prod-api-token: "),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_users_token_secret_is_checked_and_mounted_never_created() {
+    let m = monitor(json!({
+        "mqtt": {"url": "mqtt://broker.mqtt.svc:1883"},
+        "checkpoint": {"shards": 2},
+        "apiAuth": {"tokenSecret": {"name": "reader-token", "key": "bearer"}},
+    }));
+    let mut server = ApiServer::new();
+    let scenario = Scenario::Applies {
+        shards: 2,
+        secrets: vec![named_secret("reader-token", "600", "7072", &["bearer"])],
+        deployment: Rollout::Pending,
+        monitoring: Monitoring::NotInstalled,
+    };
+    let mut calls = checking_the_token(scenario.calls(), "reader-token", "bearer");
+    calls.push(status_patch(&m));
+    let run = server.reconcile(&m, calls).await;
+
+    assert_eq!(run.action(), Action::requeue(RESYNC));
+    assert_eq!(
+        run.requests()[0],
+        "GET /api/v1/namespaces/qlik/secrets/reader-token"
+    );
+    assert_eq!(
+        applied_checksum(&run),
+        token_checksum(&m, "reader-token", "600")
+    );
 }
 
 // The verifier itself: a test whose requests differ from the reconcile's must fail.

@@ -13,7 +13,7 @@ use kube::ResourceExt;
 use session_monitor::config::{self as service_config, Config, ConfigError, Settings};
 use session_monitor::qlik::QlikConfig;
 
-use crate::crd::{LogFormat, QlikSpec, SessionMonitor, UserListFormat};
+use crate::crd::{ApiAuthSpec, LogFormat, QlikSpec, SessionMonitor, UserListFormat};
 
 /// Where the pod finds what the operator mounts.
 pub mod paths {
@@ -35,7 +35,14 @@ pub mod paths {
     /// From the Secret's key `spec.qlik.certificatesSecret.passphraseKey`.
     pub const QLIK_PASSPHRASE_FILE: &str = "/etc/session-monitor/qlik/passphrase";
     pub const QLIK_PASSPHRASE: &str = "passphrase";
+    /// `spec.apiAuth`: the token, from the generated Secret or the user's, as `token`.
+    pub const API_TOKEN_DIR: &str = "/etc/session-monitor/api-token";
+    pub const API_TOKEN_FILE: &str = "/etc/session-monitor/api-token/token";
+    pub const API_TOKEN: &str = "token";
 }
+
+/// The key of the token in the Secret the operator generates (`spec.apiAuth.generateToken`).
+pub const GENERATED_TOKEN_KEY: &str = "token";
 
 /// The keys `spec.qlik.certificatesSecret` must hold: the files the QMC exports (Certificates →
 /// Export, PEM format), mounted under the same names in [`paths::QLIK_CERTIFICATES_DIR`].
@@ -78,6 +85,16 @@ pub struct Plan {
     pub checkpoint_shards: Vec<String>,
     /// Secret keys the pod mounts or reads into its environment.
     pub secret_keys: Vec<SecretKey>,
+    /// The API token's Secret, when `spec.apiAuth` asks for one; also among `secret_keys`.
+    pub api_token: Option<ApiToken>,
+}
+
+/// Where the pod's API token comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiToken {
+    pub secret: SecretKey,
+    /// The operator creates the Secret when it is missing (and never overwrites it).
+    pub generated: bool,
 }
 
 impl Plan {
@@ -93,6 +110,10 @@ pub fn config_map_name(monitor: &str) -> String {
 
 pub fn checkpoint_name(monitor: &str) -> String {
     format!("{monitor}-checkpoint")
+}
+
+pub fn api_token_secret_name(monitor: &str) -> String {
+    format!("{monitor}-api-token")
 }
 
 /// Checks `monitor` and renders the service configuration. `default_image` is the operator's.
@@ -186,6 +207,11 @@ pub fn validate(monitor: &SessionMonitor, default_image: &str) -> Result<Plan, I
         .transpose()?;
 
     let qlik = spec.qlik.as_ref().map(qlik_settings).transpose()?;
+    let api_token = spec
+        .api_auth
+        .as_ref()
+        .map(|auth| api_token(auth, &name))
+        .transpose()?;
 
     let checkpoint_configmap = checkpoint_name(&name);
     let credentials = spec.mqtt.credentials_secret.as_ref();
@@ -247,6 +273,7 @@ pub fn validate(monitor: &SessionMonitor, default_image: &str) -> Result<Plan, I
             "spec.checkpoint.interval",
             &spec.checkpoint.interval,
         )?,
+        api_token_file: api_token.as_ref().map(|_| paths::API_TOKEN_FILE.into()),
         log_level: spec.log_level.clone(),
         log_format: Some(match spec.log_format.unwrap_or(LogFormat::Json) {
             LogFormat::Text => service_config::LogFormat::Text,
@@ -254,7 +281,7 @@ pub fn validate(monitor: &SessionMonitor, default_image: &str) -> Result<Plan, I
         }),
         ..qlik.unwrap_or_default()
     };
-    check_with_service(&settings, credentials.is_some())?;
+    check_with_service(&settings, credentials.is_some(), api_token.is_some())?;
 
     // Each key with the spec field that names its Secret, for the messages below.
     let mut referenced: Vec<(&str, SecretKey)> = Vec::new();
@@ -292,6 +319,14 @@ pub fn validate(monitor: &SessionMonitor, default_image: &str) -> Result<Plan, I
             );
         }
     }
+    if let Some(token) = &api_token {
+        let field = if token.generated {
+            "spec.apiAuth.generateToken"
+        } else {
+            "spec.apiAuth.tokenSecret"
+        };
+        reference(field, &token.secret.secret, &token.secret.key);
+    }
     for (field, key) in &referenced {
         if !is_dns1123_subdomain(&key.secret) {
             return Err(invalid(
@@ -327,7 +362,38 @@ pub fn validate(monitor: &SessionMonitor, default_image: &str) -> Result<Plan, I
         namespace,
         image,
         secret_keys,
+        api_token,
     })
+}
+
+/// `spec.apiAuth`: exactly one source, as the CRD's `oneOf` says (checked here too, since a
+/// client can skip the schema, and to name the field in the status).
+fn api_token(auth: &ApiAuthSpec, monitor: &str) -> Result<ApiToken, InvalidSpec> {
+    match (auth.generate_token, &auth.token_secret) {
+        (Some(_), Some(_)) => Err(invalid(
+            "spec.apiAuth.tokenSecret",
+            "set either spec.apiAuth.generateToken or spec.apiAuth.tokenSecret, not both",
+        )),
+        (Some(true), None) => Ok(ApiToken {
+            secret: SecretKey {
+                secret: api_token_secret_name(monitor),
+                key: GENERATED_TOKEN_KEY.to_owned(),
+            },
+            generated: true,
+        }),
+        (None, Some(secret)) => Ok(ApiToken {
+            secret: SecretKey {
+                secret: secret.name.clone(),
+                key: secret.key.clone(),
+            },
+            generated: false,
+        }),
+        (Some(false) | None, None) => Err(invalid(
+            "spec.apiAuth.generateToken",
+            "set it to true (the operator creates the token) or set spec.apiAuth.tokenSecret; \
+             remove spec.apiAuth to leave the API open",
+        )),
+    }
 }
 
 /// The `qlik_*` settings of `spec.qlik` (the rest default), each checked where the spec can
@@ -454,10 +520,21 @@ fn qlik_settings(qlik: &QlikSpec) -> Result<Settings, InvalidSpec> {
 }
 
 /// Runs the service's own validation on the rendered settings. Files the pod will mount do not
-/// exist here, so the password is stood in for (the username comes from the Secret too).
-fn check_with_service(settings: &Settings, has_credentials: bool) -> Result<(), InvalidSpec> {
+/// exist here, so the password and the API token are stood in for (the username comes from the
+/// Secret too).
+fn check_with_service(
+    settings: &Settings,
+    has_credentials: bool,
+    has_api_token: bool,
+) -> Result<(), InvalidSpec> {
     let mut probe = settings.clone();
     probe.mqtt_password_file = None;
+    probe.api_token_file = None;
+    if has_api_token {
+        probe.api_token = Some(service_config::Secret(
+            "stand-in-for-the-mounted-token".into(),
+        ));
+    }
     if has_credentials {
         probe.mqtt_username = Some("from-secret".to_owned());
     }
@@ -499,6 +576,7 @@ fn spec_path(key: &str) -> &'static str {
         "checkpoint_interval" => "spec.checkpoint.interval",
         "checkpoint_configmap_shards" => "spec.checkpoint.shards",
         "log_level" => "spec.logLevel",
+        "api_token_file" | "api_token" => "spec.apiAuth",
         "qlik_repository_url" => "spec.qlik.repositoryUrl",
         "qlik_proxies" => "spec.qlik.proxies",
         "qlik_client_cert_file" | "qlik_client_key_file" | "qlik_ca_file" => {
@@ -1064,5 +1142,101 @@ mod tests {
         );
         let m = monitor(json!({"image": "mine:2", "mqtt": {"url": "mqtt://b"}}));
         assert_eq!(validate(&m, "").unwrap().image, "mine:2");
+    }
+
+    fn with_api_auth(auth: serde_json::Value) -> serde_json::Value {
+        json!({"mqtt": {"url": "mqtt://broker:1883"}, "apiAuth": auth})
+    }
+
+    #[test]
+    fn a_generated_api_token_is_a_mounted_file_from_the_monitors_secret() {
+        let plan = validate(
+            &monitor(with_api_auth(json!({"generateToken": true}))),
+            "img",
+        )
+        .unwrap();
+        let settings: Settings = toml::from_str(&plan.config_toml).unwrap();
+        assert_eq!(
+            settings.api_token_file.as_deref(),
+            Some(std::path::Path::new(paths::API_TOKEN_FILE))
+        );
+        // The path only: no token in the ConfigMap.
+        assert_eq!(settings.api_token, None);
+        let token = SecretKey {
+            secret: "qlik-prod-api-token".into(),
+            key: "token".into(),
+        };
+        assert_eq!(
+            plan.api_token,
+            Some(ApiToken {
+                secret: token.clone(),
+                generated: true
+            })
+        );
+        // Checked before deploying, and its resourceVersion is in the checksum.
+        assert_eq!(plan.secret_keys, [token]);
+    }
+
+    #[test]
+    fn a_users_token_secret_is_referenced_with_its_key() {
+        let spec = with_api_auth(json!({"tokenSecret": {"name": "api-token", "key": "bearer"}}));
+        let plan = validate(&monitor(spec), "img").unwrap();
+        let key = SecretKey {
+            secret: "api-token".into(),
+            key: "bearer".into(),
+        };
+        assert_eq!(
+            plan.api_token,
+            Some(ApiToken {
+                secret: key.clone(),
+                generated: false
+            })
+        );
+        assert_eq!(plan.secret_keys, [key]);
+        let default_key = with_api_auth(json!({"tokenSecret": {"name": "api-token"}}));
+        let plan = validate(&monitor(default_key), "img").unwrap();
+        assert_eq!(plan.api_token.unwrap().secret.key, "token");
+    }
+
+    #[test]
+    fn without_api_auth_the_api_stays_open() {
+        let plan = validate(&testing::minimal(), "img").unwrap();
+        let settings: Settings = toml::from_str(&plan.config_toml).unwrap();
+        assert_eq!(settings.api_token_file, None);
+        assert_eq!(plan.api_token, None);
+    }
+
+    #[test]
+    fn an_api_auth_without_exactly_one_source_names_the_field() {
+        let cases = [
+            (
+                with_api_auth(json!({"generateToken": true, "tokenSecret": {"name": "t"}})),
+                "spec.apiAuth.tokenSecret: set either spec.apiAuth.generateToken or \
+                 spec.apiAuth.tokenSecret, not both",
+            ),
+            (
+                with_api_auth(json!({})),
+                "spec.apiAuth.generateToken: set it to true",
+            ),
+            (
+                with_api_auth(json!({"generateToken": false})),
+                "spec.apiAuth.generateToken: set it to true",
+            ),
+            (
+                with_api_auth(json!({"tokenSecret": {"name": "Api_Token"}})),
+                "spec.apiAuth.tokenSecret: \"Api_Token\" is not a valid Secret name",
+            ),
+            (
+                with_api_auth(json!({"tokenSecret": {"name": "t", "key": "a/b"}})),
+                "spec.apiAuth.tokenSecret: \"a/b\" is not a valid Secret key",
+            ),
+        ];
+        for (spec, expected) in cases {
+            let message = error(spec.clone());
+            assert!(
+                message.starts_with(expected),
+                "{spec}: got {message:?}, expected it to start with {expected:?}"
+            );
+        }
     }
 }

@@ -37,7 +37,7 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use kube::config::Kubeconfig;
 use serde_json::json;
 use session_monitor::config::Settings;
-use session_monitor_operator::crd::SessionMonitor;
+use session_monitor_operator::crd::{ApiAuthSpec, SessionMonitor};
 use session_monitor_operator::crdgen;
 use session_monitor_testkit::cluster::{
     Cluster, FIELD_MANAGER, POLL, TestNamespace, free_tcp_port, http_get, wait_for,
@@ -57,6 +57,13 @@ const CHECKPOINT: &str = "qlik-prod-checkpoint";
 const CHECKSUM_ANNOTATION: &str = "sessionmonitor.io/config-checksum";
 const ROLE_LABEL: &str = "sessionmonitor.io/role";
 const LEASE: &str = "session-monitor-operator";
+/// `spec.apiAuth.generateToken`: the Secret, its key, and where the pod finds it.
+const TOKEN_SECRET: &str = "qlik-prod-api-token";
+const TOKEN_KEY: &str = "token";
+const TOKEN_DIR: &str = "/etc/session-monitor/api-token";
+const TOKEN_FILE: &str = "/etc/session-monitor/api-token/token";
+/// What the operator logs when it created the token's Secret (never the token).
+const CREATED_LOG: &str = "created the API token Secret";
 
 /// Applies the committed CRD (server-side, so parallel tests may apply it again) and waits
 /// until the API server serves it.
@@ -1060,6 +1067,186 @@ fn the_operator_deploys_heals_and_reports_a_session_monitor_on_a_real_api_server
     drop(operator);
     ns.delete();
     eprintln!("operator end-to-end test took {:?}", started.elapsed());
+}
+
+/// The generated token's value, as the pod will read it.
+fn token(secret: &Secret) -> String {
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(TOKEN_KEY))
+        .unwrap_or_else(|| panic!("Secret {TOKEN_SECRET} has no key {TOKEN_KEY}"));
+    String::from_utf8(bytes.0.clone()).expect("an ASCII token")
+}
+
+/// The generated token's Secret as the operator must have created it; returns it.
+fn assert_token_secret(ns: &TestNamespace, uid: &str) -> Secret {
+    let secret: Secret = ns.must_get(TOKEN_SECRET);
+    assert_owned_and_labelled("Secret", &secret.metadata, uid);
+    assert_eq!(secret.type_.as_deref(), Some("Opaque"));
+    let value = token(&secret);
+    assert!(
+        value.len() == 64 && value.chars().all(|c| c.is_ascii_hexdigit()),
+        "a token of 64 hex characters, {} long",
+        value.len()
+    );
+    secret
+}
+
+/// The Deployment mounts the token's Secret read-only where the configuration points.
+fn assert_mounts_the_token(ns: &TestNamespace) {
+    let deployment: Deployment = ns.must_get(NAME);
+    let pod = deployment.spec.unwrap().template.spec.unwrap();
+    let volumes = pod.volumes.unwrap_or_default();
+    let volume = volumes
+        .iter()
+        .find(|v| v.name == "api-token")
+        .unwrap_or_else(|| panic!("no volume of {TOKEN_SECRET}: {volumes:?}"));
+    let source = volume.secret.clone().unwrap();
+    assert_eq!(source.secret_name.as_deref(), Some(TOKEN_SECRET));
+    assert_eq!(source.default_mode, Some(0o440));
+    let items: Vec<_> = source
+        .items
+        .unwrap_or_default()
+        .into_iter()
+        .map(|i| (i.key, i.path))
+        .collect();
+    assert_eq!(items, [(TOKEN_KEY.to_owned(), "token".to_owned())]);
+    let mounts = pod.containers[0].volume_mounts.clone().unwrap_or_default();
+    assert!(
+        mounts.iter().any(|m| m.name == "api-token"
+            && m.mount_path == TOKEN_DIR
+            && m.read_only == Some(true)),
+        "{mounts:?}"
+    );
+    let config: ConfigMap = ns.must_get(CONFIG_MAP);
+    assert_eq!(
+        settings(&config).api_token_file,
+        Some(PathBuf::from(TOKEN_FILE)),
+        "{CONFIG_MAP} points the service at the mounted token"
+    );
+    assert!(
+        !config_text(&config).contains("api_token ="),
+        "no token in {CONFIG_MAP}"
+    );
+}
+
+/// Triggers a reconcile (an annotation: no new generation) and waits until the operator counted
+/// one more successful reconcile than `before`.
+fn reconcile_again(ns: &TestNamespace, operator: &Operator, touch: &str) {
+    const RECONCILED: &str = "session_monitor_operator_reconciles_total{result=\"Reconciled\"}";
+    let before = operator.metric(RECONCILED).unwrap_or(0.0);
+    ns.merge_patch::<SessionMonitor>(
+        NAME,
+        json!({"metadata": {"annotations": {"e2e.sessionmonitor.io/touched": touch}}}),
+    );
+    wait_for("one more successful reconcile", || {
+        match operator.metric(RECONCILED).unwrap_or(0.0) {
+            now if now > before => Ok(()),
+            now => Err(format!("{now} (before: {before})")),
+        }
+    });
+}
+
+/// `spec.apiAuth.generateToken`: the operator creates the token's Secret once, keeps it across
+/// reconciles, mounts it, and replaces a deleted one with a new token that rolls the pod.
+#[test]
+fn the_operator_generates_a_stable_api_token_and_replaces_a_deleted_one() {
+    let test = "the_operator_generates_a_stable_api_token_and_replaces_a_deleted_one";
+    let Some(cluster) = Cluster::from_env(test) else {
+        return;
+    };
+    let started = Instant::now();
+    let phase = |name: &str| eprintln!("[{:>7.2?}] {name}", started.elapsed());
+
+    phase("CRD");
+    apply_crd(&cluster);
+    let ns = cluster.create_namespace("smon-op-token");
+    let (example_secret, mut example_monitor) = example(ns.name());
+    example_monitor.spec.api_auth = Some(ApiAuthSpec {
+        generate_token: Some(true),
+        token_secret: None,
+    });
+    ns.create(&example_secret);
+    let uid = ns
+        .create(&example_monitor)
+        .uid()
+        .expect("the API server sets a uid");
+
+    phase("operator start: the token's Secret");
+    // With the chart's rules only: a missing `create` on Secrets fails here.
+    let mut operator = Operator::start_leading(&ns, "info");
+    wait_for_monitor(&ns, "applied, with the token", |m| {
+        condition(m, "Degraded").is_some_and(|c| c.status == "False" && c.reason == "Reconciled")
+            && m.status.as_ref().unwrap().observed_generation == m.metadata.generation
+    });
+    let first = assert_token_secret(&ns, &uid);
+    let first_token = token(&first);
+    assert_mounts_the_token(&ns);
+    let created = ns.wait_for_event(&uid, "Normal", "ApiTokenCreated", TOKEN_SECRET, 1);
+    assert!(
+        !created.note.unwrap_or_default().contains(&first_token),
+        "the Event never carries the token"
+    );
+    let rolled_out: Deployment = ns.must_get(NAME);
+
+    phase("a second reconcile keeps the token");
+    reconcile_again(&ns, &operator, "1");
+    let kept: Secret = ns.must_get(TOKEN_SECRET);
+    assert_eq!(kept.uid(), first.uid());
+    assert_eq!(
+        kept.resource_version(),
+        first.resource_version(),
+        "the Secret is never written again"
+    );
+    assert!(token(&kept) == first_token, "the token is stable");
+    assert_eq!(
+        checksum(&ns.must_get(NAME)),
+        checksum(&rolled_out),
+        "no rollout"
+    );
+    assert_eq!(
+        operator.log_text().matches(CREATED_LOG).count(),
+        1,
+        "created once, however often reconciled"
+    );
+
+    phase("a deleted token is replaced and rolls the pod");
+    ns.delete_object::<Secret>(TOKEN_SECRET);
+    // Secrets are not watched (that would need list/watch on all Secrets): the resync, or any
+    // change to the monitor, recreates it.
+    reconcile_again(&ns, &operator, "2");
+    let second = wait_for("a new token Secret", || {
+        match ns.get::<Secret>(TOKEN_SECRET) {
+            Some(s) if s.uid() != first.uid() => Ok(s),
+            other => Err(format!("{:?}", other.map(|s| s.uid()))),
+        }
+    });
+    assert_token_secret(&ns, &uid);
+    assert!(token(&second) != first_token, "a new token");
+    // The same reconcile applies the Deployment after it created the Secret.
+    wait_for("the new Secret's resourceVersion to roll the pod", || {
+        let now = checksum(&ns.must_get(NAME));
+        if now != checksum(&rolled_out) {
+            Ok(())
+        } else {
+            Err(format!("checksum still {now}"))
+        }
+    });
+    assert_mounts_the_token(&ns);
+    ns.wait_for_event(&uid, "Normal", "ApiTokenCreated", TOKEN_SECRET, 2);
+    let log = operator.log_text();
+    assert_eq!(log.matches(CREATED_LOG).count(), 2, "{log}");
+    assert!(
+        !log.contains(&first_token) && !log.contains(&token(&second)),
+        "the operator never logs a token"
+    );
+
+    phase("SIGTERM");
+    operator.stop_and_release_the_lease(&ns);
+    drop(operator);
+    ns.delete();
+    eprintln!("API token test took {:?}", started.elapsed());
 }
 
 /// Leader election and shutdown alone, with no SessionMonitor to reconcile.

@@ -13,7 +13,8 @@
 
 mod common;
 
-use std::net::{Ipv4Addr, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -541,6 +542,82 @@ fn qlik_from_the_pod(ns: &TestNamespace<'_>, http_ip: &str, selector: &str, runn
     rolled
 }
 
+/// `GET path` on the HTTP Service at `ip`, with `Authorization: Bearer TOKEN` when given.
+fn http_get_bearer(ip: &str, path: &str, token: Option<&str>) -> Option<(u16, String)> {
+    let address = std::net::SocketAddr::new(ip.parse().ok()?, 9842);
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let authorization = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {ip}\r\n{authorization}Connection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+/// The token in the Secret the operator generated for the monitor (`spec.apiAuth`).
+fn generated_token(ns: &TestNamespace<'_>) -> String {
+    let secret: Secret = ns.must_get(&format!("{MONITOR}-api-token"));
+    let bytes = secret.data.unwrap_or_default().remove("token");
+    String::from_utf8(bytes.expect("the Secret has the key token").0).expect("an ASCII token")
+}
+
+/// Step 5e'': spec.apiAuth.generateToken set on the running monitor: the operator creates the
+/// Secret `qlik-prod-api-token`, the pod rolls with it, and the API then needs the token while
+/// /metrics stays open. Returns the token and the pod it rolled to; the token stays on, and the
+/// later steps read only /metrics.
+fn api_token_from_the_operator(
+    ns: &TestNamespace<'_>,
+    http_ip: &str,
+    running: &Pod,
+) -> (String, Pod) {
+    patch_monitor(ns, json!({"apiAuth": {"generateToken": true}}));
+    let token = wait_for_within("the generated token's Secret", POD_DEADLINE, || {
+        ns.get::<Secret>(&format!("{MONITOR}-api-token"))
+            .map(|_| generated_token(ns))
+            .ok_or("absent".to_owned())
+    });
+    assert!(
+        token.len() == 64 && token.chars().all(|c| c.is_ascii_hexdigit()),
+        "64 hex characters, not {} characters",
+        token.len()
+    );
+    let rolled = replaced(
+        ns,
+        &pod_name(running),
+        "the pod rolled for spec.apiAuth",
+        || {},
+    );
+    // The first answer through the HTTP Service comes once kube-proxy has the new endpoint.
+    let (status, _) = wait_for_within("an answer from /api/v1/users", POD_DEADLINE, || {
+        http_get_bearer(http_ip, "/api/v1/users", None).ok_or("no answer".to_owned())
+    });
+    assert_eq!(status, 401, "the API needs the token now");
+    let (status, body) =
+        http_get_bearer(http_ip, "/api/v1/users", Some(&token)).expect("an answer");
+    assert_eq!(status, 200, "with the token: {body}");
+    let (status, _) = http_get_bearer(http_ip, "/metrics", None).expect("an answer");
+    assert_eq!(
+        status, 200,
+        "/metrics stays open: Prometheus carries no token"
+    );
+    let events: Vec<Event> = ns.list();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("ApiTokenCreated")),
+        "an Event ApiTokenCreated on the monitor: {events:?}"
+    );
+    (token, rolled)
+}
+
 #[test]
 fn the_product_runs_in_a_real_cluster() {
     let Some(cluster) = Cluster::from_cluster_env("the_product_runs_in_a_real_cluster") else {
@@ -891,6 +968,13 @@ fn the_product_runs_in_a_real_cluster() {
         before_many + f64::from(MANY)
     );
 
+    // 5e''. spec.apiAuth: the operator generates a token; the API needs it, /metrics does not.
+    let (token, rolled) = api_token_from_the_operator(&qlik, &http_ip, &rolled);
+    assert_eq!(
+        first_metric(&http_ip, sessions),
+        before_many + f64::from(MANY)
+    );
+
     // 5f. helm upgrade to a second image tag, with two operator replicas: the operator and the
     // service roll, the state is kept.
     let (next_repository, next_tag) = next_image();
@@ -984,6 +1068,15 @@ fn the_product_runs_in_a_real_cluster() {
         before_many + f64::from(MANY)
     );
     let _ = final_pod;
+    // The upgraded operators and the new leader kept the generated token (5e'').
+    assert!(
+        generated_token(&qlik) == token,
+        "the token survives operator upgrades"
+    );
+    let (status, _) = wait_for_within("the API with the token", POD_DEADLINE, || {
+        http_get_bearer(&http_ip, "/api/v1/users", Some(&token)).ok_or("no answer".to_owned())
+    });
+    assert_eq!(status, 200);
 
     // 6. helm uninstall, as the README says: the operator goes (garbage collection runs here),
     // the CRD and the monitors stay; deleting the monitors and the CRD removes the rest.
