@@ -49,13 +49,18 @@ RULES_FILE = CHART / "files" / "operator-rules.yaml"
 RBAC_RS = ROOT / "operator" / "src" / "rbac.rs"
 CRD_NAME = "sessionmonitors.sessionmonitor.io.yaml"
 DASHBOARD = CHART / "dashboards" / "session-monitor.json"
+ALERTS = CHART / "files" / "alerts.yaml"
+ALERT_TESTS = ROOT / "charts" / "tests" / "alerts.test.yaml"
 
 RELEASE = "smon"
 NAMESPACE = "smon-system"
 # The oldest Kubernetes the project supports (k8s-openapi's v1_33 feature).
 MIN_KUBERNETES = "1.33"
 # Custom resources kubernetes-validate has no schema for: skipped explicitly, and reported.
-NOT_VALIDATED_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+NOT_VALIDATED_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
 STANDARD_LABELS = (
     "helm.sh/chart",
     "app.kubernetes.io/name",
@@ -381,7 +386,7 @@ def values_all_turns_every_option_on():
     values = values_all()
     r = Rendered(values)
     assert r.kinds() == sorted(
-        ["ServiceAccount", "Deployment", "Service", "ServiceMonitor", "ConfigMap"]
+        ["ServiceAccount", "Deployment", "Service", "ServiceMonitor", "PrometheusRule", "ConfigMap"]
         + ["Role", "RoleBinding"] * 3
     ), r.kinds()
     deployment = r.deployment()
@@ -786,7 +791,7 @@ def the_dashboard_shows_metrics_the_binaries_export():
     assert len(ids) == len(set(ids)), "duplicate panel ids"
     assert dashboard["uid"] and dashboard["title"]
     used = set()
-    for query in dashboard_queries():
+    for query in dashboard_queries() + [rule["expr"] for rule in alert_rules()]:
         used |= set(re.findall(r"\b(session_monitor_[a-z_]+)", query))
     documented = documented_metrics()
     service_src = (ROOT / "service" / "src" / "metrics.rs").read_text()
@@ -812,6 +817,48 @@ def the_dashboard_shows_metrics_the_binaries_export():
     ):
         assert needed in used, f"the dashboard does not show {needed}"
     print(f"    {len(used)} metrics, all documented and exported")
+
+
+def alert_rules() -> list[dict]:
+    return [rule for group in load_yaml(ALERTS)["groups"] for rule in group["rules"]]
+
+
+@test
+def the_prometheus_rule_carries_the_alert_file_only_when_enabled():
+    assert not Rendered(None).all("PrometheusRule")
+    rule = Rendered(values_all()).one("PrometheusRule")
+    assert rule["metadata"]["namespace"] == "monitoring"
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    assert rule["spec"] == load_yaml(ALERTS)
+
+
+@test
+def the_alert_rules_pass_promtool_and_each_has_a_unit_test_and_a_runbook_entry():
+    promtool = shutil.which("promtool") or "/usr/bin/promtool"
+    for command in (["check", "rules", str(ALERTS)], ["test", "rules", str(ALERT_TESTS)]):
+        result = subprocess.run([promtool, *command], capture_output=True, text=True)
+        assert result.returncode == 0, f"promtool {' '.join(command)}:\n{result.stdout}{result.stderr}"
+    names = [rule["alert"] for rule in alert_rules()]
+    fired = {
+        case["alertname"]
+        for test in load_yaml(ALERT_TESTS)["tests"]
+        for case in test["alert_rule_test"]
+        if case["exp_alerts"]
+    }
+    quiet = {
+        case["alertname"]
+        for test in load_yaml(ALERT_TESTS)["tests"]
+        for case in test["alert_rule_test"]
+        if not case["exp_alerts"]
+    }
+    readme = (ROOT / "README.md").read_text()
+    runbook = readme[readme.index("\n### Alerts") :]
+    runbook = runbook[: runbook.index("\n## ", 1)]
+    for name in names:
+        assert name in fired, f"no unit test fires {name}"
+        assert name in quiet, f"no unit test keeps {name} quiet"
+        assert f"`{name}`" in runbook, f"README.md, Alerts: no entry for {name}"
+    print(f"    {len(names)} alerts, each fired by a unit test and in the runbook")
 
 
 @test

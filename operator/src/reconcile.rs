@@ -130,11 +130,13 @@ pub async fn reconcile(monitor: Arc<SessionMonitor>, ctx: Arc<Context>) -> Resul
                 Error::Apply { .. } | Error::Random { .. } => Outcome::ApplyFailed(message),
                 Error::Kube(_) => Outcome::ApiError(message),
             };
-            update_status(&monitor, &ctx, &outcome, deployment.as_ref(), None).await?;
+            // Counted first: a status write that fails too must not hide the error from the
+            // metric the alert SessionMonitorOperatorReconcileErrors watches.
             ctx.metrics
                 .reconciles
                 .with_label_values(&[error.metric_label()])
                 .inc();
+            update_status(&monitor, &ctx, &outcome, deployment.as_ref(), None).await?;
             return Err(error);
         }
     };

@@ -1651,6 +1651,33 @@ async fn a_failed_api_read_fails_the_reconcile_and_still_says_why() {
     );
 }
 
+/// The metric the reconcile-errors alert watches counts a failed reconcile even when the
+/// status that would say why cannot be written either.
+#[tokio::test]
+async fn a_failed_reconcile_is_counted_even_when_its_status_cannot_be_written() {
+    let m = with_credentials();
+    let mut server = ApiServer::new();
+    let forbidden = Call::new(Method::GET, path(CORE, "secrets", SECRET), "")
+        .answering(|_| failure(403, "Forbidden", "secrets is forbidden", json!({})));
+    let unavailable = status_patch(&m).answering(|_| {
+        failure(
+            503,
+            "ServiceUnavailable",
+            "etcdserver: request timed out",
+            json!({}),
+        )
+    });
+    let calls = vec![
+        forbidden,
+        read_deployment(Rollout::Absent),
+        event("Warning", "ApiError"),
+        unavailable,
+    ];
+    let run = server.reconcile(&m, calls).await;
+    assert!(run.result.is_err());
+    assert_eq!(server.reconciles("ApiError"), 1);
+}
+
 #[tokio::test]
 async fn an_unchanged_status_is_not_written_again() {
     let m = new_monitor();

@@ -20,6 +20,7 @@ pub struct Metrics {
     pub active_sessions: IntGauge,
     host_active_users: IntGaugeVec,
     host_active_sessions: IntGaugeVec,
+    host_last_event: IntGaugeVec,
     pub datagrams_received: IntCounter,
     /// Indexed like [`Reject::ALL`].
     dropped: Vec<IntCounter>,
@@ -117,6 +118,11 @@ impl Metrics {
             host_active_sessions: gauge_vec(
                 "host_active_sessions",
                 "Active sessions on a proxy host.",
+                &["host"],
+            ),
+            host_last_event: gauge_vec(
+                "host_last_event_timestamp_seconds",
+                "When a proxy host last sent an event that named a session (Unix time); a host with users whose last event grows old has a broken appender.",
                 &["host"],
             ),
             datagrams_received: counter("datagrams_received_total", "UDP datagrams received."),
@@ -364,6 +370,11 @@ impl Metrics {
             self.host_active_sessions
                 .with_label_values(&[h.host.as_str()])
                 .set(h.active_sessions as i64);
+            if let Some(at) = h.last_event {
+                self.host_last_event
+                    .with_label_values(&[h.host.as_str()])
+                    .set((at.0 / 1000) as i64);
+            }
         }
     }
 
