@@ -30,7 +30,6 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::{
     ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
 };
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::ResourceExt;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams};
@@ -65,44 +64,15 @@ const TOKEN_FILE: &str = "/etc/session-monitor/api-token/token";
 /// What the operator logs when it created the token's Secret (never the token).
 const CREATED_LOG: &str = "created the API token Secret";
 
-/// Applies the committed CRD (server-side, so parallel tests may apply it again) and waits
-/// until the API server serves it.
+/// Applies the committed CRD, exactly as the file has it.
 fn apply_crd(cluster: &Cluster) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .join(crdgen::CRD_FILE);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    // As a plain document, so exactly the file is applied.
     let crd: serde_json::Value =
         serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let name = crd["metadata"]["name"].as_str().unwrap().to_owned();
-    let api: Api<CustomResourceDefinition> = Api::all(cluster.client().clone());
-    let apply = |crd: &serde_json::Value| {
-        cluster.run(
-            "the CRD to be applied",
-            api.patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(crd),
-            ),
-        )
-    };
-    apply(&crd).unwrap_or_else(|e| panic!("cannot apply {}: {e}", path.display()));
-    wait_for(&format!("CRD {name} to be Established"), || {
-        let crd = cluster.run("GET the CRD", api.get(&name)).unwrap();
-        let conditions = crd
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|c| format!("{}={}", c.type_, c.status))
-            .collect::<Vec<_>>();
-        if conditions.iter().any(|c| c == "Established=True") {
-            Ok(())
-        } else {
-            Err(format!("conditions {conditions:?}"))
-        }
-    });
+    cluster.apply_crd(&crd);
 }
 
 /// What the test reads in its namespace besides the children: the SessionMonitor and the Events

@@ -134,6 +134,35 @@ impl Cluster {
         cluster
     }
 
+    /// Applies a CustomResourceDefinition (server-side and forced, so that tests running in
+    /// parallel may apply it again) and waits until the API server serves it.
+    pub fn apply_crd(&self, crd: &serde_json::Value) {
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        let name = crd["metadata"]["name"].as_str().expect("a CRD has a name");
+        let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        self.run(
+            "the CRD to be applied",
+            api.patch(name, &params, &Patch::Apply(crd)),
+        )
+        .unwrap_or_else(|e| panic!("cannot apply the CRD {name}: {e}"));
+        wait_for(&format!("CRD {name} to be Established"), || {
+            let crd = self.run("GET the CRD", api.get(name)).unwrap();
+            let conditions = crd
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| format!("{}={}", c.type_, c.status))
+                .collect::<Vec<_>>();
+            if conditions.iter().any(|c| c == "Established=True") {
+                Ok(())
+            } else {
+                Err(format!("conditions {conditions:?}"))
+            }
+        });
+    }
+
     /// The kubeconfig (an absolute path), for the processes under test to reach the same cluster.
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig

@@ -223,10 +223,7 @@ impl Reconciler {
             });
         let metrics = &self.state.metrics.qlik;
         let node = repository.host.as_str();
-        metrics
-            .api_up
-            .with_label_values(&["qrs", node])
-            .set(i64::from(result.is_ok()));
+        set_up(metrics, "qrs", node, result.is_ok());
         let mut logged = self
             .repository_down_logged
             .lock()
@@ -281,10 +278,7 @@ impl Reconciler {
             }
         }
         let metrics = &self.state.metrics.qlik;
-        metrics
-            .api_up
-            .with_label_values(&["qps", &node.host])
-            .set(i64::from(failure.is_none()));
+        set_up(metrics, "qps", &node.host, failure.is_none());
         if let Some((prefix, error)) = failure {
             metrics
                 .errors
@@ -467,12 +461,13 @@ impl Reconciler {
             .collect();
         for node in gone {
             nodes.remove(&node);
-            let _ = self
-                .state
-                .metrics
-                .qlik
-                .api_up
-                .remove_label_values(&["qps", &node.host]);
+            let metrics = &self.state.metrics.qlik;
+            let _ = metrics.api_up.remove_label_values(&["qps", &node.host]);
+            for reason in RequestError::REASONS {
+                let _ = metrics
+                    .errors
+                    .remove_label_values(&["qps", &node.host, reason]);
+            }
             tracing::info!(node = %node, "the Qlik repository no longer lists this proxy");
         }
     }
@@ -511,5 +506,19 @@ impl Node {
             pairing: Pairing::ByCount,
             down_logged: None,
         }
+    }
+}
+
+/// Sets `qlik_api_up` for a node, and starts its `qlik_api_errors_total` at 0 for every reason:
+/// a counter that appears only with its first error has no rate to show or alert on until the
+/// second (the dashboard's errors panel was empty for a healthy site, found by the test that
+/// evaluates it in a real Prometheus).
+fn set_up(metrics: &crate::metrics::QlikMetrics, api: &str, node: &str, up: bool) {
+    metrics
+        .api_up
+        .with_label_values(&[api, node])
+        .set(i64::from(up));
+    for reason in RequestError::REASONS {
+        metrics.errors.with_label_values(&[api, node, reason]);
     }
 }

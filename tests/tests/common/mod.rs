@@ -31,6 +31,19 @@ pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// Polls `check` until it is true or `within` has passed; whether it became true (for checks
+/// whose failure message needs what the last poll saw).
+pub fn wait_until(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    check()
+}
+
 /// A program from PATH, or from /usr/sbin where Debian puts mosquitto (not on every PATH).
 pub fn program(name: &str) -> PathBuf {
     let sbin = Path::new("/usr/sbin").join(name);
@@ -47,6 +60,22 @@ pub fn program(name: &str) -> PathBuf {
 pub mod churn;
 
 pub use session_monitor_testkit::cluster::free_tcp_port;
+
+/// HTTP/1.0 GET on a loopback port, `(status, body)`: 1.0 so that no server answers in chunks.
+pub fn get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, body.to_owned()))
+}
 
 pub fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0")
@@ -279,18 +308,7 @@ impl Service {
 
     /// HTTP GET on the service; `(status, body)`.
     pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.http_port))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        let code = head
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        Ok((code, body.to_owned()))
+        get(self.http_port, path)
     }
 
     pub fn get_json(&self, path: &str) -> serde_json::Value {
