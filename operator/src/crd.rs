@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -39,6 +39,12 @@ const QLIK_PROXY_URL: &str = r"^https://[^/?#@]+(/[A-Za-z0-9._-]*/?)?$";
         name = "Ready",
         type_ = "string",
         json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+    ),
+    printcolumn(name = "Users", type_ = "integer", json_path = ".status.activeUsers"),
+    printcolumn(
+        name = "Sessions",
+        type_ = "integer",
+        json_path = ".status.activeSessions"
     ),
     printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint"),
     printcolumn(
@@ -546,4 +552,20 @@ pub struct SessionMonitorStatus {
     /// higher shards, and the pod could no longer read them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_shards: Option<u16>,
+    /// Distinct users with an active session, as the service counted them at the last read of
+    /// its metrics (at most every 30 s while it is ready); absent when it cannot be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_users: Option<u64>,
+    /// Active proxy sessions, read with `activeUsers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_sessions: Option<u64>,
+    /// When the newest event from any proxy arrived, read with `activeUsers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event_time: Option<Time>,
+    /// Size of the last checkpoint written, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_bytes: Option<u64>,
+    /// Shard ConfigMaps the committed checkpoint uses beside the main one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_shards_in_use: Option<u64>,
 }

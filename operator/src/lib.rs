@@ -15,6 +15,7 @@ pub mod rbac;
 pub mod reconcile;
 pub mod run;
 pub mod status;
+pub mod usage;
 pub mod validate;
 
 #[cfg(test)]

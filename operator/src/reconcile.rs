@@ -25,11 +25,15 @@ use crate::crd::{SessionMonitor, SessionMonitorStatus};
 use crate::desired::{self, Desired, MANAGER};
 use crate::metrics::Metrics;
 use crate::status::{self, DEGRADED, Outcome, READY};
+use crate::usage;
 use crate::validate::{self, Plan};
 
 /// How often a healthy monitor is re-checked even without a watch event: it restores deleted
 /// checkpoint ConfigMaps (not watched) and picks up rotated Secrets.
 pub const RESYNC: Duration = Duration::from_secs(300);
+/// How often a serving monitor's users and sessions are read into its status: about as often as
+/// `kubectl get` is worth refreshing, rarely enough to cost its service and the API server little.
+pub const USAGE_REFRESH: Duration = Duration::from_secs(30);
 /// A missing Secret is not watched (that would need list/watch on all Secrets): look again.
 pub const MISSING_SECRET_RETRY: Duration = Duration::from_secs(60);
 const BACKOFF_BASE: Duration = Duration::from_secs(5);
@@ -77,6 +81,8 @@ pub struct Context {
     pub default_image: String,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// Where a ready service's users are read from (its `/metrics`).
+    usage: usage::Source,
     /// Consecutive failures per monitor, for exponential backoff; cleared by a success.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -93,8 +99,15 @@ impl Context {
             default_image,
             recorder,
             metrics,
+            usage: usage::over_http(),
             failures: Mutex::default(),
         }
+    }
+
+    /// This context reading services' usage from `source` instead (tests).
+    pub fn with_usage(mut self, source: usage::Source) -> Context {
+        self.usage = source;
+        self
     }
 }
 
@@ -117,7 +130,7 @@ pub async fn reconcile(monitor: Arc<SessionMonitor>, ctx: Arc<Context>) -> Resul
     }
     let namespace = monitor.namespace().unwrap_or_default();
     let result = run_pipeline(&monitor, &ctx, &namespace).await;
-    let (outcome, deployment, endpoint, next) = match result {
+    let (outcome, deployment, endpoint, usage, next) = match result {
         Ok(done) => done,
         Err(error) => {
             // Still say why in the status, then let error_policy back off.
@@ -136,11 +149,19 @@ pub async fn reconcile(monitor: Arc<SessionMonitor>, ctx: Arc<Context>) -> Resul
                 .reconciles
                 .with_label_values(&[error.metric_label()])
                 .inc();
-            update_status(&monitor, &ctx, &outcome, deployment.as_ref(), None).await?;
+            update_status(&monitor, &ctx, &outcome, deployment.as_ref(), None, None).await?;
             return Err(error);
         }
     };
-    update_status(&monitor, &ctx, &outcome, deployment.as_ref(), endpoint).await?;
+    update_status(
+        &monitor,
+        &ctx,
+        &outcome,
+        deployment.as_ref(),
+        endpoint,
+        usage,
+    )
+    .await?;
     ctx.metrics
         .reconciles
         .with_label_values(&[outcome.reason()])
@@ -149,7 +170,13 @@ pub async fn reconcile(monitor: Arc<SessionMonitor>, ctx: Arc<Context>) -> Resul
     Ok(next)
 }
 
-type Done = (Outcome, Option<Deployment>, Option<String>, Action);
+type Done = (
+    Outcome,
+    Option<Deployment>,
+    Option<String>,
+    Option<usage::Usage>,
+    Action,
+);
 
 async fn run_pipeline(
     monitor: &SessionMonitor,
@@ -168,6 +195,7 @@ async fn run_pipeline(
                 Outcome::InvalidSpec(invalid.message),
                 deployment,
                 None,
+                None,
                 Action::await_change(),
             ));
         }
@@ -182,6 +210,7 @@ async fn run_pipeline(
                 Outcome::MissingSecret(missing),
                 deployment,
                 None,
+                None,
                 Action::requeue(MISSING_SECRET_RETRY),
             ));
         }
@@ -189,12 +218,25 @@ async fn run_pipeline(
     let desired = desired::build(monitor, &plan, &secret_versions);
     let (deployment, service) = apply(ctx, monitor, namespace, &desired).await?;
     let endpoint = status::endpoint(&service, monitor.spec.udp.port);
-    Ok((
-        Outcome::Applied,
-        Some(deployment),
-        endpoint,
-        Action::requeue(RESYNC),
-    ))
+    // A serving monitor's users, read again at the next reconcile, which comes sooner then.
+    let available = deployment
+        .status
+        .as_ref()
+        .and_then(|s| s.available_replicas)
+        .unwrap_or(0)
+        >= 1;
+    let usage = match available {
+        true => {
+            let host = format!("{}.{namespace}.svc", desired::http_service_name(&plan.name));
+            (ctx.usage)(host, monitor.spec.metrics.port).await
+        }
+        false => None,
+    };
+    let next = match usage {
+        Some(_) => Action::requeue(USAGE_REFRESH),
+        None => Action::requeue(RESYNC),
+    };
+    Ok((Outcome::Applied, Some(deployment), endpoint, usage, next))
 }
 
 /// The generated API token's Secret (`spec.apiAuth.generateToken`), created where it is
@@ -467,6 +509,7 @@ async fn update_status(
     outcome: &Outcome,
     deployment: Option<&Deployment>,
     endpoint: Option<String>,
+    usage: Option<usage::Usage>,
 ) -> Result<(), Error> {
     let previous = monitor.status.as_ref();
     let mut next = status::compute(
@@ -482,6 +525,13 @@ async fn update_status(
         Outcome::Applied => Some(monitor.spec.checkpoint.shards),
         _ => previous.and_then(|p| p.checkpoint_shards),
     };
+    // Unknown, not stale, when the service cannot be read.
+    let usage = usage.unwrap_or_default();
+    next.active_users = usage.active_users;
+    next.active_sessions = usage.active_sessions;
+    next.last_event_time = usage.last_event;
+    next.checkpoint_bytes = usage.checkpoint_bytes;
+    next.checkpoint_shards_in_use = usage.checkpoint_shards_in_use;
     for event in transitions(previous, &next) {
         if let Err(e) = ctx.recorder.publish(&event, &monitor.object_ref(&())).await {
             warn!(error = %e, reason = %event.reason, "could not record Event");

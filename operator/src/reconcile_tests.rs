@@ -21,12 +21,15 @@ use kube::runtime::events::{Recorder, Reporter};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
-use super::{Context, Error, MISSING_SECRET_RETRY, RESYNC, backoff, error_policy, reconcile};
+use super::{
+    Context, Error, MISSING_SECRET_RETRY, RESYNC, USAGE_REFRESH, backoff, error_policy, reconcile,
+};
 use crate::crd::{SessionMonitor, SessionMonitorStatus};
 use crate::desired::{CHECKSUM_ANNOTATION, MANAGER, ROLE_LABEL, config_checksum};
 use crate::metrics::Metrics;
 use crate::status::{DEGRADED, condition};
 use crate::testing::{NAME, NAMESPACE, UID, monitor};
+use crate::usage::{Source, Usage};
 use crate::validate::{paths, validate};
 
 type ApiServerHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
@@ -766,6 +769,11 @@ struct ApiServer {
 
 impl ApiServer {
     fn new() -> ApiServer {
+        ApiServer::reading_usage(Arc::new(|_, _| Box::pin(async { None })))
+    }
+
+    /// An [`ApiServer`] whose reconciler reads a ready service's usage from `source`.
+    fn reading_usage(source: Source) -> ApiServer {
         let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service, NAMESPACE);
         let recorder = Recorder::new(
@@ -775,7 +783,8 @@ impl ApiServer {
                 instance: None,
             },
         );
-        let ctx = Context::new(client, IMAGE.into(), recorder, Arc::new(Metrics::new()));
+        let ctx = Context::new(client, IMAGE.into(), recorder, Arc::new(Metrics::new()))
+            .with_usage(source);
         ApiServer {
             ctx: Arc::new(ctx),
             handle: Some(handle),
@@ -1042,6 +1051,60 @@ async fn a_new_monitor_applies_every_child_in_order_then_reports_the_rollout() {
     );
     assert_eq!(status.endpoint.as_deref(), Some("qlik-prod.qlik.svc:9997"));
     assert_eq!(server.reconciles("Reconciled"), 1);
+}
+
+/// A serving monitor's users, sessions, newest event and checkpoint, read from its HTTP
+/// Service, are in its status (for `kubectl get`'s USERS and SESSIONS), and read again sooner.
+#[tokio::test]
+async fn a_ready_monitor_shows_its_users_and_is_read_again_within_30_seconds() {
+    let m = with_credentials();
+    let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let source: Source = {
+        let asked = asked.clone();
+        Arc::new(move |host, port| {
+            asked.lock().unwrap().push((host, port));
+            Box::pin(async {
+                Some(Usage {
+                    active_users: Some(42),
+                    active_sessions: Some(57),
+                    last_event: Some(Time("2025-11-25T10:05:00Z".parse().unwrap())),
+                    checkpoint_bytes: Some(12_345),
+                    checkpoint_shards_in_use: Some(0),
+                })
+            })
+        })
+    };
+    let mut server = ApiServer::reading_usage(source);
+    let scenario = Scenario::Applies {
+        shards: 2,
+        secrets: vec![secret(&["username", "password"])],
+        deployment: Rollout::Available,
+        monitoring: Monitoring::NotInstalled,
+    };
+    let run = server
+        .reconcile(
+            &m,
+            scenario.then([event("Normal", "Ready"), status_patch(&m)]),
+        )
+        .await;
+    assert_eq!(run.action(), Action::requeue(USAGE_REFRESH));
+    assert_eq!(
+        *asked.lock().unwrap(),
+        [("qlik-prod-http.qlik.svc".to_owned(), m.spec.metrics.port)]
+    );
+    let status = run.status();
+    assert_eq!(
+        (status.active_users, status.active_sessions),
+        (Some(42), Some(57))
+    );
+    assert_eq!(
+        status.last_event_time.unwrap().0.to_string(),
+        "2025-11-25T10:05:00Z"
+    );
+    assert_eq!(
+        (status.checkpoint_bytes, status.checkpoint_shards_in_use),
+        (Some(12_345), Some(0))
+    );
 }
 
 #[tokio::test]

@@ -149,8 +149,9 @@ pub fn compute(
             condition(DEGRADED, degraded, degraded_reason, degraded_message),
         ],
         endpoint: endpoint.or_else(|| previous.and_then(|p| p.endpoint.clone())),
-        // The reconciler sets it from what it applied.
+        // The reconciler sets it from what it applied, and these from what the service says.
         checkpoint_shards: previous.and_then(|p| p.checkpoint_shards),
+        ..SessionMonitorStatus::default()
     }
 }
 

@@ -49,3 +49,84 @@ fn the_chart_grants_the_rules_the_operator_uses() {
         crdgen::CHART_RULES_FILE
     );
 }
+
+/// `kubectl get sessionmonitors` as it renders a ready monitor with users: the CRD's printer
+/// columns, their JSONPaths evaluated on a monitor whose status the operator wrote.
+#[test]
+fn kubectl_get_shows_ready_users_sessions_endpoint_and_age() {
+    let crd = crdgen::json();
+    let columns = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+        .as_array()
+        .expect("printer columns")
+        .clone();
+    let names: Vec<&str> = columns
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["Ready", "Users", "Sessions", "Endpoint", "Age"]);
+    let monitor = serde_json::json!({
+        "metadata": {"name": "qlik-prod", "creationTimestamp": "2025-11-25T09:00:00Z"},
+        "status": {
+            "conditions": [
+                {"type": "Progressing", "status": "False"},
+                {"type": "Ready", "status": "True"},
+            ],
+            "endpoint": "qlik-prod.qlik.svc:9997",
+            "activeUsers": 42,
+            "activeSessions": 57,
+        }
+    });
+    // The JSONPath subset the columns use: `.a.b` and `.a[?(@.type=="X")].b`.
+    let cell = |path: &str| -> String {
+        let mut value = &monitor;
+        // Split on the dots outside brackets.
+        let (mut steps, mut depth, mut start) = (Vec::new(), 0, 1);
+        for (i, c) in path.char_indices() {
+            match c {
+                '[' => depth += 1,
+                ']' => depth -= 1,
+                '.' if depth == 0 && i > 0 => {
+                    steps.push(&path[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        steps.push(&path[start..]);
+        for step in steps {
+            value = match step.split_once("[?(@.type==\"") {
+                Some((field, rest)) => {
+                    let wanted = rest.trim_end_matches("\")]");
+                    value[field]
+                        .as_array()
+                        .and_then(|items| items.iter().find(|i| i["type"] == wanted))
+                        .unwrap_or(&serde_json::Value::Null)
+                }
+                None => &value[step],
+            };
+        }
+        match value {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
+    };
+    let row: Vec<String> = columns
+        .iter()
+        .map(|c| cell(c["jsonPath"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        row,
+        [
+            "True",
+            "42",
+            "57",
+            "qlik-prod.qlik.svc:9997",
+            "2025-11-25T09:00:00Z"
+        ]
+    );
+    let types: Vec<&str> = columns
+        .iter()
+        .map(|c| c["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["string", "integer", "integer", "string", "date"]);
+}

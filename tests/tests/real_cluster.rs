@@ -744,6 +744,18 @@ fn the_product_runs_in_a_real_cluster() {
     let before = summary("/api/v1/summary through the HTTP Service");
     assert_eq!(before["active_users"], 3, "{before}");
     assert_eq!(before["active_sessions"], 6, "{before}");
+    // 4b. kubectl get smon: the operator reads the service's /metrics through its HTTP Service
+    // (every 30 s while it is ready) into status.activeUsers and activeSessions, the USERS and
+    // SESSIONS columns.
+    let status = wait_for_within("status.activeUsers from the operator", POD_DEADLINE, || {
+        let monitor = cluster.request("the monitor", monitors(&qlik).get(MONITOR));
+        let status = monitor.data["status"].clone();
+        match (&status["activeUsers"], &status["activeSessions"]) {
+            (users, sessions) if *users == json!(3) && *sessions == json!(6) => Ok(status),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    assert!(status["lastEventTime"].is_string(), "{status}");
     assert_eq!(
         before["active_users_per_host"],
         json!({"qs1": 3, "qs2": 3}),
