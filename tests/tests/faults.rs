@@ -395,7 +395,17 @@ fn a_broker_outage_under_load_keeps_memory_flat_and_publishes_only_the_present()
 
     broker.restart();
     let sub = Subscriber::connect(broker.port, "#");
-    sub.wait_for_payload("qliksense/users/active/count", &users.to_string());
+    // After minutes away the service retries every 30 s (its longest back-off).
+    let present = users.to_string();
+    let reconnected = common::wait_until(Duration::from_secs(45), || {
+        sub.latest()
+            .get("qliksense/users/active/count")
+            .is_some_and(|m| m.payload == present)
+    });
+    assert!(
+        reconnected,
+        "no count {present} within 45 s of the broker's return"
+    );
     wait_for("a counted reconnect", || {
         (service.metric("session_monitor_mqtt_connections_total")? >= 2.0).then_some(())
     });
