@@ -438,12 +438,25 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 
 /// `GET path` on `ip:port` (e.g. a ClusterIP, which a cluster's node routes to its pods).
 pub fn http_get_at(ip: &str, port: u16, path: &str) -> Option<(u16, String)> {
+    http_get_with(ip, port, path, None)
+}
+
+/// [`http_get_at`] with `Authorization: Bearer TOKEN` when a token is given.
+pub fn http_get_with(
+    ip: &str,
+    port: u16,
+    path: &str,
+    bearer: Option<&str>,
+) -> Option<(u16, String)> {
     let address = std::net::SocketAddr::new(ip.parse().ok()?, port);
     let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let authorization = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {ip}\r\n{authorization}Connection: close\r\n\r\n"
     )
     .ok()?;
     let mut response = String::new();

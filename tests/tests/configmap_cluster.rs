@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::churn::{self, Churn, WRITE_STARTED, killed_in_a_write, session_id};
+use common::churn::{self, Churn, session_id};
 use common::datagram::{butler, butler_sos, own};
 use common::{Service, free_tcp_port, wait_for};
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -561,20 +561,9 @@ fn sigkill_during_sharded_configmap_writes_leaves_old_or_new_never_a_mix() {
     let (mut in_write, mut cut_short) = (0, 0);
     for i in 0..ITERATIONS {
         let batch = churn.batch(BATCH, BATCH as usize);
-        for d in batch.datagrams() {
-            service.send(d);
-        }
-        let offset = service.log_len();
-        wait_for("a checkpoint write to start", || {
-            service
-                .log_since(offset)
-                .contains(WRITE_STARTED)
-                .then_some(())
-        });
-        std::thread::sleep(Duration::from_millis(rng.u64(0..250)));
-        service.signal(libc::SIGKILL);
-        service.wait_exit();
-        in_write += usize::from(killed_in_a_write(&service.log_since(offset)));
+        let offset = churn::send_until_a_write_starts(&service, &batch);
+        let delay = Duration::from_millis(rng.u64(0..250));
+        in_write += usize::from(churn::kill_in_a_write(&mut service, offset, delay));
 
         let stored = read_checkpoint(&ns).unwrap_or_else(|| {
             panic!("iteration {i}: the manifest names a shard of another generation")
@@ -731,16 +720,7 @@ fn an_api_server_restarted_in_the_middle_of_sharded_writes_leaves_old_or_new() {
     let mut cut_short = 0;
     for round in 0..ROUNDS {
         let batch = churn.batch(BATCH, BATCH as usize);
-        for d in batch.datagrams() {
-            service.send(d);
-        }
-        let offset = service.log_len();
-        wait_for("a checkpoint write to start", || {
-            service
-                .log_since(offset)
-                .contains(WRITE_STARTED)
-                .then_some(())
-        });
+        churn::send_until_a_write_starts(&service, &batch);
         std::thread::sleep(Duration::from_millis(rng.u64(0..400)));
         let failed = metric(&service, WRITES_FAILED);
         let command = server.kill();

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::churn::{self, Churn, WRITE_STARTED, killed_in_a_write};
+use common::churn::{self, Churn};
 use common::datagram::own;
 use common::{Mosquitto, Service, Subscriber, wait_for};
 use session_monitor::checkpoint::codec;
@@ -110,23 +110,10 @@ fn sigkill_during_file_checkpoint_writes_leaves_old_or_new_never_a_mix() {
     let (mut in_write, mut cut_short) = (0, 0);
     for i in 0..ITERATIONS {
         let batch = churn.batch(BATCH, BATCH as usize);
-        for d in batch.datagrams() {
-            service.send(d);
-        }
-        // Aimed at writes: once one has started after the batch, a kill within about the time
-        // a write takes here.
-        let offset = service.log_len();
-        wait_for("a checkpoint write to start", || {
-            service
-                .log_since(offset)
-                .contains(WRITE_STARTED)
-                .then_some(())
-        });
-        std::thread::sleep(Duration::from_millis(rng.u64(0..100)));
-        service.signal(libc::SIGKILL);
-        service.wait_exit();
-
-        in_write += usize::from(killed_in_a_write(&service.log_since(offset)));
+        // A kill within about the time a write takes here.
+        let offset = churn::send_until_a_write_starts(&service, &batch);
+        let delay = Duration::from_millis(rng.u64(0..100));
+        in_write += usize::from(churn::kill_in_a_write(&mut service, offset, delay));
         cut_short += usize::from(!partial_writes(dir.path()).is_empty());
         let stored = stored_sessions(&file);
         churn

@@ -13,8 +13,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, UdpSocket};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -27,7 +26,9 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
-use session_monitor_testkit::cluster::{Cluster, TestNamespace, http_get_at, wait_for_within};
+use session_monitor_testkit::cluster::{
+    Cluster, TestNamespace, http_get_at, http_get_with, wait_for_within,
+};
 use session_monitor_testkit::qlik::{Casing, FakeQlik, FakeSession, NodeSpec, QlikCerts, Site};
 
 use common::Subscriber;
@@ -544,22 +545,7 @@ fn qlik_from_the_pod(ns: &TestNamespace<'_>, http_ip: &str, selector: &str, runn
 
 /// `GET path` on the HTTP Service at `ip`, with `Authorization: Bearer TOKEN` when given.
 fn http_get_bearer(ip: &str, path: &str, token: Option<&str>) -> Option<(u16, String)> {
-    let address = std::net::SocketAddr::new(ip.parse().ok()?, 9842);
-    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let authorization = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {ip}\r\n{authorization}Connection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let status = head.split(' ').nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
+    http_get_with(ip, 9842, path, token)
 }
 
 /// The token in the Secret the operator generated for the monitor (`spec.apiAuth`).

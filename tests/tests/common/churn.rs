@@ -14,6 +14,7 @@ use std::collections::BTreeSet;
 use std::ops::Range;
 
 use super::datagram::own;
+use super::{Service, wait_for};
 
 /// What one batch did: sessions `starts` started and `stops` stopped.
 pub struct Batch {
@@ -129,4 +130,30 @@ pub fn killed_in_a_write(log: &str) -> bool {
     let last = |what: &str| log.rfind(what);
     let ended = last("checkpoint written").max(last("checkpoint write failed"));
     last(WRITE_STARTED) > ended
+}
+
+/// Sends `batch` at full speed and returns once a checkpoint write has started after it, with the
+/// log's length before, for [`kill_in_a_write`]: kills aimed at writes rather than at the idle
+/// time between them.
+pub fn send_until_a_write_starts(service: &Service, batch: &Batch) -> u64 {
+    for d in batch.datagrams() {
+        service.send(d);
+    }
+    let offset = service.log_len();
+    wait_for("a checkpoint write to start", || {
+        service
+            .log_since(offset)
+            .contains(WRITE_STARTED)
+            .then_some(())
+    });
+    offset
+}
+
+/// SIGKILL after `delay`; whether it landed inside a checkpoint write (the log since `offset`
+/// ends in one).
+pub fn kill_in_a_write(service: &mut Service, offset: u64, delay: std::time::Duration) -> bool {
+    std::thread::sleep(delay);
+    service.signal(libc::SIGKILL);
+    service.wait_exit();
+    killed_in_a_write(&service.log_since(offset))
 }
