@@ -17,6 +17,8 @@ pub struct Metrics {
     /// `result`: `Reconciled`, `InvalidSpec`, `MissingSecret`, `ApplyFailed`, `ApiError`.
     pub reconciles: IntCounterVec,
     pub reconcile_duration: Histogram,
+    /// Reads of a ready service's `/metrics` for the status, `result`: `ok`, `failed`.
+    pub usage_reads: IntCounterVec,
     /// Monitors by condition and status, e.g. `{condition="Ready",status="True"}`.
     monitors: IntGaugeVec,
     pub leader: IntGauge,
@@ -50,6 +52,17 @@ impl Metrics {
             .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
         )
         .expect("valid metric");
+        let usage_reads = IntCounterVec::new(
+            Opts::new(
+                "session_monitor_operator_usage_reads_total",
+                "Reads of a ready service's /metrics for its status (users, sessions), by result",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        for result in ["ok", "failed"] {
+            usage_reads.with_label_values(&[result]);
+        }
         let monitors = IntGaugeVec::new(
             Opts::new(
                 "session_monitor_operator_monitors",
@@ -79,6 +92,7 @@ impl Metrics {
         for metric in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconcile_duration.clone()),
+            Box::new(usage_reads.clone()),
             Box::new(monitors.clone()),
             Box::new(leader.clone()),
             Box::new(ready.clone()),
@@ -96,6 +110,7 @@ impl Metrics {
             registry,
             reconciles,
             reconcile_duration,
+            usage_reads,
             monitors,
             leader,
             ready,

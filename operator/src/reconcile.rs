@@ -228,7 +228,10 @@ async fn run_pipeline(
     let usage = match available {
         true => {
             let host = format!("{}.{namespace}.svc", desired::http_service_name(&plan.name));
-            (ctx.usage)(host, monitor.spec.metrics.port).await
+            let usage = (ctx.usage)(host, monitor.spec.metrics.port).await;
+            let result = if usage.is_some() { "ok" } else { "failed" };
+            ctx.metrics.usage_reads.with_label_values(&[result]).inc();
+            usage
         }
         false => None,
     };

@@ -1089,6 +1089,15 @@ async fn a_ready_monitor_shows_its_users_and_is_read_again_within_30_seconds() {
         .await;
     assert_eq!(run.action(), Action::requeue(USAGE_REFRESH));
     assert_eq!(
+        server
+            .ctx
+            .metrics
+            .usage_reads
+            .with_label_values(&["ok"])
+            .get(),
+        1
+    );
+    assert_eq!(
         *asked.lock().unwrap(),
         [("qlik-prod-http.qlik.svc".to_owned(), m.spec.metrics.port)]
     );
