@@ -52,6 +52,8 @@ pub struct Metrics {
     pub checkpoint_restored_sessions: IntGauge,
     pub checkpoint_conflicts: IntCounter,
     pub checkpoint_shards: IntGauge,
+    pub checkpoint_shards_wanted: IntGauge,
+    pub checkpoint_shards_max: IntGauge,
     pub ready: IntGauge,
     pub qlik: QlikMetrics,
 }
@@ -238,6 +240,14 @@ impl Metrics {
             checkpoint_conflicts: counter(
                 "checkpoint_conflicts_total",
                 "Checkpoint writes that found the store changed by someone else (409), resolved by writing again.",
+            ),
+            checkpoint_shards_wanted: gauge(
+                "checkpoint_shards_wanted",
+                "The checkpoint_configmap_shards the last checkpoint's size calls for: the shards it occupies, plus those a quarter larger one needs beside it (0 for a file).",
+            ),
+            checkpoint_shards_max: gauge(
+                "checkpoint_shards_max",
+                "checkpoint_configmap_shards: the shard ConfigMaps the checkpoint may use (0 for a file).",
             ),
             checkpoint_shards: gauge(
                 "checkpoint_shards",

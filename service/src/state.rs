@@ -24,6 +24,8 @@ pub struct State {
     qlik: Mutex<Option<QlikStatus>>,
     /// Active users per minute (its own lock: a sample or a view never waits for a shard).
     history: Mutex<History>,
+    /// Warnings the checkpoint task repeats while a condition lasts, once per 10 minutes.
+    pub checkpoint_warnings: Mutex<crate::ratelimit::RateLimiter>,
 }
 
 impl State {
@@ -36,6 +38,9 @@ impl State {
             ready: AtomicBool::new(false),
             qlik: Mutex::new(None),
             history: Mutex::new(History::new(crate::history::DEFAULT_RETENTION)),
+            checkpoint_warnings: Mutex::new(crate::ratelimit::RateLimiter::new(
+                std::time::Duration::from_secs(600),
+            )),
         }
     }
 

@@ -136,6 +136,16 @@ impl ConfigMapStore {
         )
     }
 
+    /// The shard ConfigMaps this store may use (`checkpoint_configmap_shards`).
+    pub fn max_shards(&self) -> usize {
+        self.max_shards
+    }
+
+    /// [`layout::shards_wanted`] for a checkpoint of `bytes` in this store.
+    pub fn shards_wanted(&self, bytes: usize) -> usize {
+        layout::shards_wanted(bytes, self.shard_bytes)
+    }
+
     /// Shard ConfigMaps in use by the committed checkpoint.
     pub async fn shards_in_use(&self) -> usize {
         self.inner

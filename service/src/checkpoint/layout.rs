@@ -198,6 +198,18 @@ pub fn object(name: &str, annotations: BTreeMap<String, String>, data: &[u8]) ->
     }
 }
 
+/// Shard ConfigMaps beside `NAME` that a checkpoint of `bytes` occupies.
+pub fn shards_for(bytes: usize, shard_bytes: usize) -> usize {
+    bytes.div_ceil(shard_bytes.max(1)).saturating_sub(1)
+}
+
+/// The `checkpoint_configmap_shards` that keeps checkpoints of about `bytes` writing: a write
+/// goes to shards the committed checkpoint does not use, so both must fit at once, and the next
+/// one may have grown; a quarter of growth is allowed for.
+pub fn shards_wanted(bytes: usize, shard_bytes: usize) -> usize {
+    shards_for(bytes, shard_bytes) + shards_for(bytes.saturating_add(bytes / 4), shard_bytes)
+}
+
 /// The ConfigMaps a committed checkpoint of `bytes` consists of, `NAME` first: what the store
 /// writes, as pure data (for tests and fuzz seeds; the store itself writes them one by one).
 pub fn layout(name: &str, generation: u64, bytes: &[u8], shard_bytes: usize) -> Vec<ConfigMap> {
@@ -235,6 +247,25 @@ pub fn layout(name: &str, generation: u64, bytes: &[u8], shard_bytes: usize) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shards_wanted_holds_the_committed_checkpoint_and_a_quarter_grown_one() {
+        const S: usize = 100;
+        assert_eq!(
+            (shards_for(0, S), shards_for(100, S), shards_for(101, S)),
+            (0, 0, 1)
+        );
+        assert_eq!(shards_for(350, S), 3);
+        // 350 bytes: 3 shards now, and 437 bytes would take 4.
+        assert_eq!(shards_wanted(350, S), 7);
+        assert_eq!(shards_wanted(80, S), 0);
+        // The store's own rule agrees: with `wanted` shards, a write of the grown size finds
+        // enough free beside the committed one.
+        for bytes in [0, 99, 150, 1_000, 12_345] {
+            let wanted = shards_wanted(bytes, S);
+            assert!(shards_for(bytes, S) + shards_for(bytes + bytes / 4, S) <= wanted);
+        }
+    }
 
     fn read(name: &str, max: usize, objects: &[ConfigMap]) -> Result<Assembly, Corrupt> {
         let main = &objects[0];

@@ -177,6 +177,14 @@ impl Store {
         }
     }
 
+    /// `(shards wanted for a checkpoint of bytes, shards allowed)`; `None` for a file.
+    fn shard_sizing(&self, bytes: usize) -> Option<(usize, usize)> {
+        match self {
+            Store::File(_) => None,
+            Store::ConfigMap(c) => Some((c.shards_wanted(bytes), c.max_shards())),
+        }
+    }
+
     async fn shards_in_use(&self) -> usize {
         match self {
             Store::File(_) => 0,
@@ -337,8 +345,31 @@ async fn save_once(store: &Store, state: &Arc<State>) -> Result<u64, StoreError>
         .await
     };
     let size = bytes.len();
-    let result = store.save(bytes).await;
     let m = &state.metrics;
+    // Known before the write, and whether it succeeds: the warning comes while writes still do.
+    if let Some((wanted, max)) = store.shard_sizing(size) {
+        m.checkpoint_shards_wanted.set(wanted as i64);
+        m.checkpoint_shards_max.set(max as i64);
+        let allowed = (wanted > max)
+            .then(|| {
+                let mut limits = state
+                    .checkpoint_warnings
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                limits.allow("shards_wanted")
+            })
+            .flatten();
+        if let Some(suppressed) = allowed {
+            tracing::warn!(
+                wanted,
+                checkpoint_configmap_shards = max,
+                bytes = size,
+                suppressed,
+                "the checkpoint is growing out of its shard ConfigMaps: raise checkpoint_configmap_shards (spec.checkpoint.shards) before writes fail"
+            );
+        }
+    }
+    let result = store.save(bytes).await;
     m.checkpoint_duration
         .observe(started.elapsed().as_secs_f64());
     match &result {

@@ -443,3 +443,34 @@ async fn the_fake_refuses_an_oversized_configmap_as_the_api_server_does() {
         "{err}"
     );
 }
+
+/// Every write says how many shards the checkpoint's size calls for and how many it may use, so
+/// an alert (and an operator) can act while writes still succeed; when they run short, a write
+/// that does not fit fails with the setting named, and the gauges say why.
+#[tokio::test]
+async fn each_write_reports_the_shards_its_size_calls_for() {
+    let api = FakeApi::default();
+    let state = state();
+    let s = Store::ConfigMap(Arc::new(store(&api, 4, 100)));
+    restore(&s, &state).await.unwrap();
+    let m = &state.metrics;
+    start(&state, "joe", "s1");
+    save(&s, &state).await.unwrap();
+    let size = m.checkpoint_size_bytes.get() as usize;
+    assert_eq!(
+        m.checkpoint_shards_wanted.get() as usize,
+        layout::shards_wanted(size, 100)
+    );
+    assert_eq!(m.checkpoint_shards_max.get(), 4);
+
+    // Enough users that the checkpoint outgrows four shards of 100 bytes.
+    for i in 0..200 {
+        start(&state, &format!("user{i:03}"), &format!("sid-{i}"));
+    }
+    let err = save(&s, &state).await.unwrap_err();
+    assert!(
+        err.to_string().contains("checkpoint_configmap_shards"),
+        "{err}"
+    );
+    assert!(m.checkpoint_shards_wanted.get() > m.checkpoint_shards_max.get());
+}
