@@ -724,6 +724,10 @@ fn an_api_server_restarted_in_the_middle_of_sharded_writes_leaves_old_or_new() {
         std::thread::sleep(Duration::from_millis(rng.u64(0..400)));
         let failed = metric(&service, WRITES_FAILED);
         let command = server.kill();
+        // If the kill came after the batch's last write, nothing would be written again: one
+        // more event (a connection on a session of the batch, no change of who is active)
+        // makes the service write, and fail.
+        service.send(churn::datagram("Open connection", batch.starts.start));
         // The write in flight (or the next) fails; then the service is frozen, so that nothing
         // it does after the API server is back hides what the crash left.
         wait_for("a checkpoint write to fail", || {
