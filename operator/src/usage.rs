@@ -123,7 +123,7 @@ session_monitor_host_last_event_timestamp_seconds{host=\"qs1\"} 1764064800
 session_monitor_host_last_event_timestamp_seconds{host=\"qs2\"} 1764065100
 session_monitor_checkpoint_size_bytes 12345
 session_monitor_checkpoint_shards 2
-session_monitor_checkpoint_shards_needed 2
+session_monitor_checkpoint_shards_wanted 5
 process_resident_memory_bytes 1.2e7
 ";
 

@@ -15,7 +15,7 @@ use common::datagram::{butler, butler_sos, own};
 use common::{Mosquitto, Service, free_tcp_port, wait_for};
 use serde_json::{Value, json};
 use session_monitor_operator::crd::SessionMonitor;
-use session_monitor_testkit::cluster::Cluster;
+use session_monitor_testkit::cluster::{Cluster, wait_for_within};
 use session_monitor_testkit::qlik::{Casing, FakeQlik, FakeSession, NodeSpec, QlikCerts, Site};
 
 const QLIK: &str = "qs-central.corp.local";
@@ -278,21 +278,25 @@ fn every_dashboard_query_returns_series_and_every_alert_rule_evaluates_in_a_real
     // Until every query has series: rates need two scrapes inside their window, histograms an
     // observation; the deadline says which never do.
     let queries = dashboard_queries();
-    let mut empty = Vec::new();
-    let answered = common::wait_until(Duration::from_secs(30), || {
-        empty = queries
-            .iter()
-            .filter(|(_, expr)| prometheus.query(expr).is_empty())
-            .map(|(title, expr)| format!("{title}: {expr}"))
-            .collect();
-        empty.is_empty()
-    });
-    assert!(
-        answered,
-        "{} of {} dashboard queries return no series:\n{}",
-        empty.len(),
-        queries.len(),
-        empty.join("\n")
+    wait_for_within(
+        "every dashboard query to return series",
+        Duration::from_secs(30),
+        || {
+            let empty: Vec<String> = queries
+                .iter()
+                .filter(|(_, expr)| prometheus.query(expr).is_empty())
+                .map(|(title, expr)| format!("{title}: {expr}"))
+                .collect();
+            match empty.is_empty() {
+                true => Ok(()),
+                false => Err(format!(
+                    "{} of {} return none:\n{}",
+                    empty.len(),
+                    queries.len(),
+                    empty.join("\n")
+                )),
+            }
+        },
     );
 
     // The alert rules, as Prometheus evaluates them against these targets.

@@ -31,19 +31,6 @@ pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-/// Polls `check` until it is true or `within` has passed; whether it became true (for checks
-/// whose failure message needs what the last poll saw).
-pub fn wait_until(within: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < within {
-        if check() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    check()
-}
-
 /// A program from PATH, or from /usr/sbin where Debian puts mosquitto (not on every PATH).
 pub fn program(name: &str) -> PathBuf {
     let sbin = Path::new("/usr/sbin").join(name);
