@@ -33,12 +33,20 @@ pub fn main() -> ExitCode {
 }
 
 fn serve(flags: Settings, config_file: Option<PathBuf>) -> ExitCode {
-    let settings = match config_file {
+    let (settings, reload) = match config_file {
         Some(path) => match Settings::from_file(&path) {
-            Ok(file) => flags.or(file),
+            Ok(file) => {
+                let started = flags.clone().or(file);
+                let reload = crate::settings_reload::Source {
+                    path,
+                    flags,
+                    started: started.clone(),
+                };
+                (started, Some(reload))
+            }
             Err(error) => return fail(&error),
         },
-        None => flags,
+        None => (flags, None),
     };
     let mut settings = settings;
     if let Ok(token) = std::env::var("SESSION_MONITOR_API_TOKEN") {
@@ -49,7 +57,7 @@ fn serve(flags: Settings, config_file: Option<PathBuf>) -> ExitCode {
     }
     let password = std::env::var("SESSION_MONITOR_MQTT_PASSWORD").ok();
     let config = match Config::from_settings(settings, password) {
-        Ok(config) => config,
+        Ok(config) => Config { reload, ..config },
         Err(error) => return fail(&error),
     };
     init_logging(&config.log_level, config.log_format);

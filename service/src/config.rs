@@ -590,6 +590,9 @@ pub struct Config {
     pub api_token: Option<ApiToken>,
     pub log_level: String,
     pub log_format: LogFormat,
+    /// The configuration file to watch for a raised `checkpoint_configmap_shards`; set by the
+    /// command line (`--config`), `None` without a file.
+    pub reload: Option<crate::settings_reload::Source>,
 }
 
 #[derive(Clone, Debug)]
@@ -883,6 +886,7 @@ impl Config {
             },
             log_level: s.log_level.unwrap_or_else(|| "info".to_owned()),
             log_format: s.log_format.unwrap_or_default(),
+            reload: None,
         })
     }
 }
@@ -936,7 +940,7 @@ fn api_token(s: &Settings) -> Result<Option<ApiToken>, ConfigError> {
     Ok(Some(ApiToken(token.into())))
 }
 
-fn checkpoint_store(s: &Settings) -> Result<CheckpointStoreConfig, ConfigError> {
+pub(crate) fn checkpoint_store(s: &Settings) -> Result<CheckpointStoreConfig, ConfigError> {
     let Some(name) = &s.checkpoint_configmap else {
         if s.checkpoint_namespace.is_some() || s.checkpoint_configmap_shards.is_some() {
             return Err(invalid(

@@ -20,5 +20,6 @@ pub mod qlik;
 pub mod ratelimit;
 pub mod registry;
 pub mod service;
+pub mod settings_reload;
 pub mod shutdown;
 pub mod state;

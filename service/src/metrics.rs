@@ -54,6 +54,9 @@ pub struct Metrics {
     pub checkpoint_shards: IntGauge,
     pub checkpoint_shards_wanted: IntGauge,
     pub checkpoint_shards_max: IntGauge,
+    /// Changes of the configuration file seen while running, by what came of them
+    /// (`settings_reload::Outcome`).
+    pub config_reloads: IntCounterVec,
     pub ready: IntGauge,
     pub qlik: QlikMetrics,
 }
@@ -249,6 +252,17 @@ impl Metrics {
                 "checkpoint_shards_max",
                 "checkpoint_configmap_shards: the shard ConfigMaps the checkpoint may use (0 for a file).",
             ),
+            config_reloads: {
+                let reloads = counter_vec(
+                    "config_reloads_total",
+                    "Changes of the configuration file seen while running, by outcome: shards_raised (checkpoint_configmap_shards applied), restart_needed (other settings, applied at the next start), lowering_ignored, invalid.",
+                    &["outcome"],
+                );
+                for outcome in crate::settings_reload::Outcome::ALL {
+                    reloads.with_label_values(&[outcome.label()]);
+                }
+                reloads
+            },
             checkpoint_shards: gauge(
                 "checkpoint_shards",
                 "Shard ConfigMaps the committed checkpoint uses beside the main one (0 for a file).",

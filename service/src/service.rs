@@ -210,6 +210,7 @@ pub async fn run(
     let mut publisher = None;
     let mut reconcile_task = None;
     let mut history_sampler = None;
+    let mut settings_reloader = None;
     let failed = match restored {
         Some(Ok(())) => {
             // One reconcile with the Qlik proxies before turning ready, so that the first count
@@ -234,6 +235,15 @@ pub async fn run(
                     },
                     () = &mut shutdown => stop_requested = true,
                 }
+            }
+            // Only the ConfigMap store's shard count changes while running.
+            if let (Some(source), Store::ConfigMap(configmaps)) = (&config.reload, &store) {
+                settings_reloader = Some(tokio::spawn(crate::settings_reload::run(
+                    source.clone(),
+                    configmaps.clone(),
+                    state.clone(),
+                    phases.at(Phase::Saving),
+                )));
             }
             checkpoint_writer = Some(tokio::spawn(checkpoint::run(
                 store,
@@ -274,7 +284,10 @@ pub async fn run(
         let _ = writer.await;
     }
     let _ = tokio::join!(http_server, expiry);
-    for task in [reconcile_task, history_sampler].into_iter().flatten() {
+    for task in [reconcile_task, history_sampler, settings_reloader]
+        .into_iter()
+        .flatten()
+    {
         let _ = task.await;
     }
     phases.enter(Phase::Closing);

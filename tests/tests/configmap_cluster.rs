@@ -774,3 +774,99 @@ fn an_api_server_restarted_in_the_middle_of_sharded_writes_leaves_old_or_new() {
     drop(service);
     ns.delete();
 }
+
+/// The operator raises `checkpoint_configmap_shards` in the mounted configuration file when a
+/// checkpoint outgrows its shards, and does not roll the pod for it: the running service reads
+/// the file again and its next write uses the new shards. Here the service starts with one
+/// shard, grows until a write fails for want of a free one, and the file is then rewritten the
+/// way the kubelet updates a ConfigMap volume (a new file renamed over the old).
+#[test]
+fn a_raised_shard_count_in_the_config_file_applies_without_a_restart() {
+    const BATCH: u64 = 15_000;
+    let test = "a_raised_shard_count_in_the_config_file_applies_without_a_restart";
+    let Some(cluster) = Cluster::from_env(test) else {
+        return;
+    };
+    let ns = cluster.create_namespace("smon-raise");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let write_config = |shards: usize| {
+        let next = dir.path().join(".config.toml.next");
+        std::fs::write(&next, format!("checkpoint_configmap_shards = {shards}\n")).unwrap();
+        std::fs::rename(&next, &config).unwrap();
+    };
+    write_config(1);
+    let mut args = service_args(&ns, "100ms");
+    args.extend(["--config".to_owned(), config.to_str().unwrap().to_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let kubeconfig = ns.cluster().kubeconfig().to_str().unwrap();
+    let mut service =
+        Service::start_without_checkpoint_file(dir.path(), &args, &[("KUBECONFIG", kubeconfig)]);
+
+    // Grow until a write finds no free shard: the committed checkpoint holds the only one.
+    let mut churn = Churn::default();
+    let mut sessions = 0;
+    while metric(&service, WRITES_FAILED) == 0.0 {
+        assert!(sessions < 300_000, "no write failed with one shard");
+        service.send_paced(&churn.batch(BATCH, 0).datagrams());
+        sessions += BATCH;
+        let ok = metric(&service, WRITES_OK);
+        wait_for("a write of the batch, or a failed one", || {
+            let settled = service.metric(WRITES_FAILED)? > 0.0 || service.metric(WRITES_OK)? > ok;
+            settled.then_some(())
+        });
+    }
+    let wanted = metric(&service, "session_monitor_checkpoint_shards_wanted");
+    assert_eq!(
+        metric(&service, "session_monitor_checkpoint_shards_max"),
+        1.0
+    );
+    assert!(wanted > 1.0, "{wanted} shards wanted");
+    eprintln!("{sessions} sessions: a write failed; {wanted} shards wanted");
+
+    let pid = service.pid();
+    write_config(wanted as usize);
+    let raised = "session_monitor_config_reloads_total{outcome=\"shards_raised\"}";
+    wait_for("the service to read the raised setting", || {
+        (service.metric(raised)? == 1.0).then_some(())
+    });
+    // The raise wakes the writer out of its back-off.
+    let stored = wait_for_checkpoint(&service, &ns, "every session in the raised shards", |s| {
+        s.checkpoint.sessions.len() == sessions as usize
+    });
+    assert!(!stored.shards.is_empty());
+    assert_eq!(
+        metric(&service, "session_monitor_checkpoint_shards_max"),
+        wanted
+    );
+    // And it keeps writing: more sessions (within the quarter of growth `wanted` allows for),
+    // no more failures.
+    let failed = metric(&service, WRITES_FAILED);
+    service.send_paced(&churn.batch(BATCH / 5, 0).datagrams());
+    sessions += BATCH / 5;
+    wait_for_checkpoint(&service, &ns, "the next batch checkpointed", |s| {
+        s.checkpoint.sessions.len() == sessions as usize
+    });
+    assert_eq!(metric(&service, WRITES_FAILED), failed);
+    assert_eq!(service.pid(), pid, "the same process: no restart");
+    let log = service.log_text();
+    assert!(
+        log.contains("checkpoint_configmap_shards raised by the configuration file"),
+        "{log}"
+    );
+    for outcome in ["restart_needed", "lowering_ignored", "invalid"] {
+        let sample = format!("session_monitor_config_reloads_total{{outcome=\"{outcome}\"}}");
+        assert_eq!(metric(&service, &sample), 0.0, "{sample}");
+    }
+
+    // The next start reads the raised file and restores every session from the wider layout.
+    service.signal(libc::SIGTERM);
+    service.wait_exit();
+    service.restart(&args);
+    assert_eq!(
+        metric(&service, "session_monitor_active_sessions"),
+        sessions as f64
+    );
+    assert_eq!(metric(&service, RESTORED), 1.0);
+    ns.delete();
+}

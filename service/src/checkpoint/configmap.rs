@@ -18,13 +18,14 @@
 //! and the caller writes the current registry again: the running service's state is the newest.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Api;
 use kube::api::PostParams;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 
 use super::layout;
 
@@ -70,7 +71,11 @@ pub struct ConfigMapStore {
     api: Api<ConfigMap>,
     name: String,
     namespace: String,
-    max_shards: usize,
+    /// `checkpoint_configmap_shards`; only ever raised while running (see [`Self::raise_max_shards`]).
+    max_shards: AtomicUsize,
+    /// Wakes the writer when `max_shards` rose, so a write that failed for want of shards is
+    /// retried now rather than at the end of its back-off.
+    raised: Notify,
     shard_bytes: usize,
     inner: Mutex<Inner>,
 }
@@ -123,7 +128,8 @@ impl ConfigMapStore {
             api: Api::namespaced(client, namespace),
             name: name.to_owned(),
             namespace: namespace.to_owned(),
-            max_shards,
+            max_shards: AtomicUsize::new(max_shards),
+            raised: Notify::new(),
             shard_bytes,
             inner: Mutex::new(Inner::default()),
         }
@@ -132,13 +138,33 @@ impl ConfigMapStore {
     pub fn describe(&self) -> String {
         format!(
             "ConfigMap {}/{} (up to {} shards)",
-            self.namespace, self.name, self.max_shards
+            self.namespace,
+            self.name,
+            self.max_shards()
         )
     }
 
     /// The shard ConfigMaps this store may use (`checkpoint_configmap_shards`).
     pub fn max_shards(&self) -> usize {
-        self.max_shards
+        self.max_shards.load(Ordering::Relaxed)
+    }
+
+    /// Lets the next writes use shards up to `NAME-<max>`, once RBAC allows them (the operator
+    /// grants them before it raises the setting). Never lowered while running: the committed
+    /// checkpoint may live in the highest shards. Returns the previous limit when it rose.
+    pub fn raise_max_shards(&self, max: usize) -> Option<usize> {
+        let previous = self.max_shards.fetch_max(max, Ordering::Relaxed);
+        if max <= previous {
+            return None;
+        }
+        self.raised.notify_one();
+        Some(previous)
+    }
+
+    /// Resolves once [`Self::raise_max_shards`] raised the limit (also if it did so before the
+    /// call and nobody waited then).
+    pub async fn shards_raised(&self) {
+        self.raised.notified().await;
     }
 
     /// [`layout::shards_wanted`] for a checkpoint of `bytes` in this store.
@@ -225,7 +251,8 @@ impl ConfigMapStore {
             .iter()
             .flat_map(|m| m.shards.iter().map(String::as_str))
             .collect();
-        let free: Vec<String> = (1..=self.max_shards)
+        let max_shards = self.max_shards();
+        let free: Vec<String> = (1..=max_shards)
             .map(|i| self.shard_name(i))
             .filter(|n| !in_use.contains(n.as_str()))
             .collect();
@@ -235,7 +262,7 @@ impl ConfigMapStore {
                 bytes: bytes.len(),
                 needed,
                 free: free.len(),
-                max: self.max_shards,
+                max: max_shards,
             });
         }
         let generation = inner.manifest.manifest().map_or(0, |m| m.generation) + 1;
@@ -320,7 +347,7 @@ impl ConfigMapStore {
     }
 
     fn manifest_of(&self, cm: &ConfigMap) -> Result<Option<Manifest>, ConfigMapError> {
-        layout::manifest_of(&self.name, self.max_shards, cm).map_err(|c| self.corrupt(c.reason))
+        layout::manifest_of(&self.name, self.max_shards(), cm).map_err(|c| self.corrupt(c.reason))
     }
 
     async fn get(

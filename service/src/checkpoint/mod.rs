@@ -185,6 +185,14 @@ impl Store {
         }
     }
 
+    /// Resolves when the store may use more shards than before; never for a file.
+    async fn shards_raised(&self) {
+        match self {
+            Store::ConfigMap(c) => c.shards_raised().await,
+            Store::File(_) => std::future::pending().await,
+        }
+    }
+
     async fn shards_in_use(&self) -> usize {
         match self {
             Store::File(_) => 0,
@@ -419,6 +427,11 @@ pub async fn run(
                     }
                 }
                 next = tokio::time::Instant::now() + backoff;
+            }
+            () = store.shards_raised() => {
+                // The failed write may fit now: retry at once, with the back-off reset.
+                backoff = interval;
+                next = tokio::time::Instant::now();
             }
             _ = stop.requested() => break,
         }
