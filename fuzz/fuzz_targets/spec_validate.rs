@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let _ = desired::build(&monitor, &plan, &Default::default());
-    let mut settings = Settings::from_toml(&plan.config_toml)
+    let mut settings = Settings::from_toml(&plan.config_toml())
         .unwrap_or_else(|e| panic!("the rendered configuration does not parse: {e}"));
     // Files the pod mounts from Secrets do not exist here: stand in for them as the pod has them.
     let mut password = None;

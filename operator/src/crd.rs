@@ -474,12 +474,19 @@ pub struct CheckpointSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(DURATION))]
     pub interval: Option<String>,
-    /// Shard ConfigMaps `<name>-checkpoint-1`…`-N` a checkpoint may use (RBAC names each one).
-    /// A checkpoint uses at most about half of them, and 100,000 sessions take 3 to 4 shards of
-    /// 900 KiB: the default 16 hold about 200,000 sessions.
+    /// Shard ConfigMaps `<name>-checkpoint-1`…`-N` a checkpoint may use (RBAC names each one),
+    /// at least. A checkpoint uses at most about half of them; 200,000 sessions of distinct users
+    /// take about 8 shards of 900 KiB. When the service reports that its checkpoint needs more,
+    /// the operator raises the grant up to `maxShards` (`status.checkpointShards`).
     #[serde(default = "default_shards")]
     #[schemars(range(min = 1, max = 100))]
     pub shards: u16,
+    /// The most shards the operator grants on its own when the checkpoint grows (the shard
+    /// autopilot); default 100, the service's limit. Set it to `shards` to switch the autopilot
+    /// off. It cannot be lowered below what is already granted.
+    #[serde(default = "default_max_shards")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_shards: u16,
 }
 
 impl Default for CheckpointSpec {
@@ -487,12 +494,17 @@ impl Default for CheckpointSpec {
         CheckpointSpec {
             interval: None,
             shards: default_shards(),
+            max_shards: default_max_shards(),
         }
     }
 }
 
 fn default_shards() -> u16 {
     16
+}
+
+fn default_max_shards() -> u16 {
+    100
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
@@ -547,11 +559,15 @@ pub struct SessionMonitorStatus {
     /// `HOST:PORT` the Qlik proxies' UDP appenders must send to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
-    /// The checkpoint shards the service's Role grants (from the last applied spec). The spec
-    /// may raise `checkpoint.shards` but not lower it below this: a checkpoint may live in the
-    /// higher shards, and the pod could no longer read them.
+    /// The checkpoint shards the service's Role grants: `spec.checkpoint.shards`, or more where
+    /// the shard autopilot raised it (up to `spec.checkpoint.maxShards`). Never lowered: a
+    /// checkpoint may live in the higher shards, and the pod could no longer read them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_shards: Option<u16>,
+    /// The shards the service says its checkpoint calls for (what it occupies, plus what a
+    /// quarter larger one needs beside it), read with `activeUsers`; the autopilot grants it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_shards_wanted: Option<u64>,
     /// Distinct users with an active session, as the service counted them at the last read of
     /// its metrics (at most every 30 s while it is ready); absent when it cannot be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -70,6 +70,7 @@ pub fn build(
         .expect("a SessionMonitor read from the API server has a uid");
     let checkpoint_config_maps = plan
         .checkpoint_configmaps()
+        .iter()
         .map(|name| checkpoint_config_map(plan, &owner, name))
         .collect();
     Desired {
@@ -126,7 +127,7 @@ fn role(plan: &Plan, owner: &OwnerReference) -> Role {
             api_groups: Some(vec![String::new()]),
             resources: Some(vec!["configmaps".into()]),
             // Named objects only: the service can read and replace its checkpoints, nothing else.
-            resource_names: Some(plan.checkpoint_configmaps().map(str::to_owned).collect()),
+            resource_names: Some(plan.checkpoint_configmaps()),
             verbs: vec!["get".into(), "update".into()],
             ..PolicyRule::default()
         }]),
@@ -160,7 +161,7 @@ fn config_map(plan: &Plan, owner: &OwnerReference) -> ConfigMap {
         metadata,
         data: Some(BTreeMap::from([(
             paths::CONFIG_KEY.into(),
-            plan.config_toml.clone(),
+            plan.config_toml(),
         )])),
         ..ConfigMap::default()
     }
@@ -183,7 +184,7 @@ fn checkpoint_config_map(plan: &Plan, owner: &OwnerReference, name: &str) -> Con
 
 pub fn config_checksum(plan: &Plan, secret_versions: &BTreeMap<String, String>) -> String {
     let mut hash = Sha256::new();
-    hash.update(plan.config_toml.as_bytes());
+    hash.update(plan.config_toml_without_shards().as_bytes());
     for key in &plan.secret_keys {
         hash.update(b"\0");
         hash.update(key.secret.as_bytes());
@@ -686,7 +687,7 @@ mod tests {
         assert_eq!(rules[0].verbs, ["get", "update"]);
         let names = rules[0].resource_names.clone().unwrap();
         assert_eq!(names.len(), 9);
-        assert_eq!(names, plan.checkpoint_configmaps().collect::<Vec<_>>());
+        assert_eq!(names, plan.checkpoint_configmaps());
         assert!(!names.contains(&"qlik-prod-config".to_owned()));
         assert_eq!(d.role_binding.role_ref.name, NAME);
         let subject = &d.role_binding.subjects.unwrap()[0];
@@ -898,7 +899,7 @@ mod tests {
         assert_eq!(mount.read_only, Some(true));
         // The files the settings name are the mounted items.
         let settings: session_monitor::config::Settings =
-            toml::from_str(&plan.config_toml).unwrap();
+            toml::from_str(&plan.config_toml()).unwrap();
         for file in [
             settings.qlik_client_cert_file.unwrap(),
             settings.qlik_client_key_file.unwrap(),
@@ -953,12 +954,12 @@ mod tests {
             Some(&("key-password".to_owned(), "passphrase".to_owned()))
         );
         assert!(
-            plan.config_toml.contains(&format!(
+            plan.config_toml().contains(&format!(
                 "qlik_client_key_passphrase_file = \"{}\"",
                 paths::QLIK_PASSPHRASE_FILE
             )),
             "{}",
-            plan.config_toml
+            plan.config_toml()
         );
     }
 
@@ -1060,7 +1061,7 @@ mod tests {
         }));
         let (plan, d) = built(&m);
         let settings: session_monitor::config::Settings =
-            toml::from_str(&plan.config_toml).unwrap();
+            toml::from_str(&plan.config_toml()).unwrap();
         assert_eq!(settings.udp_listen, Some("0.0.0.0:9997".parse().unwrap()));
         assert_eq!(settings.http_listen, Some("0.0.0.0:9842".parse().unwrap()));
         let pod = d.deployment.spec.unwrap().template.spec.unwrap();
@@ -1134,7 +1135,7 @@ mod tests {
         assert_eq!(mount.mount_path, paths::API_TOKEN_DIR);
         assert_eq!(mount.read_only, Some(true));
         let settings: session_monitor::config::Settings =
-            toml::from_str(&plan.config_toml).unwrap();
+            toml::from_str(&plan.config_toml()).unwrap();
         let file = settings.api_token_file.unwrap();
         assert_eq!(file.parent(), Some(std::path::Path::new(&mount.mount_path)));
         assert_eq!(file.file_name().unwrap(), "token");

@@ -3,8 +3,11 @@
 //!
 //! The reconcile is a pipeline of small modules: [`validate`] (spec → plan, pure) →
 //! [`desired`] (plan → objects, pure) → [`reconcile`] (Secrets checked, objects applied with
-//! server-side apply) → [`status`] (conditions, pure). [`run`] is the process around it.
+//! server-side apply) → [`status`] (conditions, pure); [`usage`] reads a ready service's numbers
+//! and [`autopilot`] grants its checkpoint more shards from them. [`run`] is the process around
+//! it.
 
+pub mod autopilot;
 pub mod cli;
 pub mod crd;
 pub mod crdgen;

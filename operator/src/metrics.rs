@@ -19,6 +19,8 @@ pub struct Metrics {
     pub reconcile_duration: Histogram,
     /// Reads of a ready service's `/metrics` for the status, `result`: `ok`, `failed`.
     pub usage_reads: IntCounterVec,
+    /// The shard autopilot's grants, `decision`: `raised`, `raised_to_maximum`, `at_maximum`.
+    pub checkpoint_autopilot: IntCounterVec,
     /// Monitors by condition and status, e.g. `{condition="Ready",status="True"}`.
     monitors: IntGaugeVec,
     pub leader: IntGauge,
@@ -63,6 +65,18 @@ impl Metrics {
         for result in ["ok", "failed"] {
             usage_reads.with_label_values(&[result]);
         }
+        let checkpoint_autopilot = IntCounterVec::new(
+            Opts::new(
+                "session_monitor_operator_checkpoint_autopilot_total",
+                "Checkpoint shard grants raised by the autopilot (raised, raised_to_maximum), and \
+                 needs it could not meet (at_maximum: spec.checkpoint.maxShards reached)",
+            ),
+            &["decision"],
+        )
+        .expect("valid metric");
+        for label in crate::autopilot::Label::ALL {
+            checkpoint_autopilot.with_label_values(&[label.as_str()]);
+        }
         let monitors = IntGaugeVec::new(
             Opts::new(
                 "session_monitor_operator_monitors",
@@ -93,6 +107,7 @@ impl Metrics {
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconcile_duration.clone()),
             Box::new(usage_reads.clone()),
+            Box::new(checkpoint_autopilot.clone()),
             Box::new(monitors.clone()),
             Box::new(leader.clone()),
             Box::new(ready.clone()),
@@ -111,6 +126,7 @@ impl Metrics {
             reconciles,
             reconcile_duration,
             usage_reads,
+            checkpoint_autopilot,
             monitors,
             leader,
             ready,

@@ -21,6 +21,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use tracing::{info, warn};
 
+use crate::autopilot;
 use crate::crd::{SessionMonitor, SessionMonitorStatus};
 use crate::desired::{self, Desired, MANAGER};
 use crate::metrics::Metrics;
@@ -130,7 +131,7 @@ pub async fn reconcile(monitor: Arc<SessionMonitor>, ctx: Arc<Context>) -> Resul
     }
     let namespace = monitor.namespace().unwrap_or_default();
     let result = run_pipeline(&monitor, &ctx, &namespace).await;
-    let (outcome, deployment, endpoint, usage, next) = match result {
+    let done = match result {
         Ok(done) => done,
         Err(error) => {
             // Still say why in the status, then let error_policy back off.
@@ -149,34 +150,45 @@ pub async fn reconcile(monitor: Arc<SessionMonitor>, ctx: Arc<Context>) -> Resul
                 .reconciles
                 .with_label_values(&[error.metric_label()])
                 .inc();
-            update_status(&monitor, &ctx, &outcome, deployment.as_ref(), None, None).await?;
+            let failed = Done::unapplied(outcome, deployment, Action::await_change());
+            update_status(&monitor, &ctx, &failed).await?;
             return Err(error);
         }
     };
-    update_status(
-        &monitor,
-        &ctx,
-        &outcome,
-        deployment.as_ref(),
-        endpoint,
-        usage,
-    )
-    .await?;
+    update_status(&monitor, &ctx, &done).await?;
     ctx.metrics
         .reconciles
-        .with_label_values(&[outcome.reason()])
+        .with_label_values(&[done.outcome.reason()])
         .inc();
     ctx.failures.lock().expect("failures lock").remove(&key);
-    Ok(next)
+    Ok(done.next)
 }
 
-type Done = (
-    Outcome,
-    Option<Deployment>,
-    Option<String>,
-    Option<usage::Usage>,
-    Action,
-);
+/// What a reconcile found and did, for the status.
+struct Done {
+    outcome: Outcome,
+    deployment: Option<Deployment>,
+    endpoint: Option<String>,
+    /// The service's numbers; `None` when it is not ready or cannot be read.
+    usage: Option<usage::Usage>,
+    /// The shards the applied Role grants; `None` when nothing was applied.
+    checkpoint_shards: Option<u16>,
+    next: Action,
+}
+
+impl Done {
+    /// Nothing applied: the status keeps what the previous one granted.
+    fn unapplied(outcome: Outcome, deployment: Option<Deployment>, next: Action) -> Done {
+        Done {
+            outcome,
+            deployment,
+            endpoint: None,
+            usage: None,
+            checkpoint_shards: None,
+            next,
+        }
+    }
+}
 
 async fn run_pipeline(
     monitor: &SessionMonitor,
@@ -191,11 +203,9 @@ async fn run_pipeline(
             let deployment =
                 get_opt::<Deployment>(&ctx.client, namespace, &monitor.name_any()).await?;
             // A spec change triggers the next reconcile; retrying the same spec cannot help.
-            return Ok((
+            return Ok(Done::unapplied(
                 Outcome::InvalidSpec(invalid.message),
                 deployment,
-                None,
-                None,
                 Action::await_change(),
             ));
         }
@@ -206,11 +216,9 @@ async fn run_pipeline(
         Err(missing) => {
             warn!(reason = %missing, "referenced Secret missing; nothing applied");
             let deployment = get_opt::<Deployment>(&ctx.client, namespace, &plan.name).await?;
-            return Ok((
+            return Ok(Done::unapplied(
                 Outcome::MissingSecret(missing),
                 deployment,
-                None,
-                None,
                 Action::requeue(MISSING_SECRET_RETRY),
             ));
         }
@@ -239,7 +247,119 @@ async fn run_pipeline(
         Some(_) => Action::requeue(USAGE_REFRESH),
         None => Action::requeue(RESYNC),
     };
-    Ok((Outcome::Applied, Some(deployment), endpoint, usage, next))
+    let wanted = usage.as_ref().and_then(|u| u.checkpoint_shards_wanted);
+    let decision = autopilot::decide(plan.checkpoint_shards, plan.max_checkpoint_shards, wanted);
+    let checkpoint_shards = grant_shards(ctx, monitor, plan, &secret_versions, decision).await?;
+    Ok(Done {
+        outcome: Outcome::Applied,
+        deployment: Some(deployment),
+        endpoint,
+        usage,
+        checkpoint_shards: Some(checkpoint_shards),
+        next,
+    })
+}
+
+/// Carries out the shard autopilot's `decision`; the shards granted afterwards. A raise applies
+/// the Role and the new checkpoint ConfigMaps before the configuration that lets the service use
+/// them; the Deployment is unchanged (the shard count is not in the pod's checksum), so the pod
+/// keeps running and takes the count from its mounted file.
+async fn grant_shards(
+    ctx: &Context,
+    monitor: &SessionMonitor,
+    plan: Plan,
+    secret_versions: &BTreeMap<String, String>,
+    decision: autopilot::Decision,
+) -> Result<u16, Error> {
+    let count = |decision: autopilot::Decision| {
+        if let Some(label) = decision.label() {
+            ctx.metrics
+                .checkpoint_autopilot
+                .with_label_values(&[label.as_str()])
+                .inc();
+        }
+    };
+    let max = plan.max_checkpoint_shards;
+    match decision {
+        autopilot::Decision::Keep => Ok(plan.checkpoint_shards),
+        autopilot::Decision::AtMaximum { granted, wanted } => {
+            // Said once per figure: the status keeps the last one the service gave.
+            let said = monitor
+                .status
+                .as_ref()
+                .and_then(|s| s.checkpoint_shards_wanted);
+            if said != Some(wanted) {
+                count(decision);
+                let note = format!(
+                    "the checkpoint calls for {wanted} shard ConfigMaps and all \
+                     {granted} allowed by spec.checkpoint.maxShards are granted: raise \
+                     spec.checkpoint.maxShards before checkpoint writes fail"
+                );
+                warn!(wanted, granted, "{note}");
+                publish(
+                    ctx,
+                    monitor,
+                    EventType::Warning,
+                    "CheckpointShardsAtMaximum",
+                    note,
+                )
+                .await;
+            }
+            Ok(granted)
+        }
+        autopilot::Decision::Raise { from, to, wanted } => {
+            let raised = plan.with_checkpoint_shards(to);
+            let desired = desired::build(monitor, &raised, secret_versions);
+            let namespace = raised.namespace.as_str();
+            apply_one(&ctx.client, namespace, &desired.role).await?;
+            // `NAME` first, then shards 1 … `from`, which exist already.
+            for checkpoint in desired
+                .checkpoint_config_maps
+                .iter()
+                .skip(1 + usize::from(from))
+            {
+                apply_one(&ctx.client, namespace, checkpoint).await?;
+            }
+            apply_one(&ctx.client, namespace, &desired.config_map).await?;
+            count(decision);
+            let (kind, short) = if u64::from(to) < wanted {
+                let short = format!(
+                    "; spec.checkpoint.maxShards ({max}) stops it below the {wanted} wanted"
+                );
+                (EventType::Warning, short)
+            } else {
+                (EventType::Normal, String::new())
+            };
+            let note = format!(
+                "the checkpoint calls for {wanted} shard ConfigMaps: granted {to} (was {from}){short}. \
+                 The service takes the new count from its mounted configuration within about a \
+                 minute, without a restart"
+            );
+            info!(from, to, wanted, "checkpoint shards raised");
+            publish(ctx, monitor, kind, "CheckpointShardsRaised", note).await;
+            Ok(to)
+        }
+    }
+}
+
+/// Records an Event on the monitor; a failure to record is logged, never fatal.
+async fn publish(
+    ctx: &Context,
+    monitor: &SessionMonitor,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &monitor.object_ref(&())).await {
+        warn!(error = %e, reason, "could not record Event");
+    }
 }
 
 /// The generated API token's Secret (`spec.apiAuth.generateToken`), created where it is
@@ -275,20 +395,12 @@ async fn ensure_api_token(
     match api.create(&params, &secret).await {
         Ok(created) => {
             info!(secret = %name, "created the API token Secret");
-            let event = Event {
-                type_: EventType::Normal,
-                reason: "ApiTokenCreated".into(),
-                note: Some(format!(
-                    "created Secret {name} with a new API token (key {:?}); the pod is (re)started \
-                     with it",
-                    token.secret.key
-                )),
-                action: "Reconcile".into(),
-                secondary: None,
-            };
-            if let Err(e) = ctx.recorder.publish(&event, &monitor.object_ref(&())).await {
-                warn!(error = %e, "could not record Event");
-            }
+            let note = format!(
+                "created Secret {name} with a new API token (key {:?}); the pod is (re)started \
+                 with it",
+                token.secret.key
+            );
+            publish(ctx, monitor, EventType::Normal, "ApiTokenCreated", note).await;
             Ok(Some(created))
         }
         Err(kube::Error::Api(status)) if status.is_already_exists() || status.code == 409 => {
@@ -446,16 +558,8 @@ async fn apply_service_monitor(
             let note = "spec.metrics.serviceMonitor.enabled, but the monitoring.coreos.com/v1 API \
                         (Prometheus Operator) is not installed: no ServiceMonitor created";
             warn!("{note}");
-            let event = Event {
-                type_: EventType::Warning,
-                reason: "ServiceMonitorUnavailable".into(),
-                note: Some(note.into()),
-                action: "Reconcile".into(),
-                secondary: None,
-            };
-            if let Err(e) = ctx.recorder.publish(&event, &monitor.object_ref(&())).await {
-                warn!(error = %e, "could not record Event");
-            }
+            let reason = "ServiceMonitorUnavailable";
+            publish(ctx, monitor, EventType::Warning, reason, note.into()).await;
         }
         (None, true) => {
             // Only a ServiceMonitor this monitor controls: one of the same name that someone
@@ -506,35 +610,28 @@ where
 
 /// Writes the status when it changed, and records an Event for each transition an
 /// administrator would want in `kubectl describe`.
-async fn update_status(
-    monitor: &SessionMonitor,
-    ctx: &Context,
-    outcome: &Outcome,
-    deployment: Option<&Deployment>,
-    endpoint: Option<String>,
-    usage: Option<usage::Usage>,
-) -> Result<(), Error> {
+async fn update_status(monitor: &SessionMonitor, ctx: &Context, done: &Done) -> Result<(), Error> {
     let previous = monitor.status.as_ref();
     let mut next = status::compute(
-        outcome,
+        &done.outcome,
         monitor.metadata.generation,
-        deployment,
-        endpoint,
+        done.deployment.as_ref(),
+        done.endpoint.clone(),
         previous,
         Time(k8s_openapi::jiff::Timestamp::now()),
     );
     // What the applied Role grants; unchanged when nothing was applied.
-    next.checkpoint_shards = match outcome {
-        Outcome::Applied => Some(monitor.spec.checkpoint.shards),
-        _ => previous.and_then(|p| p.checkpoint_shards),
-    };
+    next.checkpoint_shards = done
+        .checkpoint_shards
+        .or_else(|| previous.and_then(|p| p.checkpoint_shards));
     // Unknown, not stale, when the service cannot be read.
-    let usage = usage.unwrap_or_default();
+    let usage = done.usage.clone().unwrap_or_default();
     next.active_users = usage.active_users;
     next.active_sessions = usage.active_sessions;
     next.last_event_time = usage.last_event;
     next.checkpoint_bytes = usage.checkpoint_bytes;
     next.checkpoint_shards_in_use = usage.checkpoint_shards_in_use;
+    next.checkpoint_shards_wanted = usage.checkpoint_shards_wanted;
     for event in transitions(previous, &next) {
         if let Err(e) = ctx.recorder.publish(&event, &monitor.object_ref(&())).await {
             warn!(error = %e, reason = %event.reason, "could not record Event");

@@ -1070,6 +1070,7 @@ async fn a_ready_monitor_shows_its_users_and_is_read_again_within_30_seconds() {
                     last_event: Some(Time("2025-11-25T10:05:00Z".parse().unwrap())),
                     checkpoint_bytes: Some(12_345),
                     checkpoint_shards_in_use: Some(0),
+                    checkpoint_shards_wanted: Some(0),
                 })
             })
         })
@@ -2254,4 +2255,173 @@ fn ready_going_away_is_a_warning_event_and_coming_back_a_normal_one() {
         [("Normal".to_owned(), "Ready".to_owned())]
     );
     assert!(transitions(Some(&up), &up).is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The checkpoint shard autopilot.
+// ---------------------------------------------------------------------------------------------
+
+/// A ready service whose checkpoint calls for `wanted` shards (`checkpoint_shards_wanted`).
+fn wanting(wanted: u64) -> Source {
+    Arc::new(move |_, _| {
+        Box::pin(async move {
+            Some(Usage {
+                active_users: Some(100_000),
+                active_sessions: Some(200_000),
+                checkpoint_shards_wanted: Some(wanted),
+                ..Usage::default()
+            })
+        })
+    })
+}
+
+fn ready_with_shards(shards: u16) -> Scenario {
+    Scenario::Applies {
+        shards,
+        secrets: Vec::new(),
+        deployment: Rollout::Available,
+        monitoring: Monitoring::NotInstalled,
+    }
+}
+
+/// The raise: the Role naming shards 1 … `to`, the ConfigMaps `from + 1` … `to`, then the
+/// configuration with the new count (what the service reads while running).
+fn grant(from: u16, to: u16) -> Vec<Call> {
+    let names: Vec<String> = std::iter::once(format!("{NAME}-checkpoint"))
+        .chain((1..=to).map(|i| format!("{NAME}-checkpoint-{i}")))
+        .collect();
+    let mut calls = vec![apply(RBAC, "roles", "Role", NAME).checking(move |role| {
+        assert_eq!(role["rules"][0]["resourceNames"], json!(names));
+        assert_eq!(role["rules"][0]["verbs"], json!(["get", "update"]));
+    })];
+    for i in from + 1..=to {
+        let name = format!("{NAME}-checkpoint-{i}");
+        calls.push(
+            apply(CORE, "configmaps", "ConfigMap", &name).checking(|cm| {
+                assert_eq!(cm["metadata"]["labels"][ROLE_LABEL], "checkpoint");
+                assert_eq!(cm.get("data"), None);
+            }),
+        );
+    }
+    calls.push(
+        apply(CORE, "configmaps", "ConfigMap", &format!("{NAME}-config")).checking(move |cm| {
+            let toml = cm["data"][paths::CONFIG_KEY].as_str().unwrap();
+            assert!(
+                toml.contains(&format!("checkpoint_configmap_shards = {to}")),
+                "{toml}"
+            );
+        }),
+    );
+    calls
+}
+
+fn autopilot(server: &ApiServer, decision: &str) -> u64 {
+    server
+        .ctx
+        .metrics
+        .checkpoint_autopilot
+        .with_label_values(&[decision])
+        .get()
+}
+
+fn checksum(run: &Run) -> String {
+    let deployment = run.body(&format!("PATCH {}", path(APPS, "deployments", NAME)));
+    deployment["spec"]["template"]["metadata"]["annotations"][CHECKSUM_ANNOTATION]
+        .as_str()
+        .expect("a checksum")
+        .to_owned()
+}
+
+/// The service says its checkpoint calls for 4 shards where 2 are granted: the operator grants
+/// them (Role, ConfigMaps, then the setting), records why, and the pod is not rolled: the
+/// Deployment's checksum is the same before and after.
+#[tokio::test]
+async fn a_checkpoint_that_needs_more_shards_gets_them_without_rolling_the_pod() {
+    let m = new_monitor();
+    let mut server = ApiServer::reading_usage(wanting(4));
+    let raised = event("Normal", "CheckpointShardsRaised").checking(|e| {
+        assert!(
+            note(e).starts_with("the checkpoint calls for 4 shard ConfigMaps: granted 4 (was 2)"),
+            "{}",
+            note(e)
+        );
+    });
+    let mut calls = ready_with_shards(2).calls();
+    calls.extend(grant(2, 4));
+    calls.extend([raised, event("Normal", "Ready"), status_patch(&m)]);
+    let run = server.reconcile(&m, calls).await;
+    assert_eq!(run.action(), Action::requeue(USAGE_REFRESH));
+    let status = run.status();
+    assert_eq!(status.checkpoint_shards, Some(4));
+    assert_eq!(status.checkpoint_shards_wanted, Some(4));
+    assert_eq!(autopilot(&server, "raised"), 1);
+
+    // The next reconcile, from the status just written, applies the 4 shards as granted (the
+    // spec still says 2) and raises nothing.
+    let mut current = m.clone();
+    current.status = Some(status);
+    let again = server
+        .reconcile(&current, ready_with_shards(4).calls())
+        .await;
+    assert_eq!(again.action(), Action::requeue(USAGE_REFRESH));
+    assert_eq!(checksum(&run), checksum(&again), "the pod is not rolled");
+    assert_eq!(autopilot(&server, "raised"), 1);
+}
+
+/// `spec.checkpoint.maxShards` stops the raise: granted up to it (a Warning says what is
+/// missing), and once all are granted, a need that grows further is said once per figure.
+#[tokio::test]
+async fn a_checkpoint_beyond_the_maximum_gets_the_maximum_and_a_warning() {
+    let m = monitor(json!({
+        "mqtt": {"url": "mqtt://broker.mqtt.svc:1883"},
+        "checkpoint": {"shards": 2, "maxShards": 3},
+    }));
+    let mut server = ApiServer::reading_usage(wanting(5));
+    let capped = event("Warning", "CheckpointShardsRaised").checking(|e| {
+        assert!(
+            note(e).contains(
+                "granted 3 (was 2); spec.checkpoint.maxShards (3) stops it below the 5 wanted"
+            ),
+            "{}",
+            note(e)
+        );
+    });
+    let mut calls = ready_with_shards(2).calls();
+    calls.extend(grant(2, 3));
+    calls.extend([capped, event("Normal", "Ready"), status_patch(&m)]);
+    let run = server.reconcile(&m, calls).await;
+    let status = run.status();
+    assert_eq!(status.checkpoint_shards, Some(3));
+
+    // The same figure again: nothing more to grant or say, and the status is unchanged.
+    let mut current = m.clone();
+    current.status = Some(status.clone());
+    server
+        .reconcile(&current, ready_with_shards(3).calls())
+        .await
+        .action();
+
+    // The need grows to 6: all 3 are granted, so a Warning, once.
+    let mut server = ApiServer::reading_usage(wanting(6));
+    let full = event("Warning", "CheckpointShardsAtMaximum").checking(|e| {
+        assert!(
+            note(e).starts_with("the checkpoint calls for 6 shard ConfigMaps and all 3 allowed"),
+            "{}",
+            note(e)
+        );
+    });
+    let run = server
+        .reconcile(
+            &current,
+            ready_with_shards(3).then([full, status_patch(&m)]),
+        )
+        .await;
+    assert_eq!(run.status().checkpoint_shards_wanted, Some(6));
+    assert_eq!(autopilot(&server, "at_maximum"), 1);
+    current.status = Some(run.status());
+    server
+        .reconcile(&current, ready_with_shards(3).calls())
+        .await
+        .action();
+    assert_eq!(autopilot(&server, "at_maximum"), 1, "said once");
 }

@@ -27,6 +27,8 @@ pub struct Usage {
     pub last_event: Option<Time>,
     pub checkpoint_bytes: Option<u64>,
     pub checkpoint_shards_in_use: Option<u64>,
+    /// The `checkpoint_configmap_shards` the checkpoint's size calls for.
+    pub checkpoint_shards_wanted: Option<u64>,
 }
 
 /// The samples [`Usage`] is made of, from a Prometheus text exposition; others are ignored.
@@ -47,6 +49,7 @@ pub fn parse(exposition: &str) -> Usage {
             "session_monitor_active_sessions" => usage.active_sessions = count,
             "session_monitor_checkpoint_size_bytes" => usage.checkpoint_bytes = count,
             "session_monitor_checkpoint_shards" => usage.checkpoint_shards_in_use = count,
+            "session_monitor_checkpoint_shards_wanted" => usage.checkpoint_shards_wanted = count,
             "session_monitor_host_last_event_timestamp_seconds" if value > 0.0 => {
                 last_event = Some(last_event.map_or(value, |t| t.max(value)));
             }
@@ -134,6 +137,7 @@ process_resident_memory_bytes 1.2e7
         assert_eq!(usage.active_sessions, Some(57));
         assert_eq!(usage.checkpoint_bytes, Some(12_345));
         assert_eq!(usage.checkpoint_shards_in_use, Some(2));
+        assert_eq!(usage.checkpoint_shards_wanted, Some(5));
         assert_eq!(
             usage.last_event.unwrap().0.to_string(),
             "2025-11-25T10:05:00Z"

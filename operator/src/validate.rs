@@ -78,11 +78,14 @@ pub struct Plan {
     pub name: String,
     pub namespace: String,
     pub image: String,
-    /// The service's configuration file, as it will be mounted.
-    pub config_toml: String,
+    /// The service's configuration, checked; mounted as [`Plan::config_toml`].
+    pub settings: Settings,
     pub checkpoint_configmap: String,
-    /// `<name>-checkpoint-1` …: the shards RBAC must name.
-    pub checkpoint_shards: Vec<String>,
+    /// The shards `<name>-checkpoint-1` … `-N` granted (RBAC names each one): the spec's, or
+    /// more where the autopilot raised them (`status.checkpointShards`).
+    pub checkpoint_shards: u16,
+    /// `spec.checkpoint.maxShards`: the most the autopilot may grant.
+    pub max_checkpoint_shards: u16,
     /// Secret keys the pod mounts or reads into its environment.
     pub secret_keys: Vec<SecretKey>,
     /// The API token's Secret, when `spec.apiAuth` asks for one; also among `secret_keys`.
@@ -98,9 +101,36 @@ pub struct ApiToken {
 }
 
 impl Plan {
-    pub fn checkpoint_configmaps(&self) -> impl Iterator<Item = &str> {
-        std::iter::once(self.checkpoint_configmap.as_str())
-            .chain(self.checkpoint_shards.iter().map(String::as_str))
+    /// The service's configuration file, as it will be mounted.
+    pub fn config_toml(&self) -> String {
+        self.settings.to_toml()
+    }
+
+    /// The configuration without the shard count, for the pod's checksum: the service takes a
+    /// raised count from the mounted file while running, so granting shards never rolls the pod
+    /// (a restart would leave the proxies' datagrams unheard for seconds).
+    pub fn config_toml_without_shards(&self) -> String {
+        Settings {
+            checkpoint_configmap_shards: None,
+            ..self.settings.clone()
+        }
+        .to_toml()
+    }
+
+    /// `<name>-checkpoint` and its granted shards: the ConfigMaps RBAC names.
+    pub fn checkpoint_configmaps(&self) -> Vec<String> {
+        std::iter::once(self.checkpoint_configmap.clone())
+            .chain(
+                (1..=self.checkpoint_shards).map(|i| format!("{}-{i}", self.checkpoint_configmap)),
+            )
+            .collect()
+    }
+
+    /// This plan with `shards` granted (the autopilot's raise; never below the current grant).
+    pub fn with_checkpoint_shards(mut self, shards: u16) -> Plan {
+        self.checkpoint_shards = self.checkpoint_shards.max(shards);
+        self.settings.checkpoint_configmap_shards = Some(usize::from(self.checkpoint_shards));
+        self
     }
 }
 
@@ -168,15 +198,30 @@ pub fn validate(monitor: &SessionMonitor, default_image: &str) -> Result<Plan, I
             ),
         ));
     }
+    // What the Role grants never shrinks: the checkpoint may live in the higher shards. A spec
+    // below the grant (the autopilot's, or an earlier spec's) keeps the grant.
     let granted = monitor.status.as_ref().and_then(|s| s.checkpoint_shards);
-    if let Some(granted) = granted.filter(|&g| spec.checkpoint.shards < g) {
+    let checkpoint_shards = granted.unwrap_or(0).max(spec.checkpoint.shards);
+    let max_checkpoint_shards = spec.checkpoint.max_shards;
+    if !(1..=service_config::MAX_CHECKPOINT_SHARDS).contains(&usize::from(max_checkpoint_shards)) {
         return Err(invalid(
-            "spec.checkpoint.shards",
+            "spec.checkpoint.maxShards",
             format!(
-                "cannot be lowered from {granted} to {}: the current checkpoint may use shards \
-                 the service could then no longer read; set it back to {granted} or more \
-                 (or recreate the monitor to start without a checkpoint)",
-                spec.checkpoint.shards
+                "{max_checkpoint_shards} is not from 1 to {}",
+                service_config::MAX_CHECKPOINT_SHARDS
+            ),
+        ));
+    }
+    if max_checkpoint_shards < checkpoint_shards {
+        let what = match granted {
+            Some(g) if g > spec.checkpoint.shards => format!("the {g} shards already granted"),
+            _ => format!("spec.checkpoint.shards ({})", spec.checkpoint.shards),
+        };
+        return Err(invalid(
+            "spec.checkpoint.maxShards",
+            format!(
+                "{max_checkpoint_shards} is below {what}; a grant is never lowered, since the \
+                 checkpoint may use the higher shards"
             ),
         ));
     }
@@ -268,7 +313,7 @@ pub fn validate(monitor: &SessionMonitor, default_image: &str) -> Result<Plan, I
             &spec.mqtt.count_publish_interval,
         )?,
         checkpoint_configmap: Some(checkpoint_configmap.clone()),
-        checkpoint_configmap_shards: Some(usize::from(spec.checkpoint.shards)),
+        checkpoint_configmap_shards: Some(usize::from(checkpoint_shards)),
         checkpoint_interval: optional_duration(
             "spec.checkpoint.interval",
             &spec.checkpoint.interval,
@@ -353,10 +398,9 @@ pub fn validate(monitor: &SessionMonitor, default_image: &str) -> Result<Plan, I
     let secret_keys = referenced.into_iter().map(|(_, key)| key).collect();
 
     Ok(Plan {
-        config_toml: settings.to_toml(),
-        checkpoint_shards: (1..=spec.checkpoint.shards)
-            .map(|i| format!("{checkpoint_configmap}-{i}"))
-            .collect(),
+        settings,
+        checkpoint_shards,
+        max_checkpoint_shards,
         checkpoint_configmap,
         name,
         namespace,
@@ -660,7 +704,7 @@ mod tests {
     #[test]
     fn the_example_renders_a_configuration_the_service_accepts() {
         let plan = validate(&testing::example(), "default/image:1").unwrap();
-        let settings: Settings = toml::from_str(&plan.config_toml).unwrap();
+        let settings: Settings = toml::from_str(&plan.config_toml()).unwrap();
         assert_eq!(settings.udp_listen, Some("0.0.0.0:9997".parse().unwrap()));
         assert_eq!(settings.http_listen, Some("0.0.0.0:9842".parse().unwrap()));
         assert_eq!(
@@ -684,7 +728,7 @@ mod tests {
         // No credential is ever written into the ConfigMap.
         assert_eq!(settings.mqtt_username, None);
         assert_eq!(settings.mqtt_password, None);
-        assert!(!plan.config_toml.contains("change-me"));
+        assert!(!plan.config_toml().contains("change-me"));
         // The pod reads it with the service's own loader and the mounted password file.
         let dir = tempfile::tempdir().unwrap();
         let password = dir.path().join("password");
@@ -695,8 +739,11 @@ mod tests {
         Config::from_settings(mounted, None).expect("the service accepts it");
 
         assert_eq!(plan.image, "default/image:1");
-        assert_eq!(plan.checkpoint_shards.len(), 8);
-        assert_eq!(plan.checkpoint_shards[7], "qlik-prod-checkpoint-8");
+        assert_eq!(plan.checkpoint_shards, 8);
+        assert_eq!(
+            plan.checkpoint_configmaps().last().map(String::as_str),
+            Some("qlik-prod-checkpoint-8")
+        );
         assert_eq!(
             plan.secret_keys,
             vec![
@@ -715,7 +762,7 @@ mod tests {
     #[test]
     fn a_minimal_spec_leaves_the_service_defaults_alone() {
         let plan = validate(&testing::minimal(), "img").unwrap();
-        let settings: Settings = toml::from_str(&plan.config_toml).unwrap();
+        let settings: Settings = toml::from_str(&plan.config_toml()).unwrap();
         assert_eq!(settings.idle_timeout, None);
         assert_eq!(settings.mqtt_qos, None);
         assert_eq!(settings.mqtt_topic_user_count, None);
@@ -731,7 +778,7 @@ mod tests {
             "tls": {"caSecret": {"name": "ca"}, "clientCertSecret": {"name": "client"}}
         }));
         let plan = validate(&monitor(spec), "img").unwrap();
-        let settings: Settings = toml::from_str(&plan.config_toml).unwrap();
+        let settings: Settings = toml::from_str(&plan.config_toml()).unwrap();
         assert_eq!(
             settings.mqtt_ca_file.as_deref(),
             Some(std::path::Path::new(paths::MQTT_CA_FILE))
@@ -832,7 +879,7 @@ mod tests {
     #[test]
     fn the_qlik_example_renders_the_qlik_settings_and_mounted_files() {
         let plan = validate(&testing::qlik_example(), "img").unwrap();
-        let settings: Settings = toml::from_str(&plan.config_toml).unwrap();
+        let settings: Settings = toml::from_str(&plan.config_toml()).unwrap();
         assert_eq!(
             settings.qlik_repository_url.as_deref(),
             Some("https://qs-central.corp.local:4242")
@@ -913,7 +960,7 @@ mod tests {
             "resolve": [{"hostname": "qs-node2", "ip": "10.20.0.12"}, {"hostname": "qs-node1", "ip": "fd00::11"}],
         }));
         let plan = validate(&monitor(spec), "img").unwrap();
-        let settings: Settings = toml::from_str(&plan.config_toml).unwrap();
+        let settings: Settings = toml::from_str(&plan.config_toml()).unwrap();
         assert_eq!(settings.qlik_repository_url, None);
         assert_eq!(
             settings.qlik_proxies,
@@ -950,7 +997,7 @@ mod tests {
             ])
         );
         // No passphrase (nor any other secret) is written into the ConfigMap.
-        assert!(!plan.config_toml.contains("qlik_client_key_passphrase ="));
+        assert!(!plan.config_toml().contains("qlik_client_key_passphrase ="));
         let keys: Vec<_> = plan.secret_keys.iter().map(|k| k.key.as_str()).collect();
         assert_eq!(
             keys,
@@ -964,8 +1011,12 @@ mod tests {
     #[test]
     fn without_qlik_no_qlik_setting_is_rendered() {
         let plan = validate(&testing::minimal(), "img").unwrap();
-        assert!(!plan.config_toml.contains("qlik_"), "{}", plan.config_toml);
-        let settings: Settings = toml::from_str(&plan.config_toml).unwrap();
+        assert!(
+            !plan.config_toml().contains("qlik_"),
+            "{}",
+            plan.config_toml()
+        );
+        let settings: Settings = toml::from_str(&plan.config_toml()).unwrap();
         assert_eq!(QlikConfig::from_settings(&settings).unwrap(), None);
     }
 
@@ -1100,24 +1151,78 @@ mod tests {
     }
 
     #[test]
-    fn checkpoint_shards_may_grow_but_not_shrink_below_what_is_granted() {
-        let with = |shards: u16, granted: Option<u16>| {
-            let mut m =
-                monitor(json!({"mqtt": {"url": "mqtt://b"}, "checkpoint": {"shards": shards}}));
+    fn the_granted_shards_never_shrink_and_stay_within_the_maximum() {
+        let with = |checkpoint: serde_json::Value, granted: Option<u16>| {
+            let mut m = monitor(json!({"mqtt": {"url": "mqtt://b"}, "checkpoint": checkpoint}));
             m.status = Some(crate::crd::SessionMonitorStatus {
                 checkpoint_shards: granted,
                 ..Default::default()
             });
             validate(&m, "img")
         };
-        assert!(with(8, None).is_ok(), "first apply");
-        assert!(with(8, Some(8)).is_ok());
-        assert!(with(16, Some(8)).is_ok(), "raising is fine");
-        let message = with(4, Some(8)).unwrap_err().message;
+        let shards = |plan: Result<Plan, InvalidSpec>| {
+            let plan = plan.unwrap();
+            let setting = plan.settings.checkpoint_configmap_shards;
+            assert_eq!(setting, Some(usize::from(plan.checkpoint_shards)));
+            (plan.checkpoint_shards, plan.max_checkpoint_shards)
+        };
+        assert_eq!(
+            shards(with(json!({"shards": 8}), None)),
+            (8, 100),
+            "first apply"
+        );
+        assert_eq!(
+            shards(with(json!({"shards": 16}), Some(8))),
+            (16, 100),
+            "raised"
+        );
+        // Below the grant (the autopilot's, or an earlier spec's): the grant stays.
+        assert_eq!(shards(with(json!({"shards": 4}), Some(18))), (18, 100));
+        assert_eq!(
+            shards(with(json!({"shards": 16, "maxShards": 18}), Some(18))),
+            (18, 18)
+        );
+        let message = with(json!({"shards": 16, "maxShards": 17}), Some(18))
+            .unwrap_err()
+            .message;
+        assert_eq!(
+            message,
+            "spec.checkpoint.maxShards: 17 is below the 18 shards already granted; a grant is \
+             never lowered, since the checkpoint may use the higher shards"
+        );
+        let message = with(json!({"shards": 16, "maxShards": 8}), None)
+            .unwrap_err()
+            .message;
         assert!(
-            message.starts_with("spec.checkpoint.shards: cannot be lowered from 8 to 4"),
+            message
+                .starts_with("spec.checkpoint.maxShards: 8 is below spec.checkpoint.shards (16)"),
             "{message}"
         );
+        let message = with(json!({"maxShards": 101}), None).unwrap_err().message;
+        assert_eq!(
+            message,
+            "spec.checkpoint.maxShards: 101 is not from 1 to 100"
+        );
+    }
+
+    #[test]
+    fn a_raise_renders_the_setting_and_the_names_and_keeps_the_checksum_input() {
+        let plan = validate(&testing::example(), "img").unwrap();
+        let raised = plan.clone().with_checkpoint_shards(20);
+        assert_eq!(raised.checkpoint_shards, 20);
+        assert_eq!(raised.checkpoint_configmaps().len(), 21);
+        assert!(
+            raised
+                .config_toml()
+                .contains("checkpoint_configmap_shards = 20")
+        );
+        assert_ne!(plan.config_toml(), raised.config_toml());
+        assert_eq!(
+            plan.config_toml_without_shards(),
+            raised.config_toml_without_shards()
+        );
+        // Never lowered.
+        assert_eq!(raised.clone().with_checkpoint_shards(4), raised);
     }
 
     #[test]
@@ -1155,7 +1260,7 @@ mod tests {
             "img",
         )
         .unwrap();
-        let settings: Settings = toml::from_str(&plan.config_toml).unwrap();
+        let settings: Settings = toml::from_str(&plan.config_toml()).unwrap();
         assert_eq!(
             settings.api_token_file.as_deref(),
             Some(std::path::Path::new(paths::API_TOKEN_FILE))
@@ -1201,7 +1306,7 @@ mod tests {
     #[test]
     fn without_api_auth_the_api_stays_open() {
         let plan = validate(&testing::minimal(), "img").unwrap();
-        let settings: Settings = toml::from_str(&plan.config_toml).unwrap();
+        let settings: Settings = toml::from_str(&plan.config_toml()).unwrap();
         assert_eq!(settings.api_token_file, None);
         assert_eq!(plan.api_token, None);
     }

@@ -216,7 +216,7 @@ fn config_seeds() -> BTreeMap<String, Vec<u8>> {
                 .get_or_insert_with(|| "qlik".into());
             monitor.metadata.uid = Some("u-1".into());
             let plan = validate::validate(&monitor, "session-monitor:seed").unwrap();
-            (format!("rendered-{name}"), plan.config_toml.into_bytes())
+            (format!("rendered-{name}"), plan.config_toml().into_bytes())
         })
         .collect();
     seeds.insert(
