@@ -5,6 +5,8 @@
 //! the new ConfigMaps first, then the setting in the mounted configuration file, which the
 //! service reads while running, so the pod is not rolled.
 
+use k8s_openapi::api::rbac::v1::Role;
+
 /// What to do about a monitor's grant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -49,6 +51,25 @@ impl Decision {
     }
 }
 
+/// The shards a monitor's Role grants: the highest `<checkpoint>-N` among its resource names.
+/// The Role, not the status, is the record of a grant: it is applied before anything uses the
+/// shards, and read fresh, where the status the controller hands a reconcile may be older than
+/// the grant (a reconcile woken by the Role's own change can run before the status write is
+/// seen, and would then take the grant back).
+pub fn granted_by(role: &Role, checkpoint: &str) -> Option<u16> {
+    role.rules
+        .iter()
+        .flatten()
+        .flat_map(|rule| rule.resource_names.iter().flatten())
+        .filter_map(|name| {
+            name.strip_prefix(checkpoint)?
+                .strip_prefix('-')?
+                .parse()
+                .ok()
+        })
+        .max()
+}
+
 /// `granted`: the shards the Role names now; `max`: `spec.checkpoint.maxShards`; `wanted`: what
 /// the service last said (`None` when it could not be read).
 pub fn decide(granted: u16, max: u16, wanted: Option<u64>) -> Decision {
@@ -69,6 +90,25 @@ pub fn decide(granted: u16, max: u16, wanted: Option<u64>) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_grant_is_read_from_the_role() {
+        let role: Role = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "qlik-prod"},
+            "rules": [{
+                "apiGroups": [""],
+                "resources": ["configmaps"],
+                "resourceNames": [
+                    "qlik-prod-checkpoint", "qlik-prod-checkpoint-1", "qlik-prod-checkpoint-19",
+                    "qlik-prod-checkpoint-2", "qlik-prod-checkpoint-corrupt-1", "other-checkpoint-40"
+                ],
+                "verbs": ["get", "update"],
+            }],
+        }))
+        .unwrap();
+        assert_eq!(granted_by(&role, "qlik-prod-checkpoint"), Some(19));
+        assert_eq!(granted_by(&Role::default(), "qlik-prod-checkpoint"), None);
+    }
 
     #[test]
     fn enough_or_unknown_keeps_the_grant() {

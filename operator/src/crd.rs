@@ -99,7 +99,7 @@ pub struct SessionMonitorSpec {
     /// `text` or `json`; default `json` (for log collectors).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
-    /// CPU and memory of the service container; default: requests 50m CPU and 64Mi, limit 256Mi.
+    /// CPU and memory of the service container; default: requests 50m CPU and 64Mi, limit 512Mi (README: "Sizing").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

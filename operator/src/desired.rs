@@ -444,9 +444,11 @@ fn default_resources() -> ResourceRequirements {
             ("cpu".into(), Quantity("50m".into())),
             ("memory".into(), Quantity("64Mi".into())),
         ])),
+        // 200,000 users take about 146 MB at rest, and serving the full user list
+        // (`/api/v1/users`, `/api/v1/summary`) adds about as much again while it is answered.
         limits: Some(BTreeMap::from([(
             "memory".into(),
-            Quantity("256Mi".into()),
+            Quantity("512Mi".into()),
         )])),
         ..ResourceRequirements::default()
     }
@@ -824,7 +826,7 @@ mod tests {
         let resources = c.resources.clone().unwrap();
         assert_eq!(
             resources.limits.unwrap()["memory"],
-            Quantity("256Mi".into())
+            Quantity("512Mi".into())
         );
     }
 

@@ -22,10 +22,12 @@ pub const OPERATOR_RULES: &[(&str, &str, &[&str])] = &[
         "deployments",
         &["get", "list", "watch", "create", "patch"],
     ),
+    // `get`: the monitor's Role is read at each reconcile, as the record of the checkpoint
+    // shards granted (see `autopilot::granted_by`).
     (
         "rbac.authorization.k8s.io",
         "roles",
-        &["list", "watch", "create", "patch"],
+        &["get", "list", "watch", "create", "patch"],
     ),
     (
         "rbac.authorization.k8s.io",

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::rbac::v1::Role;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
@@ -195,7 +196,15 @@ async fn run_pipeline(
     ctx: &Context,
     namespace: &str,
 ) -> Result<Done, Error> {
-    let plan = match validate::validate(monitor, &ctx.default_image) {
+    // The grant as the Role has it, and as the status last said (an older Role may predate the
+    // status field): never less than either.
+    let role = get_opt::<Role>(&ctx.client, namespace, &monitor.name_any()).await?;
+    let checkpoint = validate::checkpoint_name(&monitor.name_any());
+    let granted = role
+        .as_ref()
+        .and_then(|r| autopilot::granted_by(r, &checkpoint))
+        .max(monitor.status.as_ref().and_then(|s| s.checkpoint_shards));
+    let plan = match validate::validate_granted(monitor, &ctx.default_image, granted) {
         Ok(plan) => plan,
         Err(invalid) => {
             warn!(reason = %invalid, "invalid SessionMonitor spec; nothing applied");

@@ -111,6 +111,17 @@ impl Scenario {
     }
 
     fn calls(self) -> Vec<Call> {
+        let deleted = matches!(self, Scenario::Deleted);
+        let mut calls = self.calls_after_the_role();
+        if !deleted {
+            // First the grant as the Role has it (absent: a new monitor).
+            calls.insert(0, read_role(None));
+        }
+        calls
+    }
+
+    /// The scenario's requests after the Role's read (for tests that put requests between).
+    fn calls_after_the_role(self) -> Vec<Call> {
         match self {
             Scenario::Applies {
                 shards,
@@ -377,6 +388,28 @@ fn apply(api: &str, plural: &str, kind: &str, name: &str) -> Call {
             );
         })
         .answering(stored(json!({})))
+}
+
+/// The reconcile reads the monitor's Role first: the record of the checkpoint shards granted.
+/// `granted`: the shards it names (`None`: no Role yet).
+fn read_role(granted: Option<u16>) -> Call {
+    Call::new(Method::GET, path(RBAC, "roles", NAME), "").answering(move |_| match granted {
+        None => not_found("rbac.authorization.k8s.io", "roles", NAME)(&Value::Null),
+        Some(shards) => {
+            let names: Vec<String> = std::iter::once(format!("{NAME}-checkpoint"))
+                .chain((1..=shards).map(|i| format!("{NAME}-checkpoint-{i}")))
+                .collect();
+            Reply::Json(
+                200,
+                json!({
+                    "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                    "metadata": {"name": NAME, "namespace": NAMESPACE, "resourceVersion": "7"},
+                    "rules": [{"apiGroups": [""], "resources": ["configmaps"],
+                               "resourceNames": names, "verbs": ["get", "update"]}],
+                }),
+            )
+        }
+    })
 }
 
 fn read_secret(secret: Value) -> Call {
@@ -1019,6 +1052,7 @@ async fn a_new_monitor_applies_every_child_in_order_then_reports_the_rollout() {
     assert_eq!(
         run.requests(),
         [
+            "GET /apis/rbac.authorization.k8s.io/v1/namespaces/qlik/roles/qlik-prod",
             "PATCH /api/v1/namespaces/qlik/serviceaccounts/qlik-prod",
             "PATCH /apis/rbac.authorization.k8s.io/v1/namespaces/qlik/roles/qlik-prod",
             "PATCH /apis/rbac.authorization.k8s.io/v1/namespaces/qlik/rolebindings/qlik-prod",
@@ -1180,6 +1214,7 @@ async fn a_missing_secret_applies_nothing_and_degrades() {
     assert_eq!(
         run.requests(),
         [
+            "GET /apis/rbac.authorization.k8s.io/v1/namespaces/qlik/roles/qlik-prod",
             "GET /api/v1/namespaces/qlik/secrets/qlik-mqtt",
             "GET /apis/apps/v1/namespaces/qlik/deployments/qlik-prod",
             "POST /apis/events.k8s.io/v1/namespaces/qlik/events",
@@ -1350,7 +1385,7 @@ async fn a_monitor_with_qlik_reads_its_certificates_renders_the_settings_and_mou
 
     assert_eq!(run.action(), Action::requeue(RESYNC));
     assert_eq!(
-        run.requests()[..3],
+        run.requests()[1..4],
         [
             "GET /api/v1/namespaces/qlik/secrets/qlik-mqtt",
             "GET /api/v1/namespaces/qlik/secrets/qlik-certificates",
@@ -1384,6 +1419,7 @@ async fn a_certificates_secret_without_root_pem_applies_nothing_and_degrades() {
     let mut server = ApiServer::new();
     // The MQTT Secret is complete; the certificates Secret lacks the QMC's root.pem.
     let calls = vec![
+        read_role(None),
         read_secret(secret(&["username", "password"])),
         read_secret(qlik_secret(&["client.pem", "client_key.pem", "passphrase"])),
         read_deployment(Rollout::Absent),
@@ -1401,6 +1437,7 @@ async fn a_certificates_secret_without_root_pem_applies_nothing_and_degrades() {
     assert_eq!(
         run.requests(),
         [
+            "GET /apis/rbac.authorization.k8s.io/v1/namespaces/qlik/roles/qlik-prod",
             "GET /api/v1/namespaces/qlik/secrets/qlik-mqtt",
             "GET /api/v1/namespaces/qlik/secrets/qlik-certificates",
             "GET /apis/apps/v1/namespaces/qlik/deployments/qlik-prod",
@@ -1512,7 +1549,7 @@ async fn a_service_monitor_is_applied_where_the_monitoring_api_exists() {
 
     assert_eq!(run.action(), Action::requeue(RESYNC));
     assert_eq!(
-        run.requests()[10..],
+        run.requests()[11..],
         [
             "GET /apis/monitoring.coreos.com/v1",
             "PATCH /apis/monitoring.coreos.com/v1/namespaces/qlik/servicemonitors/qlik-prod",
@@ -1537,7 +1574,7 @@ async fn a_switched_off_service_monitor_is_deleted_and_none_to_delete_is_fine() 
 
     assert_eq!(run.action(), Action::requeue(RESYNC));
     assert_eq!(
-        run.requests()[10..13],
+        run.requests()[11..14],
         [
             "GET /apis/monitoring.coreos.com/v1",
             "GET /apis/monitoring.coreos.com/v1/namespaces/qlik/servicemonitors/qlik-prod",
@@ -1698,6 +1735,7 @@ async fn a_failed_api_read_fails_the_reconcile_and_still_says_why() {
         )
     });
     let calls = vec![
+        read_role(None),
         forbidden,
         read_deployment(Rollout::Absent),
         event("Warning", "ApiError"),
@@ -1741,6 +1779,7 @@ async fn a_failed_reconcile_is_counted_even_when_its_status_cannot_be_written() 
         )
     });
     let calls = vec![
+        read_role(None),
         forbidden,
         read_deployment(Rollout::Absent),
         event("Warning", "ApiError"),
@@ -1968,6 +2007,7 @@ async fn a_missing_token_secret_is_created_once_and_mounted() {
     let m = with_generated_token();
     let mut server = ApiServer::new();
     let mut calls = vec![
+        read_role(None),
         read_token_secret(None),
         create_token_secret(),
         event("Normal", "ApiTokenCreated").checking(|e| {
@@ -1975,7 +2015,7 @@ async fn a_missing_token_secret_is_created_once_and_mounted() {
         }),
     ];
     calls.extend(checking_the_token(
-        applies(Rollout::Pending).calls(),
+        applies(Rollout::Pending).calls_after_the_role(),
         TOKEN_SECRET,
         "token",
     ));
@@ -1984,7 +2024,7 @@ async fn a_missing_token_secret_is_created_once_and_mounted() {
 
     assert_eq!(run.action(), Action::requeue(RESYNC));
     assert_eq!(
-        run.requests()[..4],
+        run.requests()[1..5],
         [
             "GET /api/v1/namespaces/qlik/secrets/qlik-prod-api-token",
             "POST /api/v1/namespaces/qlik/secrets",
@@ -2020,9 +2060,9 @@ async fn an_existing_token_secret_is_used_and_never_written() {
     let m = with_generated_token();
     let mut server = ApiServer::new();
     let existing = named_secret(TOKEN_SECRET, "500", "7070", &["token"]);
-    let mut calls = vec![read_token_secret(Some(existing))];
+    let mut calls = vec![read_role(None), read_token_secret(Some(existing))];
     calls.extend(checking_the_token(
-        applies(Rollout::Pending).calls(),
+        applies(Rollout::Pending).calls_after_the_role(),
         TOKEN_SECRET,
         "token",
     ));
@@ -2059,12 +2099,13 @@ async fn a_token_secret_created_meanwhile_is_kept_not_replaced() {
     });
     let theirs = named_secret(TOKEN_SECRET, "502", "7071", &["token"]);
     let mut calls = vec![
+        read_role(None),
         read_token_secret(None),
         conflict,
         read_token_secret(Some(theirs)),
     ];
     calls.extend(checking_the_token(
-        applies(Rollout::Pending).calls(),
+        applies(Rollout::Pending).calls_after_the_role(),
         TOKEN_SECRET,
         "token",
     ));
@@ -2095,6 +2136,7 @@ async fn a_refused_token_secret_fails_the_reconcile_and_names_the_secret() {
         )
     });
     let calls = vec![
+        read_role(None),
         read_token_secret(None),
         forbidden,
         read_deployment(Rollout::Absent),
@@ -2136,7 +2178,7 @@ async fn a_users_token_secret_is_checked_and_mounted_never_created() {
 
     assert_eq!(run.action(), Action::requeue(RESYNC));
     assert_eq!(
-        run.requests()[0],
+        run.requests()[1],
         "GET /api/v1/namespaces/qlik/secrets/reader-token"
     );
     assert_eq!(
@@ -2149,7 +2191,7 @@ async fn a_users_token_secret_is_checked_and_mounted_never_created() {
 
 #[tokio::test]
 #[should_panic(
-    expected = "unexpected request after the 11 expected: PATCH /apis/sessionmonitor.io/"
+    expected = "unexpected request after the 12 expected: PATCH /apis/sessionmonitor.io/"
 )]
 async fn the_verifier_fails_on_an_extra_request() {
     // The status PATCH left out.
@@ -2160,7 +2202,7 @@ async fn the_verifier_fails_on_an_extra_request() {
 
 #[tokio::test]
 #[should_panic(
-    expected = "missing request 13/13: the reconcile returned without POST /apis/events"
+    expected = "missing request 14/14: the reconcile returned without POST /apis/events"
 )]
 async fn the_verifier_fails_on_a_missing_request() {
     let m = new_monitor();
@@ -2169,7 +2211,7 @@ async fn the_verifier_fails_on_a_missing_request() {
 }
 
 #[tokio::test]
-#[should_panic(expected = "request 1/11 after")]
+#[should_panic(expected = "request 1/12 after")]
 async fn the_verifier_fails_on_a_request_out_of_order() {
     let m = new_monitor();
     let mut calls = applies(Rollout::Pending).then([status_patch(&m)]);
@@ -2366,6 +2408,18 @@ async fn a_checkpoint_that_needs_more_shards_gets_them_without_rolling_the_pod()
     assert_eq!(again.action(), Action::requeue(USAGE_REFRESH));
     assert_eq!(checksum(&run), checksum(&again), "the pod is not rolled");
     assert_eq!(autopilot(&server, "raised"), 1);
+
+    // A reconcile woken by the Role's own change may be handed the monitor as it was before the
+    // status write: the Role read first keeps the grant (applying 2 shards would take 3 and 4
+    // back from a service that may already write to them).
+    let mut calls = vec![read_role(Some(4))];
+    calls.extend(ready_with_shards(4).calls_after_the_role());
+    calls.extend([event("Normal", "Ready"), status_patch(&m)]);
+    // (A new operator process: its Event recorder has not seen Ready before.)
+    let mut server = ApiServer::reading_usage(wanting(4));
+    let stale = server.reconcile(&m, calls).await;
+    assert_eq!(stale.status().checkpoint_shards, Some(4));
+    assert_eq!(autopilot(&server, "raised"), 0);
 }
 
 /// `spec.checkpoint.maxShards` stops the raise: granted up to it (a Warning says what is

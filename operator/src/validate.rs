@@ -147,7 +147,18 @@ pub fn api_token_secret_name(monitor: &str) -> String {
 }
 
 /// Checks `monitor` and renders the service configuration. `default_image` is the operator's.
+/// The shards granted so far are taken from the monitor's status.
 pub fn validate(monitor: &SessionMonitor, default_image: &str) -> Result<Plan, InvalidSpec> {
+    let granted = monitor.status.as_ref().and_then(|s| s.checkpoint_shards);
+    validate_granted(monitor, default_image, granted)
+}
+
+/// [`validate`] with the shards granted so far given (the reconciler reads them from the Role).
+pub fn validate_granted(
+    monitor: &SessionMonitor,
+    default_image: &str,
+    granted: Option<u16>,
+) -> Result<Plan, InvalidSpec> {
     let name = monitor.name_any();
     let namespace = monitor
         .namespace()
@@ -200,7 +211,6 @@ pub fn validate(monitor: &SessionMonitor, default_image: &str) -> Result<Plan, I
     }
     // What the Role grants never shrinks: the checkpoint may live in the higher shards. A spec
     // below the grant (the autopilot's, or an earlier spec's) keeps the grant.
-    let granted = monitor.status.as_ref().and_then(|s| s.checkpoint_shards);
     let checkpoint_shards = granted.unwrap_or(0).max(spec.checkpoint.shards);
     let max_checkpoint_shards = spec.checkpoint.max_shards;
     if !(1..=service_config::MAX_CHECKPOINT_SHARDS).contains(&usize::from(max_checkpoint_shards)) {

@@ -1,8 +1,8 @@
 //! Opt-in: the real operator binary against a real kube-apiserver, end to end.
 //!
 //! Runs when `SESSION_MONITOR_TEST_KUBECONFIG` names a kubeconfig (`.ci/run` starts a real API
-//! server for it, see `../shared/k8s/README.md`). Without it each test prints one line saying so
-//! and passes; with it set but the API server unreachable, they fail.
+//! server for it; the README's "Tests" section says how by hand). Without it each test prints
+//! one line saying so and passes; with it set but the API server unreachable, they fail.
 //!
 //! The main test applies the CRD from `crds/`, creates the example's Secret and SessionMonitor in
 //! a namespace of its own, starts `session-monitor-operator` watching only that namespace (with

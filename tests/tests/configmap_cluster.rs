@@ -1,8 +1,9 @@
 //! Opt-in: the ConfigMap checkpoint store against a real kube-apiserver.
 //!
 //! These tests run when `SESSION_MONITOR_TEST_KUBECONFIG` names a kubeconfig (`.ci/run` starts a
-//! real API server for them, see `../shared/k8s/README.md`). Without it each test prints one line
-//! saying so and passes; with it set but the API server unreachable, they fail.
+//! real API server for them; the README's "Tests" section says how by hand). Without it each
+//! test prints one line saying so and passes; with it set but the API server unreachable, they
+//! fail.
 //!
 //! Each test gets a namespace of its own, with a name never used before, deleted at the end, also
 //! when the test panics. The tests do not wait for the deletion: an API server without a

@@ -334,10 +334,6 @@ fn can(
     answer.status.is_some_and(|s| s.allowed)
 }
 
-fn guid(i: u32) -> String {
-    format!("{i:08x}-0000-4000-8000-{i:012x}")
-}
-
 fn own(command: &str, host: &str, user: &str, session: &str) -> String {
     common::datagram::own(command, host, "LAB", user, session)
 }
@@ -514,6 +510,26 @@ fn qlik_from_the_pod(ns: &TestNamespace<'_>, http_ip: &str, selector: &str, runn
         let (_, body) = http_get_at(http_ip, 9842, "/api/v1/summary").unwrap_or_default();
         serde_json::from_str(&body).unwrap_or(Value::Null)
     };
+    // First the cheap per-proxy gauge (the summary lists every user: with 200,000 of them it
+    // is 20 MB), then the summary once.
+    let on_central = "session_monitor_host_active_users{host=\"qs-central\"}";
+    wait_for_within("a user on the Qlik node", POD_DEADLINE, || {
+        let users = metric(http_ip, on_central);
+        let restarts = ready_pods(ns, selector)
+            .iter()
+            .map(|p| {
+                p.status
+                    .as_ref()?
+                    .container_statuses
+                    .as_ref()?
+                    .first()
+                    .map(|c| c.restart_count)
+            })
+            .collect::<Vec<_>>();
+        (users == Some(1.0))
+            .then_some(())
+            .ok_or(format!("{users:?} (container restarts {restarts:?})"))
+    });
     let found = wait_for_within("the user only Qlik knows", POD_DEADLINE, || {
         let s = summary();
         let users: Vec<&str> = s["users"]
@@ -535,10 +551,10 @@ fn qlik_from_the_pod(ns: &TestNamespace<'_>, http_ip: &str, selector: &str, runn
     // The session ends and its stop is lost: the next reconcile past the grace removes it.
     fake.set_sessions(0, "", Vec::new());
     wait_for_within("the user gone with the API's list", POD_DEADLINE, || {
-        let s = summary();
-        (s["active_users_per_host"]["qs-central"] == 0)
+        let users = metric(http_ip, on_central);
+        (users == Some(0.0))
             .then_some(())
-            .ok_or(format!("{}", s["active_users_per_host"]))
+            .ok_or(format!("{users:?}"))
     });
     rolled
 }
@@ -859,17 +875,27 @@ fn the_product_runs_in_a_real_cluster() {
     ));
     assert!(!can(&qlik, &account, "get", "secrets", Some("qlik-mqtt")));
 
-    // 5c. 100,000 sessions in the pod, then the pod deleted: all restored, every ConfigMap
-    // under the API server's 1 MiB.
-    const MANY: u32 = 100_000;
+    // 5c. 200,000 sessions of as many users in the pod, with the default 16 checkpoint shards:
+    // their checkpoint (about 7.4 MB) calls for 18, and the operator's shard autopilot grants
+    // them without a restart while writes still succeed. Then the pod deleted: all restored,
+    // every ConfigMap under the API server's 1 MiB.
+    const MANY: u32 = 200_000;
     let before_many = 7.0; // ann, joe, zoe on two proxies, and late
+    let granted_before = cluster
+        .request("the monitor", monitors(&qlik).get(MONITOR))
+        .data["status"]["checkpointShards"]
+        .as_u64();
+    assert_eq!(granted_before, Some(16), "the default");
     let started = std::time::Instant::now();
     for i in 0..MANY {
+        // Ids and names as incompressible as real ones, so the checkpoint has a real size.
+        let id = common::churn::session_id(u64::from(i));
+        let user = common::churn::session_id(u64::from(i) | 1 << 40);
         send(own(
             "Start session",
             &format!("qs{}", 1 + i % 4),
-            &format!("user{}", i / 2),
-            &guid(i),
+            &format!("user-{}", &user[..23]),
+            &id,
         ));
         if i % 500 == 499 {
             // About 25,000/s: well within what one pod takes, and no burst beyond its buffer.
@@ -879,7 +905,8 @@ fn the_product_runs_in_a_real_cluster() {
     }
     let sessions = "session_monitor_active_sessions";
     let writes = "session_monitor_checkpoint_writes_total{result=\"success\"}";
-    let written = wait_for_within("100,000 more sessions in the pod", POD_DEADLINE, || {
+    let failed_writes = "session_monitor_checkpoint_writes_total{result=\"failure\"}";
+    let written = wait_for_within("200,000 more sessions in the pod", POD_DEADLINE, || {
         let n = metric(&http_ip, sessions).unwrap_or(0.0);
         let received = metric(&http_ip, "session_monitor_datagrams_received_total");
         (n == before_many + f64::from(MANY))
@@ -891,7 +918,78 @@ fn the_product_runs_in_a_real_cluster() {
         (w > written).then_some(()).ok_or(format!("{w} writes"))
     });
     let big = ready_pods(&qlik, &pod_selector).pop().unwrap();
-    let restored = delete_and_replace(&qlik, &big, "the pod after 100,000 sessions", || {});
+    let wanted = metric(&http_ip, "session_monitor_checkpoint_shards_wanted").unwrap();
+    let bytes = metric(&http_ip, "session_monitor_checkpoint_size_bytes").unwrap();
+    eprintln!("checkpoint of {bytes} bytes: {wanted} shards wanted");
+    assert!(
+        wanted > 16.0,
+        "{wanted} shards wanted: the test needs a raise"
+    );
+    // The operator reads it within its 30 s refresh and grants it.
+    let granted = wait_for_within("the autopilot's grant", POD_DEADLINE, || {
+        let monitor = cluster.request("the monitor", monitors(&qlik).get(MONITOR));
+        let status = &monitor.data["status"];
+        match status["checkpointShards"].as_u64() {
+            Some(g) if g as f64 >= wanted => Ok(g),
+            other => Err(format!(
+                "{other:?} granted, {} wanted",
+                status["checkpointShardsWanted"]
+            )),
+        }
+    });
+    let events: Vec<Event> = qlik.list();
+    let raised = events
+        .iter()
+        .find(|e| e.reason.as_deref() == Some("CheckpointShardsRaised"))
+        .unwrap_or_else(|| panic!("an Event CheckpointShardsRaised: {events:?}"));
+    eprintln!(
+        "autopilot: {}",
+        raised.message.as_deref().unwrap_or_default()
+    );
+    let last = format!("{MONITOR}-checkpoint-{granted}");
+    assert!(can(&qlik, &account, "update", "configmaps", Some(&last)));
+    assert!(qlik.get::<ConfigMap>(&last).is_some(), "{last} exists");
+    // The kubelet refreshes the mounted configuration within about a minute; the same pod
+    // then takes the count and writes on.
+    let raised_at = std::time::Instant::now();
+    wait_for_within(
+        "the pod to take the grant",
+        Duration::from_secs(180),
+        || {
+            let max = metric(&http_ip, "session_monitor_checkpoint_shards_max");
+            (max == Some(granted as f64))
+                .then_some(())
+                .ok_or(format!("{max:?}"))
+        },
+    );
+    eprintln!(
+        "the pod took {granted} shards {:?} after the grant",
+        raised_at.elapsed()
+    );
+    let reloads = "session_monitor_config_reloads_total{outcome=\"shards_raised\"}";
+    assert_eq!(metric(&http_ip, reloads), Some(1.0));
+    let still = ready_pods(&qlik, &pod_selector);
+    assert_eq!(
+        still.iter().map(pod_name).collect::<Vec<_>>(),
+        vec![pod_name(&big)],
+        "no restart for the grant"
+    );
+    // Checkpointing goes on with the grant: a change is written, and no write ever failed.
+    send(own("Start session", "qs1", "late", "s-late"));
+    send(own("Stop session", "qs1", "ann", "s0-1"));
+    send(own("Start session", "qs1", "ann", "s0-1"));
+    let before = metric(&http_ip, writes).unwrap_or(0.0);
+    wait_for_within("a checkpoint after the grant", POD_DEADLINE, || {
+        let w = metric(&http_ip, writes).unwrap_or(0.0);
+        (w > before).then_some(()).ok_or(format!("{w} writes"))
+    });
+    assert_eq!(
+        metric(&http_ip, failed_writes),
+        Some(0.0),
+        "no write failed"
+    );
+
+    let restored = delete_and_replace(&qlik, &big, "the pod after 200,000 sessions", || {});
     assert_eq!(
         first_metric(&http_ip, sessions),
         before_many + f64::from(MANY),
@@ -900,10 +998,10 @@ fn the_product_runs_in_a_real_cluster() {
     );
     let used = configmap_bytes(&qlik).iter().filter(|&&b| b > 0).count();
     assert!(
-        used >= 2,
-        "100,000 sessions span several ConfigMaps ({used})"
+        used > 8,
+        "200,000 sessions span several ConfigMaps ({used})"
     );
-    subscriber.wait_for_payload("qliksense/users/active/count", &(4 + MANY / 2).to_string());
+    subscriber.wait_for_payload("qliksense/users/active/count", &(4 + MANY).to_string());
 
     // 5d. A spec change rolls the pod (Recreate) with the state kept.
     assert_eq!(
