@@ -12,6 +12,28 @@ use prometheus::{
 use crate::parser::{Command, Format, Reject};
 use crate::registry::{Expired, HostSummary, Outcome};
 
+/// Declares a closed label set: the enum, `ALL`, and each variant's label value.
+macro_rules! label_set {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident => $label:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name {
+            $($variant),+
+        }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn label(self) -> &'static str {
+                match self {
+                    $($name::$variant => $label),+
+                }
+            }
+        }
+    };
+}
+pub(crate) use label_set;
+
 const PREFIX: &str = "session_monitor";
 
 pub struct Metrics {
@@ -41,14 +63,14 @@ pub struct Metrics {
     pub mqtt_connected: IntGauge,
     pub mqtt_connections: IntCounter,
     pub mqtt_connection_errors: IntCounter,
-    pub mqtt_publishes: IntCounterVec,
-    pub mqtt_publish_failures: IntCounterVec,
+    mqtt_publishes: IntCounterVec,
+    mqtt_publish_failures: IntCounterVec,
     pub mqtt_events_dropped: IntCounter,
     pub mqtt_list_render: Histogram,
-    pub checkpoint_writes: IntCounterVec,
+    checkpoint_writes: IntCounterVec,
     pub checkpoint_duration: Histogram,
     pub checkpoint_size_bytes: IntGauge,
-    pub checkpoint_restores: IntCounterVec,
+    checkpoint_restores: IntCounterVec,
     pub checkpoint_restored_sessions: IntGauge,
     pub checkpoint_conflicts: IntCounter,
     pub checkpoint_shards: IntGauge,
@@ -258,7 +280,7 @@ impl Metrics {
                     "Changes of the configuration file seen while running, by outcome: shards_raised (checkpoint_configmap_shards applied), restart_needed (other settings, applied at the next start), lowering_ignored, invalid.",
                     &["outcome"],
                 );
-                for outcome in crate::settings_reload::Outcome::ALL {
+                for &outcome in crate::settings_reload::Outcome::ALL {
                     reloads.with_label_values(&[outcome.label()]);
                 }
                 reloads
@@ -326,12 +348,16 @@ impl Metrics {
             ),
             registry,
         };
-        for kind in ["state", "status", "event"] {
-            metrics.mqtt_publishes.with_label_values(&[kind]);
-            metrics.mqtt_publish_failures.with_label_values(&[kind]);
+        // Every label of the closed sets from the start, so rates and alerts see zeros.
+        for &kind in Publish::ALL {
+            metrics.mqtt_publishes(kind);
+            metrics.mqtt_publish_failures(kind);
         }
-        for result in ["success", "failure"] {
-            metrics.checkpoint_writes.with_label_values(&[result]);
+        for &result in CheckpointWrite::ALL {
+            metrics.checkpoint_writes(result);
+        }
+        for &result in CheckpointRestore::ALL {
+            metrics.checkpoint_restores(result);
         }
         metrics
             .registry
@@ -340,6 +366,28 @@ impl Metrics {
             ))
             .expect("process collector registers once");
         metrics
+    }
+
+    /// `mqtt_publishes_total{kind}`: messages handed to the client.
+    pub fn mqtt_publishes(&self, kind: Publish) -> IntCounter {
+        self.mqtt_publishes.with_label_values(&[kind.label()])
+    }
+
+    /// `mqtt_publish_failures_total{kind}`: messages the client could not queue.
+    pub fn mqtt_publish_failures(&self, kind: Publish) -> IntCounter {
+        self.mqtt_publish_failures
+            .with_label_values(&[kind.label()])
+    }
+
+    /// `checkpoint_writes_total{result}`.
+    pub fn checkpoint_writes(&self, result: CheckpointWrite) -> IntCounter {
+        self.checkpoint_writes.with_label_values(&[result.label()])
+    }
+
+    /// `checkpoint_restores_total{result}`.
+    pub fn checkpoint_restores(&self, result: CheckpointRestore) -> IntCounter {
+        self.checkpoint_restores
+            .with_label_values(&[result.label()])
     }
 
     /// Adds what `tally` counted and resets it.
@@ -453,6 +501,26 @@ impl Tally {
     }
 }
 
+label_set! {
+    /// `kind` of `mqtt_publishes_total` and `mqtt_publish_failures_total`.
+    Publish { State => "state", Status => "status", Event => "event" }
+}
+
+label_set! {
+    /// `result` of `checkpoint_writes_total`.
+    CheckpointWrite { Success => "success", Failure => "failure" }
+}
+
+label_set! {
+    /// `result` of `checkpoint_restores_total`; `Failed` is a transient error, retried.
+    CheckpointRestore {
+        Restored => "restored",
+        Empty => "empty",
+        Corrupt => "corrupt",
+        Failed => "failed",
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
@@ -477,6 +545,45 @@ fn register<M: prometheus::core::Collector + Clone + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_label_of_a_closed_set_is_exported_from_the_start() {
+        let text = Metrics::new().render();
+        let mut expected = Vec::new();
+        for &kind in Publish::ALL {
+            let label = kind.label();
+            expected.push(format!(
+                "session_monitor_mqtt_publishes_total{{kind=\"{label}\"}} 0"
+            ));
+            expected.push(format!(
+                "session_monitor_mqtt_publish_failures_total{{kind=\"{label}\"}} 0"
+            ));
+        }
+        for &result in CheckpointWrite::ALL {
+            let label = result.label();
+            expected.push(format!(
+                "session_monitor_checkpoint_writes_total{{result=\"{label}\"}} 0"
+            ));
+        }
+        for &result in CheckpointRestore::ALL {
+            let label = result.label();
+            expected.push(format!(
+                "session_monitor_checkpoint_restores_total{{result=\"{label}\"}} 0"
+            ));
+        }
+        for &outcome in crate::settings_reload::Outcome::ALL {
+            let label = outcome.label();
+            expected.push(format!(
+                "session_monitor_config_reloads_total{{outcome=\"{label}\"}} 0"
+            ));
+        }
+        let missing: Vec<&String> = expected
+            .iter()
+            .filter(|e| !text.contains(e.as_str()))
+            .collect();
+        assert!(missing.is_empty(), "{missing:?}");
+        assert_eq!(expected.len(), 3 * 2 + 2 + 4 + 4);
+    }
 
     #[test]
     fn tally_indexes_follow_the_all_lists() {

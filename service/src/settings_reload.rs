@@ -49,30 +49,13 @@ pub enum Change {
     Invalid(String),
 }
 
-/// The `outcome` label of `session_monitor_config_reloads_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    ShardsRaised,
-    LoweringIgnored,
-    RestartNeeded,
-    Invalid,
-}
-
-impl Outcome {
-    pub const ALL: [Outcome; 4] = [
-        Outcome::ShardsRaised,
-        Outcome::LoweringIgnored,
-        Outcome::RestartNeeded,
-        Outcome::Invalid,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Outcome::ShardsRaised => "shards_raised",
-            Outcome::LoweringIgnored => "lowering_ignored",
-            Outcome::RestartNeeded => "restart_needed",
-            Outcome::Invalid => "invalid",
-        }
+crate::metrics::label_set! {
+    /// The `outcome` label of `session_monitor_config_reloads_total`.
+    Outcome {
+        ShardsRaised => "shards_raised",
+        LoweringIgnored => "lowering_ignored",
+        RestartNeeded => "restart_needed",
+        Invalid => "invalid",
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod codec;
 pub mod configmap;
+mod events;
 #[cfg(test)]
 mod fake_api;
 pub mod file;
@@ -227,12 +228,7 @@ pub async fn restore_with_retry(store: &Store, state: &State) -> Result<(), Stor
         match restore(store, state).await {
             Ok(()) => return Ok(()),
             Err(error) if error.is_transient() => {
-                state
-                    .metrics
-                    .checkpoint_restores
-                    .with_label_values(&["failed"])
-                    .inc();
-                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "checkpoint restore failed; retrying (not ready until it succeeds)");
+                events::restore_retrying(&state.metrics, &error, backoff);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
@@ -247,12 +243,7 @@ pub async fn restore_with_retry(store: &Store, state: &State) -> Result<(), Stor
 pub async fn restore(store: &Store, state: &State) -> Result<(), StoreError> {
     let bytes = match store.load().await? {
         Loaded::Nothing => {
-            tracing::info!("no checkpoint yet: first start with an empty registry");
-            state
-                .metrics
-                .checkpoint_restores
-                .with_label_values(&["empty"])
-                .inc();
+            events::restore_empty(&state.metrics);
             return Ok(());
         }
         Loaded::Corrupt(reason) => return set_aside(store, state, &reason).await,
@@ -270,27 +261,15 @@ pub async fn restore(store: &Store, state: &State) -> Result<(), StoreError> {
             );
             let sessions: usize = checkpoint.segments.iter().map(|s| s.sessions.len()).sum();
             state.changed(true);
-            state
-                .metrics
-                .checkpoint_restores
-                .with_label_values(&["restored"])
-                .inc();
-            state
-                .metrics
-                .checkpoint_restored_sessions
-                .set(restored as i64);
-            state
-                .metrics
-                .checkpoint_shards
-                .set(store.shards_in_use().await as i64);
-            tracing::info!(
-                restored,
-                skipped = sessions - restored,
-                saved_at_ms = checkpoint.saved_at.0,
-                bytes = bytes.len(),
-                history_minutes = minutes,
-                "restored sessions from checkpoint"
-            );
+            let report = events::Restored {
+                sessions: restored,
+                skipped: sessions - restored,
+                saved_at_ms: checkpoint.saved_at.0,
+                bytes: bytes.len(),
+                history_minutes: minutes,
+                shards: store.shards_in_use().await,
+            };
+            events::restored(&state.metrics, &report);
             Ok(())
         }
         // Written by a newer build (a rollback after an upgrade): not corrupt, and not ours to
@@ -303,14 +282,9 @@ pub async fn restore(store: &Store, state: &State) -> Result<(), StoreError> {
 }
 
 async fn set_aside(store: &Store, state: &State, reason: &str) -> Result<(), StoreError> {
-    state
-        .metrics
-        .checkpoint_restores
-        .with_label_values(&["corrupt"])
-        .inc();
-    let aside = store.set_aside(reason).await?;
-    tracing::error!(reason, kept_at = %aside, "checkpoint unreadable: kept aside for inspection, starting with an empty registry");
-    Ok(())
+    let aside = store.set_aside(reason).await;
+    events::corrupt(&state.metrics, reason, aside.as_deref().ok());
+    aside.map(drop)
 }
 
 /// Encodes and writes the registry now, and returns the registry revision it holds. A conflict
@@ -382,20 +356,10 @@ async fn save_once(store: &Store, state: &Arc<State>) -> Result<u64, StoreError>
         .observe(started.elapsed().as_secs_f64());
     match &result {
         Ok(()) => {
-            m.checkpoint_writes.with_label_values(&["success"]).inc();
-            m.checkpoint_size_bytes.set(size as i64);
-            m.checkpoint_shards.set(store.shards_in_use().await as i64);
-            tracing::debug!(
-                sessions,
-                bytes = size,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "checkpoint written"
-            );
+            let shards = store.shards_in_use().await;
+            events::written(m, sessions, size, shards, started.elapsed());
         }
-        Err(error) => {
-            m.checkpoint_writes.with_label_values(&["failure"]).inc();
-            tracing::warn!(%error, "checkpoint write failed; will retry");
-        }
+        Err(error) => events::write_failed(m, error),
     }
     result.map(|()| revision)
 }

@@ -11,6 +11,7 @@ use super::fake_api::{FakeApi, MAX_CONFIGMAP_BYTES};
 use super::*;
 use crate::exclusions::Exclusions;
 use crate::metrics::Metrics;
+use crate::metrics::{CheckpointRestore, CheckpointWrite};
 use crate::parser::{Command, Format, ProxyEvent};
 use crate::registry::{DEFAULT_MAX_HOSTS, ExpiryPolicy, ShardedRegistry};
 
@@ -321,9 +322,9 @@ async fn api_server_errors_at_start_are_retried_with_backoff() {
     let s = Store::ConfigMap(Arc::new(store(&api, 8, 1000)));
     restore_with_retry(&s, &state).await.unwrap();
     assert_eq!(api.take_log(), [get("cp"), get("cp"), get("cp")]);
-    let m = &state.metrics.checkpoint_restores;
-    assert_eq!(m.with_label_values(&["failed"]).get(), 2);
-    assert_eq!(m.with_label_values(&["restored"]).get(), 1);
+    let m = &state.metrics;
+    assert_eq!(m.checkpoint_restores(CheckpointRestore::Failed).get(), 2);
+    assert_eq!(m.checkpoint_restores(CheckpointRestore::Restored).get(), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -350,16 +351,14 @@ async fn a_failing_store_is_retried_with_backoff_while_running() {
     assert_eq!(
         state
             .metrics
-            .checkpoint_writes
-            .with_label_values(&["failure"])
+            .checkpoint_writes(CheckpointWrite::Failure)
             .get(),
         3
     );
     assert_eq!(
         state
             .metrics
-            .checkpoint_writes
-            .with_label_values(&["success"])
+            .checkpoint_writes(CheckpointWrite::Success)
             .get(),
         1
     );
@@ -395,8 +394,7 @@ async fn corrupt_data_is_copied_aside_when_allowed() {
     assert_eq!(
         state
             .metrics
-            .checkpoint_restores
-            .with_label_values(&["corrupt"])
+            .checkpoint_restores(CheckpointRestore::Corrupt)
             .get(),
         1
     );
@@ -418,8 +416,7 @@ async fn corrupt_data_leaves_an_annotation_when_a_copy_is_not_allowed() {
     assert_eq!(
         state
             .metrics
-            .checkpoint_restores
-            .with_label_values(&["corrupt"])
+            .checkpoint_restores(CheckpointRestore::Corrupt)
             .get(),
         1
     );

@@ -27,6 +27,7 @@ use schedule::{Class, Retained, Schedule};
 
 use crate::config::{MqttBroker, MqttConfig, MqttTls, Topics, UserListFormat};
 use crate::ingest::EventRecord;
+use crate::metrics::Publish;
 use crate::parser::Command;
 use crate::ratelimit::RateLimiter;
 use crate::registry::ShardedRegistry;
@@ -360,8 +361,8 @@ async fn publish_loop(
                     retained.forget();
                     schedule.connected(std::time::Instant::now());
                     match client.try_publish(&config.topics.status, QoS::AtLeastOnce, true, ONLINE) {
-                        Ok(()) => metrics.mqtt_publishes.with_label_values(&["status"]).inc(),
-                        Err(_) => metrics.mqtt_publish_failures.with_label_values(&["status"]).inc(),
+                        Ok(()) => metrics.mqtt_publishes(Publish::Status).inc(),
+                        Err(_) => metrics.mqtt_publish_failures(Publish::Status).inc(),
                     }
                 } else if !now.connected {
                     schedule.disconnected();
@@ -384,7 +385,7 @@ async fn publish_loop(
                 if !link.connected || client.try_publish(topic, qos(config.qos), false, event_payload(&event)).is_err() {
                     metrics.mqtt_events_dropped.inc();
                 } else {
-                    metrics.mqtt_publishes.with_label_values(&["event"]).inc();
+                    metrics.mqtt_publishes(Publish::Event).inc();
                 }
             }
         }
@@ -468,15 +469,12 @@ fn publish(
         }
         match client.try_publish(&topic, qos(config.qos), config.retain, payload.clone()) {
             Ok(()) => {
-                metrics.mqtt_publishes.with_label_values(&["state"]).inc();
+                metrics.mqtt_publishes(Publish::State).inc();
                 retained.sent(topic, payload);
             }
             Err(error) => {
                 // Queue full (broker slow, or the link just dropped): retried next interval.
-                metrics
-                    .mqtt_publish_failures
-                    .with_label_values(&["state"])
-                    .inc();
+                metrics.mqtt_publish_failures(Publish::State).inc();
                 tracing::debug!(%error, topic, "state publish not queued; will retry");
                 all_queued = false;
             }
