@@ -817,6 +817,12 @@ fn a_raised_shard_count_in_the_config_file_applies_without_a_restart() {
             settled.then_some(())
         });
     }
+    // The failure may have come from a write of part of the last batch: the next attempt sizes
+    // the whole registry (every datagram is read by now).
+    let failed = metric(&service, WRITES_FAILED);
+    wait_for("a write attempt on the whole registry", || {
+        (service.metric(WRITES_FAILED)? > failed).then_some(())
+    });
     let wanted = metric(&service, "session_monitor_checkpoint_shards_wanted");
     assert_eq!(
         metric(&service, "session_monitor_checkpoint_shards_max"),
