@@ -2,43 +2,18 @@
 //! service role, i.e. the service's own `cli::main` compiled in release), the bare receiver,
 //! and mosquitto. Each is killed when its handle drops.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::io::{BufRead, BufReader, Write};
+
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Environment variable that selects a child role of this executable.
 pub const ROLE: &str = "SESSION_MONITOR_BENCH_ROLE";
 
-pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free TCP port")
-        .port()
-}
-
-pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("a free UDP port")
-        .port()
-}
-
-/// Polls `check` every 10 ms until it returns `Some`, for at most `limit`.
-pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
+pub use session_monitor_testkit::http::{free_tcp_port, free_udp_port};
+pub use session_monitor_testkit::mosquitto::Mosquitto;
+/// Polls `check` until it returns `Some`, for at most `limit`.
+pub use session_monitor_testkit::poll::until as wait_for;
 
 pub struct ServiceProcess {
     child: Child,
@@ -144,27 +119,13 @@ impl ServiceProcess {
     }
 
     pub fn get(&self, path: &str) -> Option<(u16, String)> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.http_port)).ok()?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .ok()?;
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let code = response.split(' ').nth(1)?.parse().ok()?;
-        let body = response.split_once("\r\n\r\n")?.1.to_owned();
-        Some((code, body))
+        session_monitor_testkit::http::get("127.0.0.1", self.http_port, path, None).ok()
     }
 
     /// A sample of the service's own /metrics, e.g. `session_monitor_active_sessions`.
     pub fn metric(&self, sample: &str) -> f64 {
         let (_, body) = self.get("/metrics").expect("/metrics answers");
-        body.lines()
-            .find_map(|line| {
-                let (name, value) = line.rsplit_once(' ')?;
-                (name == sample).then(|| value.parse().ok())?
-            })
-            .unwrap_or(0.0)
+        session_monitor_testkit::metrics::sample(&body, sample).unwrap_or(0.0)
     }
 
     /// Resident set size in bytes, from /proc.
@@ -270,64 +231,6 @@ pub fn bare_receiver_main(port: u16, buffer: usize) {
         }
         let _ = writeln!(stdout, "{}", count.load(Ordering::Relaxed));
         let _ = stdout.flush();
-    }
-}
-
-pub struct Mosquitto {
-    child: Child,
-    pub port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Mosquitto {
-    pub fn start() -> Mosquitto {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_tcp_port();
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-        )
-        .expect("mosquitto config");
-        let child = Command::new(program("mosquitto"))
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start mosquitto (apt-get install -y mosquitto)");
-        wait_for("mosquitto to listen", Duration::from_secs(10), || {
-            TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-        Mosquitto {
-            child,
-            port,
-            _dir: dir,
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A program from PATH, or from /usr/sbin where Debian puts mosquitto.
-fn program(name: &str) -> PathBuf {
-    let sbin = Path::new("/usr/sbin").join(name);
-    let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|dir| dir.join(name).is_file()))
-        .unwrap_or(false);
-    if !on_path && sbin.is_file() {
-        sbin
-    } else {
-        PathBuf::from(name)
     }
 }
 

@@ -18,9 +18,8 @@
 //! harness is `session_monitor_testkit::cluster`, shared with the service's ConfigMap test.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -39,8 +38,9 @@ use session_monitor::config::Settings;
 use session_monitor_operator::crd::{ApiAuthSpec, SessionMonitor};
 use session_monitor_operator::crdgen;
 use session_monitor_testkit::cluster::{
-    Cluster, FIELD_MANAGER, POLL, TestNamespace, free_tcp_port, http_get, wait_for,
+    Cluster, FIELD_MANAGER, TestNamespace, free_tcp_port, http_get, wait_for,
 };
+use session_monitor_testkit::process::Process;
 
 const DEFAULT_IMAGE: &str = "example/session-monitor:test";
 
@@ -209,11 +209,10 @@ fn least_privileged_kubeconfig(ns: &TestNamespace, dir: &Path) -> PathBuf {
 
 /// The operator binary as a child process, watching one namespace; killed when dropped.
 struct Operator {
-    child: Option<Child>,
+    process: Process,
     http_port: u16,
     /// Its leader-election identity (`POD_NAME`).
     identity: String,
-    log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -222,7 +221,6 @@ impl Operator {
     fn start(ns: &TestNamespace, log_level: &str) -> Operator {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("operator.log");
-        let out = File::create(&log).unwrap();
         let http_port = free_tcp_port();
         let identity = format!("operator-e2e-{}", std::process::id());
         let mut command = Command::new(env!("CARGO_BIN_EXE_session-monitor-operator"));
@@ -243,15 +241,11 @@ impl Operator {
             .args(["--watch-namespaces", ns.name()])
             .args(["--lease-namespace", ns.name()])
             .args(["--default-image", DEFAULT_IMAGE])
-            .args(["--log-level", log_level])
-            .stdout(out.try_clone().unwrap())
-            .stderr(out);
-        let child = command.spawn().expect("the operator binary starts");
+            .args(["--log-level", log_level]);
         let mut operator = Operator {
-            child: Some(child),
+            process: Process::spawn("the operator", &mut command, &log),
             http_port,
             identity,
-            log,
             _dir: dir,
         };
         wait_for("the operator's /readyz to answer 200", || {
@@ -307,24 +301,18 @@ impl Operator {
     }
 
     fn assert_running(&mut self) {
-        let child = self.child.as_mut().expect("the operator was started");
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("the operator exited with {status}:\n{}", self.log_text());
-        }
+        self.process.assert_running();
     }
 
     fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log_text()
     }
 
     /// The value of the sample `name` (with its labels, if any) in `/metrics`.
     fn metric(&self, name: &str) -> Option<f64> {
         let (status, body) = http_get(self.http_port, "/metrics")?;
         assert_eq!(status, 200, "/metrics: {body}");
-        body.lines()
-            .filter_map(|line| line.rsplit_once(' '))
-            .find(|(sample, _)| *sample == name)
-            .and_then(|(_, value)| value.parse().ok())
+        session_monitor_testkit::metrics::sample(&body, name)
     }
 
     fn wait_for_metric(&self, name: &str, value: f64) {
@@ -337,44 +325,11 @@ impl Operator {
     }
 
     fn sigterm(&self) {
-        let pid = self.child.as_ref().expect("the operator was started").id();
-        // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet.
-        let result = unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-        assert_eq!(result, 0, "kill -TERM {pid}");
+        self.process.signal(libc::SIGTERM);
     }
 
     fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let child = self.child.as_mut().expect("the operator was started");
-        let start = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                self.child = None;
-                return status;
-            }
-            assert!(
-                start.elapsed() < within,
-                "the operator did not exit within {within:?} of SIGTERM:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(POLL);
-        }
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            let log = self.log_text();
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
-            eprintln!("--- the operator's log (last {} lines) ---", tail.len());
-            for line in tail.into_iter().rev() {
-                eprintln!("{line}");
-            }
-        }
+        self.process.wait_exit(within)
     }
 }
 

@@ -16,11 +16,9 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::future::Future;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::{Namespace, Service};
@@ -30,15 +28,17 @@ use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+// Polling and HTTP are the light harness's; these tests reach them here too.
+pub use crate::http::{free_tcp_port, http_get, http_get_at, http_get_with};
+pub use crate::poll::{wait_for, wait_for_within};
+
 /// The environment variable naming the kubeconfig of the API server to test against.
 pub const KUBECONFIG_VAR: &str = "SESSION_MONITOR_TEST_KUBECONFIG";
 /// The state directory of a real single-node cluster (`kube-cluster start DIR`) for the tests
 /// that need pods, Services and controllers.
 pub const CLUSTER_VAR: &str = "SESSION_MONITOR_TEST_CLUSTER";
 /// How long any request or awaited condition may take before the test fails.
-pub const DEADLINE: Duration = Duration::from_secs(20);
-/// How often [`wait_for`] looks again.
-pub const POLL: Duration = Duration::from_millis(50);
+pub const DEADLINE: Duration = crate::poll::DEADLINE;
 /// The field manager of everything the tests write themselves, and the `created-by` label of
 /// their namespaces.
 pub const FIELD_MANAGER: &str = "session-monitor-e2e";
@@ -395,73 +395,4 @@ async fn delete_services(api: &Api<Service>) -> kube::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Polls `check` until it returns `Ok`, or panics after [`DEADLINE`] with `what` and the last
-/// state `check` described.
-pub fn wait_for<T>(what: &str, check: impl FnMut() -> Result<T, String>) -> T {
-    wait_for_within(what, DEADLINE, check)
-}
-
-/// [`wait_for`] with a deadline of its own (pods starting, images unpacking).
-pub fn wait_for_within<T>(
-    what: &str,
-    limit: Duration,
-    mut check: impl FnMut() -> Result<T, String>,
-) -> T {
-    let start = Instant::now();
-    loop {
-        match check() {
-            Ok(value) => return value,
-            Err(last) => assert!(
-                start.elapsed() < limit,
-                "timed out after {limit:?} waiting for {what}; last seen: {last}"
-            ),
-        }
-        std::thread::sleep(POLL);
-    }
-}
-
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `GET path` on 127.0.0.1: the status code and the body, `None` while nothing answers.
-pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    http_get_at("127.0.0.1", port, path)
-}
-
-/// `GET path` on `ip:port` (e.g. a ClusterIP, which a cluster's node routes to its pods).
-pub fn http_get_at(ip: &str, port: u16, path: &str) -> Option<(u16, String)> {
-    http_get_with(ip, port, path, None)
-}
-
-/// [`http_get_at`] with `Authorization: Bearer TOKEN` when a token is given.
-pub fn http_get_with(
-    ip: &str,
-    port: u16,
-    path: &str,
-    bearer: Option<&str>,
-) -> Option<(u16, String)> {
-    let address = std::net::SocketAddr::new(ip.parse().ok()?, port);
-    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let authorization = bearer
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {ip}\r\n{authorization}Connection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let status = head.split(' ').nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
 }

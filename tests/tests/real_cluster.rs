@@ -177,14 +177,7 @@ fn node_port(service: &Service) -> u16 {
 /// A sample of the service's /metrics through the HTTP Service (0 when absent).
 fn metric(ip: &str, sample: &str) -> Option<f64> {
     let (_, body) = http_get_at(ip, 9842, "/metrics")?;
-    Some(
-        body.lines()
-            .find_map(|line| {
-                let (name, value) = line.rsplit_once(' ')?;
-                (name == sample).then(|| value.parse().ok())?
-            })
-            .unwrap_or(0.0),
-    )
+    Some(session_monitor_testkit::metrics::sample(&body, sample).unwrap_or(0.0))
 }
 
 /// [`metric`] from the first answer: a pod that just turned ready is reachable through its

@@ -6,152 +6,30 @@
 //! settle". Every child process is killed when its handle drops, also when a test panics.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{TcpStream, UdpSocket};
+use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// How long any awaited condition may take before the test fails.
-pub const DEADLINE: Duration = Duration::from_secs(20);
+#[allow(unused_imports)] // each test file uses a different part of the harness
+pub use session_monitor_testkit::mosquitto::{Mosquitto, program};
+pub use session_monitor_testkit::poll::DEADLINE;
+use session_monitor_testkit::process::{Log, Process};
 
 /// Polls `check` until it returns `Some`, or panics after [`DEADLINE`] with `what`.
-pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "timed out after {DEADLINE:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A program from PATH, or from /usr/sbin where Debian puts mosquitto (not on every PATH).
-pub fn program(name: &str) -> PathBuf {
-    let sbin = Path::new("/usr/sbin").join(name);
-    let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|dir| dir.join(name).is_file()))
-        .unwrap_or(false);
-    if !on_path && sbin.is_file() {
-        sbin
-    } else {
-        PathBuf::from(name)
-    }
+pub fn wait_for<T>(what: &str, check: impl FnMut() -> Option<T>) -> T {
+    session_monitor_testkit::poll::until(what, DEADLINE, check)
 }
 
 pub mod churn;
 
-pub use session_monitor_testkit::cluster::free_tcp_port;
+#[allow(unused_imports)]
+pub use session_monitor_testkit::http::{free_tcp_port, free_udp_port};
 
-/// HTTP/1.0 GET on a loopback port, `(status, body)`: 1.0 so that no server answers in chunks.
+/// HTTP GET on a loopback port, `(status, body)`.
 pub fn get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let code = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    Ok((code, body.to_owned()))
-}
-
-pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A mosquitto broker on 127.0.0.1, without persistence: a restart forgets retained messages,
-/// which lets tests prove the service republishes its state.
-pub struct Mosquitto {
-    pub port: u16,
-    pub dir: tempfile::TempDir,
-    /// Configuration lines beyond the listener, e.g. TLS files and authentication.
-    extra_config: String,
-    child: Option<Child>,
-}
-
-impl Mosquitto {
-    pub fn start() -> Mosquitto {
-        Mosquitto::start_with(|_| "allow_anonymous true\n".to_owned())
-    }
-
-    /// Starts with configuration lines made by `config`, given the broker's own directory (for
-    /// certificates and password files).
-    pub fn start_with(config: impl FnOnce(&Path) -> String) -> Mosquitto {
-        let dir = tempfile::tempdir().unwrap();
-        // mosquitto started as root drops to the `mosquitto` user, which must read these files.
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
-        let extra_config = config(dir.path());
-        let mut broker = Mosquitto {
-            port: free_tcp_port(),
-            dir,
-            extra_config,
-            child: None,
-        };
-        broker.spawn();
-        broker
-    }
-
-    fn spawn(&mut self) {
-        let conf = self.dir.path().join("mosquitto.conf");
-        let config = format!(
-            "persistence false\nlistener {} 127.0.0.1\n{}",
-            self.port, self.extra_config
-        );
-        std::fs::write(&conf, config).unwrap();
-        let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).unwrap();
-        let child = Command::new(program("mosquitto"))
-            .arg("-c")
-            .arg(&conf)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("mosquitto must be installed (apt-get install -y mosquitto); see README");
-        self.child = Some(child);
-        let port = self.port;
-        wait_for("mosquitto to accept connections", || {
-            TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-    }
-
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Stops and starts again on the same port, empty.
-    pub fn restart(&mut self) {
-        self.stop();
-        self.spawn();
-    }
-
-    pub fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        self.stop();
-    }
+    session_monitor_testkit::http::get("127.0.0.1", port, path, None)
 }
 
 /// The real binary with its own ports and checkpoint directory.
@@ -160,8 +38,8 @@ pub struct Service {
     pub udp_port: u16,
     pub http_port: u16,
     pub dir: PathBuf,
-    child: Option<Child>,
-    log: PathBuf,
+    process: Option<Process>,
+    log: Log,
     udp: UdpSocket,
     /// Whether the harness passes `--checkpoint-file` in [`Service::dir`] (the default).
     checkpoint_file: bool,
@@ -222,8 +100,8 @@ impl Service {
             udp_port: free_udp_port(),
             http_port: free_tcp_port(),
             dir: dir.to_owned(),
-            child: None,
-            log: dir.join(format!("service-{}.log", std::process::id())),
+            process: None,
+            log: Log(dir.join(format!("service-{}.log", std::process::id()))),
             udp: UdpSocket::bind("127.0.0.1:0").unwrap(),
             checkpoint_file,
         };
@@ -232,11 +110,6 @@ impl Service {
     }
 
     fn spawn(&mut self, args: &[&str]) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
         let mut command = command();
         command
             .args(["--udp-listen", &format!("127.0.0.1:{}", self.udp_port)])
@@ -247,26 +120,23 @@ impl Service {
                 &self.dir.join("checkpoint").display().to_string(),
             ]);
         }
-        let child = command
+        command
             .args(["--log-level", "debug,rumqttd=off"])
             .args(args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
+            .stdout(Stdio::null());
+        let process = Process::spawn("the service", &mut command, &self.log.0);
+        let process = self.process.insert(process);
+        let port = self.http_port;
         wait_for("the service to be ready", || {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("service exited early with {status}:\n{}", self.log_text());
-            }
-            self.get("/readyz").ok().filter(|(code, _)| *code == 200)
+            process.assert_running();
+            get(port, "/readyz").ok().filter(|(code, _)| *code == 200)
         });
     }
 
     /// Restarts with the same ports, directory and `args`, after the previous process exited.
     pub fn restart(&mut self, args: &[&str]) {
-        assert!(self.child.is_none(), "stop the service first");
+        assert!(self.process.is_none(), "stop the service first");
         self.spawn(args);
     }
 
@@ -307,12 +177,15 @@ impl Service {
     /// The value of one sample in `/metrics`, e.g. `session_monitor_active_users`.
     pub fn metric(&self, sample: &str) -> Option<f64> {
         let (_, body) = self.get("/metrics").ok()?;
-        body.lines()
-            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+        session_monitor_testkit::metrics::sample(&body, sample)
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        self.running().pid()
+    }
+
+    fn running(&self) -> &Process {
+        self.process.as_ref().expect("running")
     }
 
     /// The process's resident memory in bytes (`VmRSS`).
@@ -328,47 +201,27 @@ impl Service {
     }
 
     pub fn signal(&self, signal: libc::c_int) {
-        let pid = self.child.as_ref().expect("running").id() as libc::pid_t;
-        // SAFETY: kill(2) on our own child's pid.
-        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+        self.running().signal(signal);
     }
 
     /// Waits for the process to exit.
     pub fn wait_exit(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        wait_for("the service to exit", || child.try_wait().unwrap())
+        let mut process = self.process.take().expect("running");
+        process.wait_exit(DEADLINE)
     }
 
     /// The log's length now, for [`Service::log_since`].
     pub fn log_len(&self) -> u64 {
-        std::fs::metadata(&self.log).map_or(0, |m| m.len())
+        self.log.bytes()
     }
 
     /// The log written since it was `offset` bytes long.
     pub fn log_since(&self, offset: u64) -> String {
-        use std::io::Seek;
-        let mut f = std::fs::File::open(&self.log).unwrap();
-        f.seek(std::io::SeekFrom::Start(offset)).unwrap();
-        let mut bytes = Vec::new();
-        f.read_to_end(&mut bytes).unwrap();
-        // The service may be mid-line, even mid-character.
-        String::from_utf8_lossy(&bytes).into_owned()
+        self.log.since(offset)
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("--- service log ---\n{}", self.log_text());
-        }
+        self.log.text()
     }
 }
 
