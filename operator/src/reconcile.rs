@@ -331,7 +331,7 @@ async fn grant_shards(
             }
             apply_one(&ctx.client, namespace, &desired.config_map).await?;
             count(decision);
-            let (kind, short) = if u64::from(to) < wanted {
+            let (kind, short) = if decision.label() == Some(autopilot::Label::RaisedToMaximum) {
                 let short = format!(
                     "; spec.checkpoint.maxShards ({max}) stops it below the {wanted} wanted"
                 );
@@ -341,8 +341,8 @@ async fn grant_shards(
             };
             let note = format!(
                 "the checkpoint calls for {wanted} shard ConfigMaps: granted {to} (was {from}){short}. \
-                 The service takes the new count from its mounted configuration within about a \
-                 minute, without a restart"
+                 The service takes the new count from its mounted configuration within a minute \
+                 or two, without a restart"
             );
             info!(from, to, wanted, "checkpoint shards raised");
             publish(ctx, monitor, kind, "CheckpointShardsRaised", note).await;

@@ -3,7 +3,7 @@
 //! When a checkpoint outgrows its shard ConfigMaps, the operator grants more (the Role and the
 //! ConfigMaps first) and then raises the setting in the mounted configuration file, without
 //! rolling the pod: a restart would leave the proxies' datagrams unheard for seconds. The kubelet
-//! refreshes a mounted ConfigMap within about a minute; this task reads the file every
+//! refreshes a mounted ConfigMap within a minute or two; this task reads the file every
 //! [`INTERVAL`] and lets the store use the new shards from its next write. Every other setting
 //! takes effect at the next start (the operator rolls the pod for those), which is logged.
 //!
@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::shutdown::Stop;
 use crate::state::State;
 
-/// How often the file is read: small against the kubelet's own refresh (about a minute).
+/// How often the file is read: small against the kubelet's own refresh (a minute or two).
 pub const INTERVAL: Duration = Duration::from_secs(10);
 
 /// Where the settings came from at start, to merge a changed file the same way.
@@ -155,9 +155,9 @@ pub async fn run(source: Source, store: Arc<ConfigMapStore>, state: Arc<State>, 
         if seen.as_ref() == Some(&bytes) {
             continue;
         }
-        let now = String::from_utf8(bytes.clone())
+        let now = std::str::from_utf8(&bytes)
             .map_err(|e| e.to_string())
-            .and_then(|text| Settings::from_toml(&text))
+            .and_then(Settings::from_toml)
             .map(|file| source.flags.clone().or(file))
             .map_err(|message| ConfigError::File {
                 path: source.path.clone(),

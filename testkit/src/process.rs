@@ -47,8 +47,7 @@ impl Log {
 }
 
 impl Process {
-    /// Starts `command` with its stderr (and stdout, unless the command set it) appended to
-    /// `log`.
+    /// Starts `command` with its stdout and stderr appended to `log`.
     pub fn spawn(name: &str, command: &mut Command, log: &Path) -> Process {
         let out = OpenOptions::new()
             .create(true)

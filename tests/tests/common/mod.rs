@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -123,8 +123,7 @@ impl Service {
         command
             .args(["--log-level", "debug,rumqttd=off"])
             .args(args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null());
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         let process = Process::spawn("the service", &mut command, &self.log.0);
         let process = self.process.insert(process);
         let port = self.http_port;
