@@ -444,8 +444,9 @@ fn default_resources() -> ResourceRequirements {
             ("cpu".into(), Quantity("50m".into())),
             ("memory".into(), Quantity("64Mi".into())),
         ])),
-        // 200,000 users take about 146 MB at rest, and serving the full user list
-        // (`/api/v1/users`, `/api/v1/summary`) adds about as much again while it is answered.
+        // 200,000 users take about 142 MB at rest, and serving the full user list
+        // (`/api/v1/users`, `/api/v1/summary`) adds about 80 MB while it is answered (README,
+        // "Sizing").
         limits: Some(BTreeMap::from([(
             "memory".into(),
             Quantity("512Mi".into()),

@@ -4,6 +4,7 @@
 
 mod auth;
 mod history;
+mod json_stream;
 mod stream;
 
 use std::collections::BTreeMap;
@@ -19,7 +20,7 @@ use serde::Serialize;
 
 use crate::config::ApiToken;
 use crate::qlik::reconciler::QlikStatus;
-use crate::registry::{HostSummary, UnixMillis, UserView};
+use crate::registry::{HostSummary, UnixMillis};
 use crate::shutdown::Stop;
 use crate::state::State;
 
@@ -135,6 +136,7 @@ async fn readyz(AxumState(http): AxumState<Http>) -> Response {
     }
 }
 
+/// `/api/v1/summary` without its `users`, which are streamed after these fields.
 #[derive(Serialize)]
 struct Summary {
     active_users: usize,
@@ -142,8 +144,6 @@ struct Summary {
     /// Active users per host, for a quick look; `hosts` has the detail.
     active_users_per_host: BTreeMap<String, usize>,
     hosts: Vec<HostSummary>,
-    /// The active users, sorted by name; `/api/v1/users` adds hosts and connections.
-    users: Vec<UserSummary>,
     /// Reconciliation with the Qlik proxy API; absent while it is off.
     #[serde(skip_serializing_if = "Option::is_none")]
     qlik_api: Option<QlikStatus>,
@@ -157,7 +157,7 @@ struct UserSummary {
     last_seen: UnixMillis,
 }
 
-async fn summary(AxumState(http): AxumState<Http>) -> Json<Summary> {
+async fn summary(AxumState(http): AxumState<Http>) -> Response {
     // Views across shards are not one atomic picture; the counts are taken from the user list
     // so that the answer is consistent in itself.
     let registry = http.state.registry();
@@ -165,7 +165,8 @@ async fn summary(AxumState(http): AxumState<Http>) -> Json<Summary> {
     let users = registry.users();
     let active_users = users.len();
     let active_sessions = users.iter().map(|u| u.sessions).sum();
-    let users = users
+    // The active users, sorted by name; `/api/v1/users` adds hosts and connections.
+    let users: Vec<UserSummary> = users
         .into_iter()
         .map(|u| UserSummary {
             name: u.name,
@@ -174,7 +175,7 @@ async fn summary(AxumState(http): AxumState<Http>) -> Json<Summary> {
             last_seen: u.last_seen,
         })
         .collect();
-    Json(Summary {
+    let summary = Summary {
         active_users,
         active_sessions,
         active_users_per_host: hosts
@@ -182,13 +183,13 @@ async fn summary(AxumState(http): AxumState<Http>) -> Json<Summary> {
             .map(|h| (h.host.clone(), h.active_users))
             .collect(),
         hosts,
-        users,
         qlik_api: http.state.qlik_status().clone(),
-    })
+    };
+    json_stream::object_with_array(&summary, "users", users)
 }
 
-async fn users(AxumState(http): AxumState<Http>) -> Json<Vec<UserView>> {
-    Json(http.state.registry().users())
+async fn users(AxumState(http): AxumState<Http>) -> Response {
+    json_stream::response(Vec::new(), http.state.registry().users(), b"")
 }
 
 #[derive(Serialize)]
