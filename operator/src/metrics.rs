@@ -17,8 +17,8 @@ pub struct Metrics {
     /// `result`: `Reconciled`, `InvalidSpec`, `MissingSecret`, `ApplyFailed`, `ApiError`.
     pub reconciles: IntCounterVec,
     pub reconcile_duration: Histogram,
-    /// Reads of a ready service's `/metrics` for the status, `result`: `ok`, `failed`.
-    pub usage_reads: IntCounterVec,
+    /// Reads of a ready service's `/metrics` for the status, by [`UsageRead`].
+    usage_reads: IntCounterVec,
     /// The shard autopilot's grants, `decision`: `raised`, `raised_to_maximum`, `at_maximum`.
     pub checkpoint_autopilot: IntCounterVec,
     /// Monitors by condition and status, e.g. `{condition="Ready",status="True"}`.
@@ -27,6 +27,23 @@ pub struct Metrics {
     pub ready: IntGauge,
     /// The controllers' caches of SessionMonitors, which `monitors` is counted from.
     stores: Mutex<Vec<Store<SessionMonitor>>>,
+}
+
+/// `result` of `session_monitor_operator_usage_reads_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UsageRead {
+    Ok,
+    /// The operator cannot reach the monitor's HTTP Service (e.g. a NetworkPolicy).
+    Failed,
+}
+
+impl UsageRead {
+    pub fn label(self) -> &'static str {
+        match self {
+            UsageRead::Ok => "ok",
+            UsageRead::Failed => "failed",
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -62,8 +79,8 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
-        for result in ["ok", "failed"] {
-            usage_reads.with_label_values(&[result]);
+        for result in [UsageRead::Ok, UsageRead::Failed] {
+            usage_reads.with_label_values(&[result.label()]);
         }
         let checkpoint_autopilot = IntCounterVec::new(
             Opts::new(
@@ -132,6 +149,11 @@ impl Metrics {
             ready,
             stores: Mutex::default(),
         }
+    }
+
+    /// `session_monitor_operator_usage_reads_total{result}`.
+    pub fn usage_reads(&self, result: UsageRead) -> prometheus::IntCounter {
+        self.usage_reads.with_label_values(&[result.label()])
     }
 
     /// Counts the monitors of `store` (a controller's cache) in `monitors` at every scrape, so

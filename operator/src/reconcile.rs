@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use crate::autopilot;
 use crate::crd::{SessionMonitor, SessionMonitorStatus};
 use crate::desired::{self, Desired, MANAGER};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, UsageRead};
 use crate::status::{self, DEGRADED, Outcome, READY};
 use crate::usage;
 use crate::validate::{self, Plan};
@@ -246,8 +246,11 @@ async fn run_pipeline(
         true => {
             let host = format!("{}.{namespace}.svc", desired::http_service_name(&plan.name));
             let usage = (ctx.usage)(host, monitor.spec.metrics.port).await;
-            let result = if usage.is_some() { "ok" } else { "failed" };
-            ctx.metrics.usage_reads.with_label_values(&[result]).inc();
+            let result = match usage {
+                Some(_) => UsageRead::Ok,
+                None => UsageRead::Failed,
+            };
+            ctx.metrics.usage_reads(result).inc();
             usage
         }
         false => None,

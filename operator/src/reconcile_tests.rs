@@ -1127,8 +1127,7 @@ async fn a_ready_monitor_shows_its_users_and_is_read_again_within_30_seconds() {
         server
             .ctx
             .metrics
-            .usage_reads
-            .with_label_values(&["ok"])
+            .usage_reads(crate::metrics::UsageRead::Ok)
             .get(),
         1
     );
