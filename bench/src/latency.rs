@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
+use session_monitor::parser::Format;
+use session_monitor_simulate::datagram::{self, Datagram};
+
 use crate::procs::{Mosquitto, ServiceProcess, wait_for};
 
 const COUNT_TOPIC: &str = "qliksense/users/active/count";
@@ -45,9 +48,16 @@ impl Percentiles {
 }
 
 fn datagram(command: &str, user: &str, session: &str) -> String {
-    format!(
-        "/session-monitor/;qs-proxy-1.corp.example;{command};LOAD;{user};AppAccess;/app/0c7b;{session};{command} for user"
+    Datagram::event(
+        Format::SessionMonitor,
+        "qs-proxy-1.corp.example",
+        datagram::command(command),
+        "LOAD",
+        user,
+        &"/app/0c7b",
+        &session,
     )
+    .render()
 }
 
 /// Count publishes and user lists, as (arrival, users).

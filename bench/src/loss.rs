@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 use session_monitor::checkpoint::codec::{self, Checkpoint};
 use session_monitor::registry::{SessionRecord, UnixMillis};
 
+use session_monitor::parser::Format;
+use session_monitor_simulate::datagram::{self, Datagram};
+
 use crate::procs::{Mosquitto, POD_RECEIVE_BUFFER_BYTES, ServiceOptions, ServiceProcess, wait_for};
 use crate::realistic;
 
@@ -32,13 +35,16 @@ pub struct Loss {
 }
 
 fn datagram(command: &str, r: &SessionRecord) -> String {
-    format!(
-        "/session-monitor/;{};{command};{};{};AppAccess;/hub/;{};{command} for user",
-        r.host,
-        r.user_directory,
-        r.user_id,
-        r.proxy_session_id.as_deref().unwrap_or("")
+    Datagram::event(
+        Format::SessionMonitor,
+        &r.host,
+        datagram::command(command),
+        &r.user_directory,
+        &r.user_id,
+        &"/hub/",
+        &r.proxy_session_id.as_deref().unwrap_or(""),
     )
+    .render()
 }
 
 /// Sends `datagrams` at `per_sec`, in 1 ms slices, until they run out or `stop`.

@@ -4,6 +4,9 @@
 use std::net::UdpSocket;
 use std::time::Duration;
 
+use session_monitor::parser::{Command, Format};
+use session_monitor_simulate::Datagram;
+
 use crate::procs::{ServiceProcess, wait_for};
 use crate::realistic;
 
@@ -32,13 +35,16 @@ pub fn run(sessions: usize, mqtt_url: Option<&str>) -> Memory {
     let mut sent = 0u64;
     for batch in records.chunks(4096) {
         for r in batch {
-            let datagram = format!(
-                "/session-monitor/;{};Start session;{};{};AppAccess;/hub/;{};Start session for user",
-                r.host,
-                r.user_directory,
-                r.user_id,
-                r.proxy_session_id.as_deref().unwrap_or("")
-            );
+            let datagram = Datagram::event(
+                Format::SessionMonitor,
+                &r.host,
+                Command::StartSession,
+                &r.user_directory,
+                &r.user_id,
+                &"/hub/",
+                &r.proxy_session_id.as_deref().unwrap_or(""),
+            )
+            .render();
             socket.send(datagram.as_bytes()).expect("send");
             sent += 1;
         }

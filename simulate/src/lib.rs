@@ -9,13 +9,16 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::io::{self, Write as _};
+use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::time::{Duration, Instant};
 
 use session_monitor::parser::{Command, Format};
 
+pub mod datagram;
 pub mod qlik;
+
+pub use datagram::Datagram;
 
 /// Options of `session-monitor-simulate`.
 #[derive(clap::Parser, Debug, Clone)]
@@ -354,21 +357,6 @@ struct Event {
     user_agent: Option<&'static str>,
 }
 
-/// One datagram's fields; malformations replace some of them.
-struct Line<'a> {
-    prefix: &'a str,
-    host: &'a str,
-    command: &'a str,
-    directory: &'a str,
-    user_id: &'a str,
-    context: Context,
-    session: Guid,
-    /// Only our own format carries the session id as a field; Qlik's messages name it always.
-    session_field: bool,
-    message: Command,
-    user_agent: Option<&'static str>,
-}
-
 /// The traffic generator: users on proxies, each on a journey, one datagram per call.
 pub struct Traffic {
     rng: fastrand::Rng,
@@ -460,7 +448,7 @@ impl Traffic {
             return Kind::Malformed;
         }
         let event = self.step();
-        write_line(out, &self.line(&event));
+        self.write_event(out, &event, |_| {});
         Kind::Event(event.command)
     }
 
@@ -585,21 +573,26 @@ impl Traffic {
         self.apps[self.rng.usize(..self.apps.len())]
     }
 
-    fn line(&self, event: &Event) -> Line<'_> {
+    /// Writes `event` as its proxy sends it, after `tweak` (a malformation) changed fields.
+    fn write_event(&self, out: &mut Vec<u8>, event: &Event, tweak: impl FnOnce(&mut Datagram<'_>)) {
         let proxy = &self.proxies[event.proxy];
         let user = &self.users[event.user];
-        Line {
-            prefix: prefix(proxy.format, event.command),
-            host: &proxy.host,
-            command: event.command.wire_name(),
-            directory: user.directory,
-            user_id: &user.id,
+        let context = ContextAt {
             context: event.context,
-            session: event.session,
-            session_field: proxy.format == Format::SessionMonitor,
-            message: event.command,
-            user_agent: event.user_agent,
-        }
+            host: &proxy.host,
+        };
+        let mut datagram = Datagram::event(
+            proxy.format,
+            &proxy.host,
+            event.command,
+            user.directory,
+            &user.id,
+            &context,
+            &event.session,
+        );
+        datagram.user_agent = event.user_agent;
+        tweak(&mut datagram);
+        datagram.write_into(out);
     }
 
     /// A datagram the parser must reject, in one of the ways real ones go wrong. It is built
@@ -621,8 +614,7 @@ impl Traffic {
             context: Context::Hub,
             user_agent: None,
         };
-        let mut line = self.line(&event);
-        match variant {
+        self.write_event(out, &event, |line| match variant {
             0 => line.prefix = BAD_PREFIXES[choice % BAD_PREFIXES.len()],
             2 => line.command = BAD_COMMANDS[choice % BAD_COMMANDS.len()],
             3 => line.user_id = "",
@@ -630,12 +622,12 @@ impl Traffic {
             4 if choice.is_multiple_of(2) => line.user_id = "(null)",
             4 => line.directory = "(null)",
             _ => {}
-        }
-        write_line(out, &line);
+        });
         match variant {
             1 => {
                 // Cut before one of the separators the format needs ahead of its message.
-                let needed = if line.session_field { 8 } else { 7 };
+                let session_field = self.proxies[event.proxy].format == Format::SessionMonitor;
+                let needed = if session_field { 8 } else { 7 };
                 let keep = choice % needed;
                 let cut = out
                     .iter()
@@ -651,48 +643,24 @@ impl Traffic {
     }
 }
 
-/// The appender prefix a proxy with `format` uses for `command`.
-fn prefix(format: Format, command: Command) -> &'static str {
-    let session = matches!(command, Command::StartSession | Command::StopSession);
-    match (format, session) {
-        (Format::SessionMonitor, _) => "/session-monitor/",
-        (Format::Butler, true) => "/proxy-session/",
-        (Format::Butler, false) => "/proxy-connection/",
-        (Format::ButlerSos, true) => "/qseow-proxy-session/",
-        (Format::ButlerSos, false) => "/qseow-proxy-connection/",
-    }
+/// Where a user is, rendered as the proxy's context field (the app's reload URI names the
+/// proxy's host).
+struct ContextAt<'a> {
+    context: Context,
+    host: &'a str,
 }
 
-/// Renders the log4net pattern of the appender configurations (`qlik/`, README):
-/// `<prefix>;<host>;<Command>;<UserDirectory>;<UserId>;<Origin>;<Context>;[<ProxySessionId>;]<message>`.
-fn write_line(out: &mut Vec<u8>, l: &Line<'_>) {
-    // Writing into a Vec cannot fail, so the io::Results below are ignored.
-    let _ = write!(
-        out,
-        "{};{};{};{};{};AppAccess;",
-        l.prefix, l.host, l.command, l.directory, l.user_id
-    );
-    let _ = match l.context {
-        Context::Hub => write!(out, "/hub/;"),
-        // The reload URI is URL-encoded, so the context never contains a `;`.
-        Context::App(app) => write!(
-            out,
-            "/app/{app}?reloaduri=https%3A%2F%2F{}%2Fsense%2Fapp%2F{app};",
-            l.host
-        ),
-    };
-    if l.session_field {
-        let _ = write!(out, "{};", l.session);
-    }
-    let (directory, user_id, session) = (l.directory, l.user_id, l.session);
-    let _ = match l.message {
-        Command::StartSession => write!(out, "Start session for user: '{directory}\\{user_id}'"),
-        Command::StopSession => write!(out, "Stop session for user: '{directory}\\{user_id}'"),
-        Command::OpenConnection => write!(out, "connection Opened for session {session}"),
-        Command::CloseConnection => write!(out, "connection Closed for session {session}"),
-    };
-    if let Some(agent) = l.user_agent {
-        let _ = write!(out, "; UserAgent: '{agent}'");
+impl fmt::Display for ContextAt<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.context {
+            Context::Hub => write!(f, "/hub/"),
+            // The reload URI is URL-encoded, so the context never contains a `;`.
+            Context::App(app) => write!(
+                f,
+                "/app/{app}?reloaduri=https%3A%2F%2F{}%2Fsense%2Fapp%2F{app}",
+                self.host
+            ),
+        }
     }
 }
 

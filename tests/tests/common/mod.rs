@@ -341,32 +341,38 @@ impl Drop for Subscriber {
 }
 
 /// Datagrams in the three formats the service accepts.
+/// Datagrams as the proxies send them, rendered by the simulator's one renderer.
 pub mod datagram {
+    use session_monitor::parser::Format;
+    use session_monitor_simulate::datagram::{Datagram, command};
+
+    fn render(
+        format: Format,
+        name: &str,
+        host: &str,
+        dir: &str,
+        user: &str,
+        session: &str,
+    ) -> String {
+        let context = match format {
+            Format::SessionMonitor => "/app/0c7b",
+            Format::Butler | Format::ButlerSos => "/hub/",
+        };
+        Datagram::event(format, host, command(name), dir, user, &context, &session).render()
+    }
+
+    /// Butler's layout (no session id: the service keys its sessions by host and user).
     pub fn butler(command: &str, host: &str, dir: &str, user: &str) -> String {
-        let prefix = if command.contains("session") {
-            "/proxy-session/"
-        } else {
-            "/proxy-connection/"
-        };
-        format!(
-            "{prefix};{host};{command};{dir};{user};AppAccess;/hub/;{command} for user: '{dir}\\{user}'"
-        )
+        render(Format::Butler, command, host, dir, user, "")
     }
 
+    /// Butler SOS's layout.
     pub fn butler_sos(command: &str, host: &str, dir: &str, user: &str) -> String {
-        let prefix = if command.contains("session") {
-            "/qseow-proxy-session/"
-        } else {
-            "/qseow-proxy-connection/"
-        };
-        format!(
-            "{prefix};{host};{command};{dir};{user};AppAccess;/hub/;{command} for user: '{dir}\\{user}'"
-        )
+        render(Format::ButlerSos, command, host, dir, user, "")
     }
 
+    /// Our own layout, with the proxy's session id.
     pub fn own(command: &str, host: &str, dir: &str, user: &str, session_id: &str) -> String {
-        format!(
-            "/session-monitor/;{host};{command};{dir};{user};AppAccess;/app/0c7b;{session_id};{command} for user"
-        )
+        render(Format::SessionMonitor, command, host, dir, user, session_id)
     }
 }
