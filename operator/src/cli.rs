@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use session_monitor_config::{LogFormat, logging};
+
 use crate::run::{self, Options};
 
 #[derive(Parser, Debug)]
@@ -67,8 +69,13 @@ struct RunArgs {
     )]
     log_level: String,
     /// `text` or `json`
-    #[arg(long, env = "SESSION_MONITOR_OPERATOR_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    log_format: String,
+    #[arg(
+        long,
+        env = "SESSION_MONITOR_OPERATOR_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    log_format: LogFormat,
 }
 
 pub fn main() -> ExitCode {
@@ -85,24 +92,9 @@ pub fn main() -> ExitCode {
         None => {}
     }
     let args = cli.run;
-    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
-        Ok(filter) => filter,
-        Err(e) => {
-            eprintln!(
-                "session-monitor-operator: invalid --log-level {:?}: {e}",
-                args.log_level
-            );
-            return ExitCode::from(2);
-        }
-    };
-    // Colours only for a terminal: container logs and files get plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
-    if args.log_format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
+    if let Err(error) = logging::init(&args.log_level, args.log_format, &[]) {
+        eprintln!("session-monitor-operator: --log-level: {error}");
+        return ExitCode::from(2);
     }
     // One TLS provider for the whole process.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -119,7 +111,7 @@ pub fn main() -> ExitCode {
         identity: std::env::var("POD_NAME").unwrap_or_else(|_| {
             format!(
                 "{}-{}",
-                session_monitor::config::local_hostname(),
+                session_monitor_config::local_hostname(),
                 std::process::id()
             )
         }),

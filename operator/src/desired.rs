@@ -901,7 +901,7 @@ mod tests {
         assert_eq!(mount.mount_path, "/etc/session-monitor/qlik");
         assert_eq!(mount.read_only, Some(true));
         // The files the settings name are the mounted items.
-        let settings: session_monitor::config::Settings =
+        let settings: session_monitor_config::Settings =
             toml::from_str(&plan.config_toml()).unwrap();
         for file in [
             settings.qlik_client_cert_file.unwrap(),
@@ -1063,7 +1063,7 @@ mod tests {
             "metrics": {"port": 80},
         }));
         let (plan, d) = built(&m);
-        let settings: session_monitor::config::Settings =
+        let settings: session_monitor_config::Settings =
             toml::from_str(&plan.config_toml()).unwrap();
         assert_eq!(settings.udp_listen, Some("0.0.0.0:9997".parse().unwrap()));
         assert_eq!(settings.http_listen, Some("0.0.0.0:9842".parse().unwrap()));
@@ -1137,7 +1137,7 @@ mod tests {
             .unwrap();
         assert_eq!(mount.mount_path, paths::API_TOKEN_DIR);
         assert_eq!(mount.read_only, Some(true));
-        let settings: session_monitor::config::Settings =
+        let settings: session_monitor_config::Settings =
             toml::from_str(&plan.config_toml()).unwrap();
         let file = settings.api_token_file.unwrap();
         assert_eq!(file.parent(), Some(std::path::Path::new(&mount.mount_path)));

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod rbac;
 pub mod reconcile;
 pub mod run;
+pub mod spec_settings;
 pub mod status;
 pub mod usage;
 pub mod validate;

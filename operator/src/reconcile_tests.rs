@@ -1290,7 +1290,7 @@ async fn a_monitor_with_qlik_reads_its_certificates_renders_the_settings_and_mou
         ),
         |cm| {
             let toml = cm["data"][paths::CONFIG_KEY].as_str().unwrap();
-            let settings: session_monitor::config::Settings =
+            let settings: session_monitor_config::Settings =
                 toml::from_str(toml).expect("the service's settings");
             assert_eq!(
                 settings.qlik_proxies,
@@ -1961,7 +1961,7 @@ fn mounts_the_token(secret: &'static str, key: &'static str) -> impl Fn(&Value) 
 /// The rendered configuration points at the mounted token file.
 fn configures_the_token_file(cm: &Value) {
     let toml = cm["data"][paths::CONFIG_KEY].as_str().unwrap();
-    let settings: session_monitor::config::Settings = toml::from_str(toml).unwrap();
+    let settings: session_monitor_config::Settings = toml::from_str(toml).unwrap();
     assert_eq!(
         settings.api_token_file,
         Some(std::path::PathBuf::from(paths::API_TOKEN_FILE))

@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use kube::ResourceExt;
-use session_monitor::config::{self as service_config, Config, ConfigError, Settings};
-use session_monitor::qlik::QlikConfig;
+use session_monitor_config::qlik::QlikConfig;
+use session_monitor_config::{self as service_config, Config, ConfigError, Settings};
 
-use crate::crd::{ApiAuthSpec, LogFormat, QlikSpec, SessionMonitor, UserListFormat};
+use crate::crd::{ApiAuthSpec, QlikSpec, SessionMonitor};
+use crate::spec_settings;
 
 /// Where the pod finds what the operator mounts.
 pub mod paths {
@@ -261,7 +262,12 @@ pub fn validate_granted(
         })
         .transpose()?;
 
-    let qlik = spec.qlik.as_ref().map(qlik_settings).transpose()?;
+    let qlik = spec
+        .qlik
+        .as_ref()
+        .map(check_qlik)
+        .transpose()?
+        .unwrap_or_default();
     let api_token = spec
         .api_auth
         .as_ref()
@@ -271,71 +277,16 @@ pub fn validate_granted(
     let checkpoint_configmap = checkpoint_name(&name);
     let credentials = spec.mqtt.credentials_secret.as_ref();
     let tls = spec.mqtt.tls.as_ref();
-    let topics = &spec.mqtt.topics;
-    let settings = Settings {
-        // Fixed, unprivileged ports inside the pod (it runs as non-root without capabilities,
-        // so a spec port under 1024 could not be bound); the Services map the spec's ports.
-        udp_listen: Some(([0, 0, 0, 0], CONTAINER_UDP_PORT).into()),
-        udp_allowed_sources: (!allowed_sources.is_empty()).then_some(allowed_sources),
-        udp_receive_buffer_bytes: receive_buffer_bytes,
-        http_listen: Some(([0, 0, 0, 0], CONTAINER_HTTP_PORT).into()),
-        idle_timeout: optional_duration("spec.sessions.idleTimeout", &spec.sessions.idle_timeout)?,
-        max_idle: optional_duration("spec.sessions.maxIdle", &spec.sessions.max_idle)?,
-        history_retention: optional_duration("spec.history.retention", &spec.history.retention)?,
-        exclude_users: (!spec.sessions.exclude_users.is_empty())
-            .then(|| spec.sessions.exclude_users.clone()),
-        mqtt_url: Some(spec.mqtt.url.clone()),
-        // The user name comes from the Secret through SESSION_MONITOR_MQTT_USERNAME, so that no
-        // credential is ever written into a ConfigMap.
-        mqtt_password_file: credentials.map(|_| paths::MQTT_PASSWORD_FILE.into()),
-        mqtt_client_id: spec.mqtt.client_id.clone(),
-        mqtt_qos: spec.mqtt.qos,
-        mqtt_retain: spec.mqtt.retain,
-        mqtt_keep_alive: optional_duration("spec.mqtt.keepAlive", &spec.mqtt.keep_alive)?,
-        mqtt_ca_file: tls
-            .and_then(|t| t.ca_secret.as_ref())
-            .map(|_| paths::MQTT_CA_FILE.into()),
-        mqtt_client_cert_file: tls
-            .and_then(|t| t.client_cert_secret.as_ref())
-            .map(|_| paths::MQTT_CLIENT_CERT_FILE.into()),
-        mqtt_client_key_file: tls
-            .and_then(|t| t.client_cert_secret.as_ref())
-            .map(|_| paths::MQTT_CLIENT_KEY_FILE.into()),
-        mqtt_topic_user_count: topics.user_count.clone(),
-        mqtt_topic_user_list: topics.user_list.clone(),
-        mqtt_topic_host_prefix: topics.host_prefix.clone(),
-        mqtt_topic_status: topics.status.clone(),
-        mqtt_topic_session_start: topics.session_start.clone(),
-        mqtt_topic_session_stop: topics.session_stop.clone(),
-        mqtt_topic_connection_open: topics.connection_open.clone(),
-        mqtt_topic_connection_close: topics.connection_close.clone(),
-        mqtt_topic_peak_today: topics.peak_today.clone(),
-        mqtt_user_list_format: spec.mqtt.user_list_format.map(|f| match f {
-            UserListFormat::DirectoryAndId => service_config::UserListFormat::DirectoryAndId,
-            UserListFormat::UserId => service_config::UserListFormat::UserId,
-        }),
-        publish_interval: optional_duration(
-            "spec.mqtt.publishInterval",
-            &spec.mqtt.publish_interval,
-        )?,
-        count_publish_interval: optional_duration(
-            "spec.mqtt.countPublishInterval",
-            &spec.mqtt.count_publish_interval,
-        )?,
-        checkpoint_configmap: Some(checkpoint_configmap.clone()),
-        checkpoint_configmap_shards: Some(usize::from(checkpoint_shards)),
-        checkpoint_interval: optional_duration(
-            "spec.checkpoint.interval",
-            &spec.checkpoint.interval,
-        )?,
-        api_token_file: api_token.as_ref().map(|_| paths::API_TOKEN_FILE.into()),
-        log_level: spec.log_level.clone(),
-        log_format: Some(match spec.log_format.unwrap_or(LogFormat::Json) {
-            LogFormat::Text => service_config::LogFormat::Text,
-            LogFormat::Json => service_config::LogFormat::Json,
-        }),
-        ..qlik.unwrap_or_default()
+    let checked = spec_settings::Checked {
+        allowed_sources,
+        receive_buffer_bytes,
+        checkpoint_configmap: checkpoint_configmap.clone(),
+        checkpoint_shards,
+        api_token: api_token.is_some(),
+        qlik_host_aliases: qlik.host_aliases,
+        qlik_resolve: qlik.resolve,
     };
+    let settings = spec_settings::render(spec, &checked)?;
     check_with_service(&settings, credentials.is_some(), api_token.is_some())?;
 
     // Each key with the spec field that names its Secret, for the messages below.
@@ -450,9 +401,16 @@ fn api_token(auth: &ApiAuthSpec, monitor: &str) -> Result<ApiToken, InvalidSpec>
     }
 }
 
-/// The `qlik_*` settings of `spec.qlik` (the rest default), each checked where the spec can
-/// name the field more exactly than the service's setting: an entry of a list or a map.
-fn qlik_settings(qlik: &QlikSpec) -> Result<Settings, InvalidSpec> {
+/// `spec.qlik`'s lists and maps as the service's entries.
+#[derive(Default)]
+struct QlikEntries {
+    host_aliases: Vec<String>,
+    resolve: Vec<String>,
+}
+
+/// `spec.qlik`, checked where the spec can name the field more exactly than the service's
+/// setting: an entry of a list or a map.
+fn check_qlik(qlik: &QlikSpec) -> Result<QlikEntries, InvalidSpec> {
     match (&qlik.repository_url, &qlik.proxies) {
         (Some(_), Some(_)) => {
             return Err(invalid(
@@ -537,39 +495,16 @@ fn qlik_settings(qlik: &QlikSpec) -> Result<Settings, InvalidSpec> {
         resolve.push((hostname, ip));
     }
 
-    let certificates = &qlik.certificates_secret;
-    Ok(Settings {
-        qlik_repository_url: qlik.repository_url.clone(),
-        qlik_proxies: qlik.proxies.clone(),
-        qlik_client_cert_file: Some(paths::QLIK_CLIENT_CERT_FILE.into()),
-        qlik_client_key_file: Some(paths::QLIK_CLIENT_KEY_FILE.into()),
-        qlik_client_key_passphrase_file: certificates
-            .passphrase_key
-            .as_ref()
-            .map(|_| paths::QLIK_PASSPHRASE_FILE.into()),
-        qlik_ca_file: Some(paths::QLIK_ROOT_CERT_FILE.into()),
-        qlik_insecure_skip_tls_verify: qlik.insecure_skip_tls_verify,
-        qlik_reconcile_interval: optional_duration(
-            "spec.qlik.reconcileInterval",
-            &qlik.reconcile_interval,
-        )?,
-        qlik_reconcile_grace: optional_duration("spec.qlik.reconcileGrace", &qlik.reconcile_grace)?,
-        qlik_startup_timeout: optional_duration("spec.qlik.startupTimeout", &qlik.startup_timeout)?,
-        qlik_request_timeout: optional_duration("spec.qlik.requestTimeout", &qlik.request_timeout)?,
+    Ok(QlikEntries {
         // Sorted by the Qlik name (a map's order), so the rendered file is stable.
-        qlik_host_aliases: (!host_aliases.is_empty()).then(|| {
-            host_aliases
-                .iter()
-                .map(|(from, to)| format!("{from}={to}"))
-                .collect()
-        }),
-        qlik_resolve: (!resolve.is_empty()).then(|| {
-            resolve
-                .iter()
-                .map(|(hostname, ip)| format!("{hostname}={ip}"))
-                .collect()
-        }),
-        ..Settings::default()
+        host_aliases: host_aliases
+            .iter()
+            .map(|(from, to)| format!("{from}={to}"))
+            .collect(),
+        resolve: resolve
+            .iter()
+            .map(|(hostname, ip)| format!("{hostname}={ip}"))
+            .collect(),
     })
 }
 
@@ -596,67 +531,23 @@ fn check_with_service(
     Config::from_settings(probe, stand_in_password)
         .map(drop)
         .map_err(|e| match e {
-            ConfigError::Invalid { key, message } => invalid(spec_path(key), message),
+            // A setting left at the service's default cannot be invalid (a test checks that each
+            // setting is rendered by the table or left at its default).
+            ConfigError::Invalid { key, message } => {
+                invalid(spec_settings::spec_path(key).unwrap_or("spec"), message)
+            }
             other => invalid("spec", other),
         })
-}
-
-/// The spec field a service setting comes from, so a message points at what the user wrote.
-fn spec_path(key: &str) -> &'static str {
-    match key {
-        "udp_allowed_sources" => "spec.udp.allowedSources",
-        "udp_receive_buffer_bytes" => "spec.udp.receiveBufferBytes",
-        "idle_timeout" => "spec.sessions.idleTimeout",
-        "max_idle" => "spec.sessions.maxIdle",
-        "history_retention" => "spec.history.retention",
-        "exclude_users" => "spec.sessions.excludeUsers",
-        "mqtt_url" => "spec.mqtt.url",
-        "mqtt_username" | "mqtt_password_file" => "spec.mqtt.credentialsSecret",
-        "mqtt_client_id" => "spec.mqtt.clientId",
-        "mqtt_qos" => "spec.mqtt.qos",
-        "mqtt_keep_alive" => "spec.mqtt.keepAlive",
-        "mqtt_ca_file" | "mqtt_client_cert_file" | "mqtt_client_key_file" => "spec.mqtt.tls",
-        "mqtt_topic_user_count" => "spec.mqtt.topics.userCount",
-        "mqtt_topic_user_list" => "spec.mqtt.topics.userList",
-        "mqtt_topic_host_prefix" => "spec.mqtt.topics.hostPrefix",
-        "mqtt_topic_status" => "spec.mqtt.topics.status",
-        "mqtt_topic_session_start" => "spec.mqtt.topics.sessionStart",
-        "mqtt_topic_session_stop" => "spec.mqtt.topics.sessionStop",
-        "mqtt_topic_connection_open" => "spec.mqtt.topics.connectionOpen",
-        "mqtt_topic_connection_close" => "spec.mqtt.topics.connectionClose",
-        "mqtt_topic_peak_today" => "spec.mqtt.topics.peakToday",
-        "publish_interval" => "spec.mqtt.publishInterval",
-        "count_publish_interval" => "spec.mqtt.countPublishInterval",
-        "checkpoint_interval" => "spec.checkpoint.interval",
-        "checkpoint_configmap_shards" => "spec.checkpoint.shards",
-        "log_level" => "spec.logLevel",
-        "api_token_file" | "api_token" => "spec.apiAuth",
-        "qlik_repository_url" => "spec.qlik.repositoryUrl",
-        "qlik_proxies" => "spec.qlik.proxies",
-        "qlik_client_cert_file" | "qlik_client_key_file" | "qlik_ca_file" => {
-            "spec.qlik.certificatesSecret"
-        }
-        "qlik_client_key_passphrase_file" | "qlik_client_key_passphrase" => {
-            "spec.qlik.certificatesSecret.passphraseKey"
-        }
-        "qlik_insecure_skip_tls_verify" => "spec.qlik.insecureSkipTlsVerify",
-        "qlik_reconcile_interval" => "spec.qlik.reconcileInterval",
-        "qlik_reconcile_grace" => "spec.qlik.reconcileGrace",
-        "qlik_startup_timeout" => "spec.qlik.startupTimeout",
-        "qlik_request_timeout" => "spec.qlik.requestTimeout",
-        "qlik_host_aliases" => "spec.qlik.hostAliases",
-        "qlik_resolve" => "spec.qlik.resolve",
-        // Settings the operator does not render (or fixes itself); a test checks that every
-        // `qlik_*` setting is named above.
-        _ => "spec",
-    }
 }
 
 fn duration(field: &str, text: &str) -> Result<Duration, InvalidSpec> {
     humantime::parse_duration(text).map_err(|e| invalid(field, format!("{text:?}: {e}")))
 }
 
-fn optional_duration(field: &str, text: &Option<String>) -> Result<Option<Duration>, InvalidSpec> {
+pub(crate) fn optional_duration(
+    field: &str,
+    text: &Option<String>,
+) -> Result<Option<Duration>, InvalidSpec> {
     text.as_deref().map(|t| duration(field, t)).transpose()
 }
 
@@ -931,7 +822,7 @@ mod tests {
         // The service reads it as discovery, with the mounted files.
         let qlik = QlikConfig::from_settings(&settings).unwrap().unwrap();
         assert!(
-            matches!(&qlik.sources, session_monitor::qlik::settings::Sources::Discovery { repository }
+            matches!(&qlik.sources, session_monitor_config::qlik::Sources::Discovery { repository }
                 if repository.host == "qs-central.corp.local" && repository.port == 4242),
             "{:?}",
             qlik.sources
@@ -1139,24 +1030,6 @@ mod tests {
                 message.starts_with(expected),
                 "{spec}: got {message:?}, expected it to start with {expected:?}"
             );
-        }
-    }
-
-    #[test]
-    fn every_qlik_setting_maps_to_its_spec_field() {
-        use clap::Args;
-        let command = Settings::augment_args(clap::Command::new("session-monitor"));
-        let mut keys: Vec<String> = command
-            .get_arguments()
-            .map(|a| a.get_id().as_str().to_owned())
-            .filter(|id| id.starts_with("qlik_"))
-            .collect();
-        // Never a flag, so not among the arguments; the config file may still hold it.
-        keys.push("qlik_client_key_passphrase".into());
-        assert!(keys.len() >= 14, "{keys:?}");
-        for key in &keys {
-            let path = spec_path(key);
-            assert!(path.starts_with("spec.qlik."), "{key} maps to {path:?}");
         }
     }
 

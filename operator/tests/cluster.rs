@@ -34,7 +34,7 @@ use kube::ResourceExt;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use kube::config::Kubeconfig;
 use serde_json::json;
-use session_monitor::config::Settings;
+use session_monitor_config::Settings;
 use session_monitor_operator::crd::{ApiAuthSpec, SessionMonitor};
 use session_monitor_operator::crdgen;
 use session_monitor_testkit::cluster::{

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::config::{Config, LogFormat, Settings};
+use crate::config::{Config, Settings};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -37,7 +37,7 @@ fn serve(flags: Settings, config_file: Option<PathBuf>) -> ExitCode {
         Some(path) => match Settings::from_file(&path) {
             Ok(file) => {
                 let started = flags.clone().or(file);
-                let reload = crate::settings_reload::Source {
+                let reload = crate::config::FileSource {
                     path,
                     flags,
                     started: started.clone(),
@@ -60,7 +60,12 @@ fn serve(flags: Settings, config_file: Option<PathBuf>) -> ExitCode {
         Ok(config) => Config { reload, ..config },
         Err(error) => return fail(&error),
     };
-    init_logging(&config.log_level, config.log_format);
+    // The embedded broker logs every client connection, and spurious errors at shutdown.
+    if let Err(error) =
+        crate::config::logging::init(&config.log_level, config.log_format, &["rumqttd"])
+    {
+        return fail(&error);
+    }
     // One TLS provider for the whole process (rumqttc and, later, kube use rustls).
     let _ = rustls::crypto::ring::default_provider().install_default();
 
@@ -93,23 +98,4 @@ fn serve(flags: Settings, config_file: Option<PathBuf>) -> ExitCode {
 fn fail(error: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("session-monitor: {error}");
     ExitCode::from(2)
-}
-
-fn init_logging(level: &str, format: LogFormat) {
-    // rumqttd logs every client connection, and spurious errors at shutdown; silent unless asked for (e.g. `info,rumqttd=info`).
-    let filter = if level.contains("rumqttd") {
-        level.to_owned()
-    } else {
-        format!("{level},rumqttd=off")
-    };
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).expect("validated with the config");
-    // Colours only for a terminal: container logs and files get plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
 }

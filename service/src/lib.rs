@@ -4,11 +4,12 @@
 //! in) → change signal ([`state`]) → publishers ([`mqtt`], [`checkpoint`], [`http`] read views).
 //! [`service`] wires them together; [`cli`] is the binary's entry point.
 
+pub use session_monitor_config as config;
+pub use session_monitor_config::exclusions;
+
 pub mod broker;
 pub mod checkpoint;
 pub mod cli;
-pub mod config;
-pub mod exclusions;
 pub mod history;
 pub mod http;
 pub mod ingest;

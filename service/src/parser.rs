@@ -168,24 +168,7 @@ impl Reject {
     }
 }
 
-/// Per-datagram caps, from configuration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Limits {
-    /// Larger datagrams are dropped whole: a proxy event is a few hundred bytes.
-    pub max_datagram_bytes: usize,
-    /// Identity fields (host, directory, user id, session id) longer than this are rejected, since
-    /// truncating them could merge two users; origin, context and message are truncated instead.
-    pub max_field_bytes: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_datagram_bytes: 8 * 1024,
-            max_field_bytes: 512,
-        }
-    }
-}
+pub use session_monitor_config::Limits;
 
 /// Lossy UTF-8 decode, control characters removed, surrounding whitespace trimmed.
 ///

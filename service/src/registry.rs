@@ -42,24 +42,7 @@ impl UnixMillis {
     }
 }
 
-/// How long silent sessions live.
-#[derive(Clone, Debug)]
-pub struct ExpiryPolicy {
-    /// A session with no open connection expires after this long without events.
-    pub idle_timeout: Duration,
-    /// Any session expires after this long without events, open connections or not.
-    pub max_idle: Duration,
-}
-
-impl Default for ExpiryPolicy {
-    fn default() -> Self {
-        ExpiryPolicy {
-            // Qlik Sense's default session inactivity timeout.
-            idle_timeout: Duration::from_secs(30 * 60),
-            max_idle: Duration::from_secs(24 * 60 * 60),
-        }
-    }
-}
+pub use session_monitor_config::ExpiryPolicy;
 
 /// What one event did to the registry; drives metrics and change signals.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,7 +103,7 @@ pub struct Expired {
 type HostId = u32;
 
 /// Proxy hosts a registry tracks at most unless configured otherwise; a Qlik site has a few.
-pub const DEFAULT_MAX_HOSTS: usize = 1000;
+pub const DEFAULT_MAX_HOSTS: usize = session_monitor_config::defaults::MAX_PROXY_HOSTS;
 type UserId = u32;
 
 #[derive(Debug)]
@@ -936,13 +919,7 @@ impl Registry {
     }
 }
 
-pub(crate) fn push_lowercase(out: &mut String, s: &str) {
-    if s.is_ascii() {
-        out.extend(s.bytes().map(|b| b.to_ascii_lowercase() as char));
-    } else {
-        out.extend(s.chars().flat_map(char::to_lowercase));
-    }
-}
+pub(crate) use session_monitor_config::exclusions::push_lowercase;
 
 #[cfg(test)]
 pub(super) mod tests {

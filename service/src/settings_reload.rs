@@ -9,7 +9,6 @@
 //!
 //! A pure [`decide`] and a thin polling shell ([`run`]).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,15 +21,7 @@ use crate::state::State;
 /// How often the file is read: small against the kubelet's own refresh (a minute or two).
 pub const INTERVAL: Duration = Duration::from_secs(10);
 
-/// Where the settings came from at start, to merge a changed file the same way.
-#[derive(Clone, Debug)]
-pub struct Source {
-    pub path: PathBuf,
-    /// Command-line flags and environment variables, which win over the file.
-    pub flags: Settings,
-    /// `flags` over the file as the service started with it.
-    pub started: Settings,
-}
+pub use crate::config::FileSource as Source;
 
 /// What a changed file means for the running service.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -21,7 +21,7 @@ use crate::registry::UnixMillis;
 
 /// Proxy hosts with a history of their own; a site has a handful.
 pub const MAX_HOSTS: usize = 64;
-pub const DEFAULT_RETENTION: Duration = Duration::from_secs(14 * 24 * 3600);
+pub const DEFAULT_RETENTION: Duration = session_monitor_config::defaults::HISTORY_RETENTION;
 const MINUTE_MS: u64 = 60_000;
 
 /// The highest and the last count of one minute.

@@ -15,6 +15,6 @@
 pub mod api;
 pub mod client;
 pub mod reconciler;
-pub mod settings;
+pub use session_monitor_config::qlik as settings;
 
 pub use settings::QlikConfig;

@@ -1,7 +1,5 @@
 //! User exclusion patterns such as `INTERNAL\sa_*`: users matching them are not counted.
 
-use crate::registry::push_lowercase;
-
 /// Patterns over `DIRECTORY\userid`, case-insensitive, where `*` matches any run of characters.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Exclusions {
@@ -67,6 +65,15 @@ fn glob_match(parts: &[String], text: &str) -> bool {
         }
     }
     remaining.len() >= last.len() && remaining.ends_with(last.as_str())
+}
+
+/// Appends `s` lower-cased; ASCII (every Qlik user id seen so far) without per-char Unicode tables.
+pub fn push_lowercase(out: &mut String, s: &str) {
+    if s.is_ascii() {
+        out.extend(s.bytes().map(|b| b.to_ascii_lowercase() as char));
+    } else {
+        out.extend(s.chars().flat_map(char::to_lowercase));
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::config::{ConfigError, Secret, Settings, invalid};
+use crate::{ConfigError, Secret, Settings, invalid};
 
 /// The repository service's port on the central node.
 pub const QRS_PORT: u16 = 4242;

@@ -5,10 +5,11 @@
 //! This test checks that every committed seed is still what its target expects (a checkpoint
 //! seed decodes with this build's codec, a spec seed validates, …), so a format change cannot
 //! quietly turn the seeds into noise. `SESSION_MONITOR_WRITE_FUZZ_SEEDS=1 cargo test -p
-//! session-monitor-operator --test fuzz_seeds` writes them afresh from the real encoders.
+//! session-monitor-e2e --test fuzz_seeds` writes them afresh from the real encoders, and the
+//! well-formed datagrams from the one datagram renderer (`session_monitor_simulate::datagram`).
 //!
-//! It lives with the operator because the seeds need both crates (the service's codec and the
-//! operator's validation); the fuzz crate itself builds only with nightly.
+//! It lives with the end-to-end tests because the seeds need the service's codec and the
+//! operator's validation; the fuzz crate itself builds only with nightly.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,11 +21,12 @@ use session_monitor::checkpoint::layout::{self, Assembly};
 use session_monitor::config::{Config, Settings};
 use session_monitor::exclusions::Exclusions;
 use session_monitor::history::{History, Sample};
-use session_monitor::parser::{self, Limits};
+use session_monitor::parser::{self, Command, Format, Limits};
 use session_monitor::registry::sharded::ShardedRegistry;
 use session_monitor::registry::{ExpiryPolicy, UnixMillis};
 use session_monitor_operator::crd::SessionMonitor;
 use session_monitor_operator::validate;
+use session_monitor_simulate::datagram::Datagram;
 
 /// Separates datagrams in a `datagram` seed (the target's convention).
 const SEPARATOR: u8 = 0x1e;
@@ -36,20 +38,28 @@ fn seeds_dir(target: &str) -> PathBuf {
         .join(target)
 }
 
-fn lifecycle(prefix_session: &str, prefix_connection: &str, id: Option<&str>) -> Vec<String> {
-    let id = id.map(|id| format!("{id};")).unwrap_or_default();
+/// A session's life as a proxy with `format`'s appender logs it.
+fn lifecycle(format: Format) -> Vec<String> {
+    let session = "4b0a7e2c-1f0d-4c39-9a8e-3f2b1c0d9e11";
     [
-        (prefix_session, "Start session"),
-        (prefix_connection, "Open connection"),
-        (prefix_connection, "Open connection"),
-        (prefix_connection, "Close connection"),
-        (prefix_session, "Stop session"),
+        Command::StartSession,
+        Command::OpenConnection,
+        Command::OpenConnection,
+        Command::CloseConnection,
+        Command::StopSession,
     ]
-    .iter()
-    .map(|(prefix, command)| {
-        format!(
-            "{prefix};QSPROXY1;{command};LAB;joe;AppAccess;/app/0c7b;{id}{command} for user: 'LAB\\joe'"
+    .into_iter()
+    .map(|command| {
+        Datagram::event(
+            format,
+            "QSPROXY1",
+            command,
+            "LAB",
+            "joe",
+            &"/app/0c7b",
+            &session,
         )
+        .render()
     })
     .collect()
 }
@@ -68,20 +78,62 @@ fn joined(datagrams: &[impl AsRef<[u8]>]) -> Vec<u8> {
 /// Three users on two proxies, one excluded, one left to expire (the empty record is 31 minutes
 /// of silence), a Qlik GUID as the session id.
 fn busy_site() -> Vec<Vec<u8>> {
-    let line = |host: &str, command: &str, user: &str, id: &str| {
-        format!(
-            "/session-monitor/;{host};{command};LAB;{user};AppAccess;/hub/;{id};{command} for user"
-        )
-        .into_bytes()
+    let line = |format, host, command, directory, user, id| {
+        Datagram::event(format, host, command, directory, user, &"/hub/", &id)
+            .render()
+            .into_bytes()
     };
+    let own = Format::SessionMonitor;
     vec![
-        line("qs-proxy-1", "Start session", "joe", "4b0a7e2c-1f0d-4c39-9a8e-3f2b1c0d9e11"),
-        line("qs-proxy-2", "Start session", "ann", "5c1b8f3d-2a1e-4d4a-8b9f-4a3c2d1e0f22"),
-        line("qs-proxy-2", "Open connection", "ann", "5c1b8f3d-2a1e-4d4a-8b9f-4a3c2d1e0f22"),
-        b"/proxy-session/;qs-proxy-1;Start session;INTERNAL;sa_scheduler;AppAccess;/hub/;Start session for user".to_vec(),
-        line("QS-PROXY-1", "Start session", "bob", "6d2c9a4e-3b2f-4e5b-9ca0-5b4d3e2f1a33"),
+        line(
+            own,
+            "qs-proxy-1",
+            Command::StartSession,
+            "LAB",
+            "joe",
+            "4b0a7e2c-1f0d-4c39-9a8e-3f2b1c0d9e11",
+        ),
+        line(
+            own,
+            "qs-proxy-2",
+            Command::StartSession,
+            "LAB",
+            "ann",
+            "5c1b8f3d-2a1e-4d4a-8b9f-4a3c2d1e0f22",
+        ),
+        line(
+            own,
+            "qs-proxy-2",
+            Command::OpenConnection,
+            "LAB",
+            "ann",
+            "5c1b8f3d-2a1e-4d4a-8b9f-4a3c2d1e0f22",
+        ),
+        line(
+            Format::Butler,
+            "qs-proxy-1",
+            Command::StartSession,
+            "INTERNAL",
+            "sa_scheduler",
+            "",
+        ),
+        line(
+            own,
+            "QS-PROXY-1",
+            Command::StartSession,
+            "LAB",
+            "bob",
+            "6d2c9a4e-3b2f-4e5b-9ca0-5b4d3e2f1a33",
+        ),
         Vec::new(),
-        line("qs-proxy-1", "Start session", "joe", "7e3dab5f-4c3a-4f6c-adb1-6c5e4f3a2b44"),
+        line(
+            own,
+            "qs-proxy-1",
+            Command::StartSession,
+            "LAB",
+            "joe",
+            "7e3dab5f-4c3a-4f6c-adb1-6c5e4f3a2b44",
+        ),
     ]
 }
 
@@ -89,23 +141,15 @@ fn datagram_seeds() -> BTreeMap<String, Vec<u8>> {
     let mut seeds = BTreeMap::new();
     seeds.insert(
         "butler-lifecycle".into(),
-        joined(&lifecycle("/proxy-session/", "/proxy-connection/", None)),
+        joined(&lifecycle(Format::Butler)),
     );
     seeds.insert(
         "butler-sos-lifecycle".into(),
-        joined(&lifecycle(
-            "/qseow-proxy-session/",
-            "/qseow-proxy-connection/",
-            None,
-        )),
+        joined(&lifecycle(Format::ButlerSos)),
     );
     seeds.insert(
         "session-monitor-lifecycle".into(),
-        joined(&lifecycle(
-            "/session-monitor/",
-            "/session-monitor/",
-            Some("4b0a7e2c-1f0d-4c39-9a8e-3f2b1c0d9e11"),
-        )),
+        joined(&lifecycle(Format::SessionMonitor)),
     );
     seeds.insert("busy-site".into(), joined(&busy_site()));
     // What the parser's tests know to be hostile, one per seed.

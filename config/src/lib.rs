@@ -15,10 +15,15 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+pub mod exclusions;
+mod limits;
+pub mod logging;
+pub mod qlik;
+
+pub use limits::{ExpiryPolicy, Limits};
+
 use crate::exclusions::Exclusions;
-use crate::parser::Limits;
 use crate::qlik::QlikConfig;
-use crate::registry::ExpiryPolicy;
 
 /// Raw settings as given: every field optional, so "not given" stays distinguishable from a
 /// default and the layers can be merged.
@@ -523,6 +528,10 @@ pub(crate) fn invalid(key: &'static str, message: impl Into<String>) -> ConfigEr
 }
 
 impl Settings {
+    /// The keys that are never a flag (flags show in process listings): secrets, from the
+    /// environment or the config file only.
+    pub const NEVER_FLAGS: &[&str] = &["mqtt_password", "api_token", "qlik_client_key_passphrase"];
+
     /// Reads a TOML config file.
     pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
         let file_error = |message: String| ConfigError::File {
@@ -570,6 +579,19 @@ pub mod defaults {
     pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
     pub const CHECKPOINT_FILE: &str = "data/session-monitor.checkpoint";
     pub const MQTT_KEEP_ALIVE: Duration = Duration::from_secs(30);
+    /// Proxy hosts a registry tracks at most unless configured otherwise; a Qlik site has a few.
+    pub const MAX_PROXY_HOSTS: usize = 1000;
+    pub const HISTORY_RETENTION: Duration = Duration::from_secs(14 * 24 * 3600);
+}
+
+/// Where the settings came from at start, to merge a changed file the same way.
+#[derive(Clone, Debug)]
+pub struct FileSource {
+    pub path: PathBuf,
+    /// Command-line flags and environment variables, which win over the file.
+    pub flags: Settings,
+    /// `flags` over the file as the service started with it.
+    pub started: Settings,
 }
 
 /// The validated configuration the service runs with.
@@ -592,7 +614,7 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The configuration file to watch for a raised `checkpoint_configmap_shards`; set by the
     /// command line (`--config`), `None` without a file.
-    pub reload: Option<crate::settings_reload::Source>,
+    pub reload: Option<FileSource>,
 }
 
 #[derive(Clone, Debug)]
@@ -803,12 +825,11 @@ impl Config {
             None => format!("session-monitor-{}", local_hostname()),
         };
         if let Some(level) = &s.log_level {
-            tracing_subscriber::EnvFilter::try_new(level)
-                .map_err(|e| invalid("log_level", e.to_string()))?;
+            logging::check_level(level).map_err(|e| invalid("log_level", e))?;
         }
 
-        let max_proxy_hosts = positive("max_proxy_hosts", s.max_proxy_hosts)?
-            .unwrap_or(crate::registry::DEFAULT_MAX_HOSTS);
+        let max_proxy_hosts =
+            positive("max_proxy_hosts", s.max_proxy_hosts)?.unwrap_or(defaults::MAX_PROXY_HOSTS);
         for (key, value, max) in [
             ("idle_timeout", s.idle_timeout, LONGEST_TIMEOUT),
             ("max_idle", s.max_idle, LONGEST_TIMEOUT),
@@ -882,7 +903,7 @@ impl Config {
                     return Err(invalid("history_retention", "must be from 1h to 90days"));
                 }
                 Some(r) => r,
-                None => crate::history::DEFAULT_RETENTION,
+                None => defaults::HISTORY_RETENTION,
             },
             log_level: s.log_level.unwrap_or_else(|| "info".to_owned()),
             log_format: s.log_format.unwrap_or_default(),
@@ -940,7 +961,8 @@ fn api_token(s: &Settings) -> Result<Option<ApiToken>, ConfigError> {
     Ok(Some(ApiToken(token.into())))
 }
 
-pub(crate) fn checkpoint_store(s: &Settings) -> Result<CheckpointStoreConfig, ConfigError> {
+/// The checkpoint store the settings name, alone: the service reads it again from a changed file.
+pub fn checkpoint_store(s: &Settings) -> Result<CheckpointStoreConfig, ConfigError> {
     let Some(name) = &s.checkpoint_configmap else {
         if s.checkpoint_namespace.is_some() || s.checkpoint_configmap_shards.is_some() {
             return Err(invalid(
