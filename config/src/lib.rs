@@ -712,13 +712,53 @@ pub const MAX_CHECKPOINT_SHARDS: usize = 100;
 
 impl Config {
     /// Validates settings and fills in defaults. `env_password` is SESSION_MONITOR_MQTT_PASSWORD.
+    ///
+    /// Each section checks its own settings beside its defaults; a new setting is a field of
+    /// [`Settings`] and a line in its section.
     pub fn from_settings(s: Settings, env_password: Option<String>) -> Result<Config, ConfigError> {
-        let parse_addr = |v: &str| v.parse::<SocketAddr>().expect("default address");
+        if let Some(level) = &s.log_level {
+            logging::check_level(level).map_err(|e| invalid("log_level", e))?;
+        }
+        Ok(Config {
+            udp: UdpConfig::from_settings(&s)?,
+            max_proxy_hosts: positive("max_proxy_hosts", s.max_proxy_hosts)?
+                .unwrap_or(defaults::MAX_PROXY_HOSTS),
+            http_listen: s
+                .http_listen
+                .unwrap_or_else(|| default_addr(defaults::HTTP_LISTEN)),
+            expiry: expiry_policy(&s)?,
+            exclusions: Exclusions::new(s.exclude_users.clone().unwrap_or_default())
+                .map_err(|e| invalid("exclude_users", e.to_string()))?,
+            mqtt: MqttConfig::from_settings(&s, env_password)?,
+            checkpoint: CheckpointConfig::from_settings(&s)?,
+            qlik: QlikConfig::from_settings(&s)?,
+            history_retention: match s.history_retention {
+                Some(r) if r < Duration::from_secs(3600) || r > LONGEST_TIMEOUT => {
+                    return Err(invalid("history_retention", "must be from 1h to 90days"));
+                }
+                Some(r) => r,
+                None => defaults::HISTORY_RETENTION,
+            },
+            api_token: api_token(&s)?,
+            log_level: s.log_level.unwrap_or_else(|| "info".to_owned()),
+            log_format: s.log_format.unwrap_or_default(),
+            reload: None,
+        })
+    }
+}
+
+fn default_addr(text: &str) -> SocketAddr {
+    text.parse().expect("a default address")
+}
+
+impl UdpConfig {
+    fn from_settings(s: &Settings) -> Result<UdpConfig, ConfigError> {
+        let default_limits = Limits::default();
         let limits = Limits {
             max_datagram_bytes: positive("udp_max_datagram_bytes", s.udp_max_datagram_bytes)?
-                .unwrap_or(Limits::default().max_datagram_bytes),
+                .unwrap_or(default_limits.max_datagram_bytes),
             max_field_bytes: positive("udp_max_field_bytes", s.udp_max_field_bytes)?
-                .unwrap_or(Limits::default().max_field_bytes),
+                .unwrap_or(default_limits.max_field_bytes),
         };
         if limits.max_datagram_bytes > 65_507 {
             return Err(invalid(
@@ -726,34 +766,52 @@ impl Config {
                 "a UDP datagram carries at most 65507 bytes",
             ));
         }
-        let expiry = ExpiryPolicy {
-            idle_timeout: positive("idle_timeout", s.idle_timeout)?
-                .unwrap_or(ExpiryPolicy::default().idle_timeout),
-            max_idle: positive("max_idle", s.max_idle)?.unwrap_or(ExpiryPolicy::default().max_idle),
-        };
-        if expiry.max_idle < expiry.idle_timeout {
-            return Err(invalid(
-                "max_idle",
-                format!(
-                    "{} is shorter than idle_timeout ({})",
-                    humantime::format_duration(expiry.max_idle),
-                    humantime::format_duration(expiry.idle_timeout)
-                ),
-            ));
-        }
-        let checkpoint_store = checkpoint_store(&s)?;
-        let qlik = QlikConfig::from_settings(&s)?;
-        let api_token = api_token(&s)?;
-        let exclusions = Exclusions::new(s.exclude_users.clone().unwrap_or_default())
-            .map_err(|e| invalid("exclude_users", e.to_string()))?;
+        Ok(UdpConfig {
+            listen: s
+                .udp_listen
+                .unwrap_or_else(|| default_addr(defaults::UDP_LISTEN)),
+            allowed_sources: s.udp_allowed_sources.clone().unwrap_or_default(),
+            limits,
+            receive_buffer_bytes: positive("udp_receive_buffer_bytes", s.udp_receive_buffer_bytes)?
+                .unwrap_or(defaults::UDP_RECEIVE_BUFFER_BYTES),
+        })
+    }
+}
 
+fn expiry_policy(s: &Settings) -> Result<ExpiryPolicy, ConfigError> {
+    at_most("idle_timeout", s.idle_timeout, LONGEST_TIMEOUT)?;
+    at_most("max_idle", s.max_idle, LONGEST_TIMEOUT)?;
+    let default_expiry = ExpiryPolicy::default();
+    let expiry = ExpiryPolicy {
+        idle_timeout: positive("idle_timeout", s.idle_timeout)?
+            .unwrap_or(default_expiry.idle_timeout),
+        max_idle: positive("max_idle", s.max_idle)?.unwrap_or(default_expiry.max_idle),
+    };
+    if expiry.max_idle < expiry.idle_timeout {
+        return Err(invalid(
+            "max_idle",
+            format!(
+                "{} is shorter than idle_timeout ({})",
+                humantime::format_duration(expiry.max_idle),
+                humantime::format_duration(expiry.idle_timeout)
+            ),
+        ));
+    }
+    Ok(expiry)
+}
+
+impl MqttConfig {
+    fn from_settings(
+        s: &Settings,
+        env_password: Option<String>,
+    ) -> Result<MqttConfig, ConfigError> {
         let broker = match s.mqtt_url.as_deref() {
             None => MqttBroker::Embedded {
                 listen: s
                     .mqtt_embedded_listen
-                    .unwrap_or_else(|| parse_addr(defaults::MQTT_EMBEDDED_LISTEN)),
+                    .unwrap_or_else(|| default_addr(defaults::MQTT_EMBEDDED_LISTEN)),
             },
-            Some(url) => parse_mqtt_url(url, &s)?,
+            Some(url) => parse_mqtt_url(url, s)?,
         };
         // The environment variable wins, as environment wins over files everywhere; then the
         // password file; then a password written in the config file itself.
@@ -784,130 +842,91 @@ impl Config {
         if qos > 2 {
             return Err(invalid("mqtt_qos", format!("{qos} is not 0, 1 or 2")));
         }
-        let topics = Topics {
+        let client_id = match &s.mqtt_client_id {
+            Some(id) if id.trim().is_empty() => {
+                return Err(invalid("mqtt_client_id", "must not be empty"));
+            }
+            Some(id) => id.clone(),
+            None => format!("session-monitor-{}", local_hostname()),
+        };
+        at_most("publish_interval", s.publish_interval, LONGEST_INTERVAL)?;
+        at_most(
+            "count_publish_interval",
+            s.count_publish_interval,
+            LONGEST_INTERVAL,
+        )?;
+        // MQTT carries keep-alive in 16 bits of seconds.
+        at_most(
+            "mqtt_keep_alive",
+            s.mqtt_keep_alive,
+            Duration::from_secs(u64::from(u16::MAX)),
+        )?;
+        Ok(MqttConfig {
+            broker,
+            client_id,
+            credentials,
+            qos,
+            retain: s.mqtt_retain.unwrap_or(true),
+            keep_alive: at_least("mqtt_keep_alive", s.mqtt_keep_alive, Duration::from_secs(1))?
+                .unwrap_or(defaults::MQTT_KEEP_ALIVE),
+            topics: Topics::from_settings(s)?,
+            user_list_format: s.mqtt_user_list_format.unwrap_or_default(),
+            publish_interval: positive("publish_interval", s.publish_interval)?
+                .unwrap_or(defaults::PUBLISH_INTERVAL),
+            count_publish_interval: positive("count_publish_interval", s.count_publish_interval)?
+                .unwrap_or(defaults::COUNT_PUBLISH_INTERVAL),
+        })
+    }
+}
+
+impl Topics {
+    fn from_settings(s: &Settings) -> Result<Topics, ConfigError> {
+        let topic = |key, value: &Option<String>, default| topic(key, value.clone(), default);
+        let optional = |key, value: &Option<String>| optional_topic(key, value.clone());
+        Ok(Topics {
             user_count: topic(
                 "mqtt_topic_user_count",
-                s.mqtt_topic_user_count,
+                &s.mqtt_topic_user_count,
                 defaults::TOPIC_USER_COUNT,
             )?,
             user_list: topic(
                 "mqtt_topic_user_list",
-                s.mqtt_topic_user_list,
+                &s.mqtt_topic_user_list,
                 defaults::TOPIC_USER_LIST,
             )?,
             host_prefix: topic(
                 "mqtt_topic_host_prefix",
-                s.mqtt_topic_host_prefix,
+                &s.mqtt_topic_host_prefix,
                 defaults::TOPIC_HOST_PREFIX,
             )?,
             status: topic(
                 "mqtt_topic_status",
-                s.mqtt_topic_status,
+                &s.mqtt_topic_status,
                 defaults::TOPIC_STATUS,
             )?,
-            session_start: optional_topic("mqtt_topic_session_start", s.mqtt_topic_session_start)?,
-            session_stop: optional_topic("mqtt_topic_session_stop", s.mqtt_topic_session_stop)?,
-            connection_open: optional_topic(
-                "mqtt_topic_connection_open",
-                s.mqtt_topic_connection_open,
-            )?,
-            connection_close: optional_topic(
+            session_start: optional("mqtt_topic_session_start", &s.mqtt_topic_session_start)?,
+            session_stop: optional("mqtt_topic_session_stop", &s.mqtt_topic_session_stop)?,
+            connection_open: optional("mqtt_topic_connection_open", &s.mqtt_topic_connection_open)?,
+            connection_close: optional(
                 "mqtt_topic_connection_close",
-                s.mqtt_topic_connection_close,
+                &s.mqtt_topic_connection_close,
             )?,
-            peak_today: optional_topic("mqtt_topic_peak_today", s.mqtt_topic_peak_today)?,
-        };
-        let client_id = match s.mqtt_client_id {
-            Some(id) if id.trim().is_empty() => {
-                return Err(invalid("mqtt_client_id", "must not be empty"));
-            }
-            Some(id) => id,
-            None => format!("session-monitor-{}", local_hostname()),
-        };
-        if let Some(level) = &s.log_level {
-            logging::check_level(level).map_err(|e| invalid("log_level", e))?;
-        }
+            peak_today: optional("mqtt_topic_peak_today", &s.mqtt_topic_peak_today)?,
+        })
+    }
+}
 
-        let max_proxy_hosts =
-            positive("max_proxy_hosts", s.max_proxy_hosts)?.unwrap_or(defaults::MAX_PROXY_HOSTS);
-        for (key, value, max) in [
-            ("idle_timeout", s.idle_timeout, LONGEST_TIMEOUT),
-            ("max_idle", s.max_idle, LONGEST_TIMEOUT),
-            ("publish_interval", s.publish_interval, LONGEST_INTERVAL),
-            (
-                "count_publish_interval",
-                s.count_publish_interval,
-                LONGEST_INTERVAL,
-            ),
-            (
-                "checkpoint_interval",
-                s.checkpoint_interval,
-                LONGEST_INTERVAL,
-            ),
-            // MQTT carries keep-alive in 16 bits of seconds.
-            (
-                "mqtt_keep_alive",
-                s.mqtt_keep_alive,
-                Duration::from_secs(u64::from(u16::MAX)),
-            ),
-        ] {
-            at_most(key, value, max)?;
-        }
-
-        Ok(Config {
-            max_proxy_hosts,
-            udp: UdpConfig {
-                listen: s
-                    .udp_listen
-                    .unwrap_or_else(|| parse_addr(defaults::UDP_LISTEN)),
-                allowed_sources: s.udp_allowed_sources.unwrap_or_default(),
-                limits,
-                receive_buffer_bytes: positive(
-                    "udp_receive_buffer_bytes",
-                    s.udp_receive_buffer_bytes,
-                )?
-                .unwrap_or(defaults::UDP_RECEIVE_BUFFER_BYTES),
-            },
-            http_listen: s
-                .http_listen
-                .unwrap_or_else(|| parse_addr(defaults::HTTP_LISTEN)),
-            expiry,
-            exclusions,
-            mqtt: MqttConfig {
-                broker,
-                client_id,
-                credentials,
-                qos,
-                retain: s.mqtt_retain.unwrap_or(true),
-                keep_alive: at_least("mqtt_keep_alive", s.mqtt_keep_alive, Duration::from_secs(1))?
-                    .unwrap_or(defaults::MQTT_KEEP_ALIVE),
-                topics,
-                user_list_format: s.mqtt_user_list_format.unwrap_or_default(),
-                publish_interval: positive("publish_interval", s.publish_interval)?
-                    .unwrap_or(defaults::PUBLISH_INTERVAL),
-                count_publish_interval: positive(
-                    "count_publish_interval",
-                    s.count_publish_interval,
-                )?
-                .unwrap_or(defaults::COUNT_PUBLISH_INTERVAL),
-            },
-            checkpoint: CheckpointConfig {
-                store: checkpoint_store,
-                interval: positive("checkpoint_interval", s.checkpoint_interval)?
-                    .unwrap_or(defaults::CHECKPOINT_INTERVAL),
-            },
-            qlik,
-            api_token,
-            history_retention: match s.history_retention {
-                Some(r) if r < Duration::from_secs(3600) || r > LONGEST_TIMEOUT => {
-                    return Err(invalid("history_retention", "must be from 1h to 90days"));
-                }
-                Some(r) => r,
-                None => defaults::HISTORY_RETENTION,
-            },
-            log_level: s.log_level.unwrap_or_else(|| "info".to_owned()),
-            log_format: s.log_format.unwrap_or_default(),
-            reload: None,
+impl CheckpointConfig {
+    fn from_settings(s: &Settings) -> Result<CheckpointConfig, ConfigError> {
+        at_most(
+            "checkpoint_interval",
+            s.checkpoint_interval,
+            LONGEST_INTERVAL,
+        )?;
+        Ok(CheckpointConfig {
+            store: checkpoint_store(s)?,
+            interval: positive("checkpoint_interval", s.checkpoint_interval)?
+                .unwrap_or(defaults::CHECKPOINT_INTERVAL),
         })
     }
 }

@@ -142,6 +142,11 @@ pub struct UdpSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub receive_buffer_bytes: Option<u64>,
+    /// Distinct proxy host names tracked at most; datagrams naming further hosts are dropped
+    /// (host names come from the network: this bounds topics and metric series); default 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_proxy_hosts: Option<u32>,
 }
 
 impl Default for UdpSpec {
@@ -150,6 +155,7 @@ impl Default for UdpSpec {
             port: default_udp_port(),
             allowed_sources: Vec::new(),
             receive_buffer_bytes: None,
+            max_proxy_hosts: None,
         }
     }
 }

@@ -78,6 +78,7 @@ spec_settings! {
     udp_allowed_sources <- "spec.udp.allowedSources" =
         (!checked.allowed_sources.is_empty()).then(|| checked.allowed_sources.clone());
     udp_receive_buffer_bytes <- "spec.udp.receiveBufferBytes" = checked.receive_buffer_bytes;
+    max_proxy_hosts <- "spec.udp.maxProxyHosts" = spec.udp.max_proxy_hosts.map(|n| n as usize);
     http_listen <- "spec.metrics.port" = Some(([0, 0, 0, 0], CONTAINER_HTTP_PORT).into());
     idle_timeout <- "spec.sessions.idleTimeout" =
         optional_duration(at, &spec.sessions.idle_timeout)?;
@@ -194,7 +195,6 @@ spec_settings! {
 pub const LEFT_AT_DEFAULT: &[&str] = &[
     "udp_max_datagram_bytes",
     "udp_max_field_bytes",
-    "max_proxy_hosts",
     "mqtt_embedded_listen",
     "checkpoint_file",
     "checkpoint_namespace",

@@ -661,6 +661,16 @@ mod tests {
     }
 
     #[test]
+    fn the_proxy_host_bound_is_rendered_from_the_spec() {
+        let spec = json!({"mqtt": {"url": "mqtt://b"}, "udp": {"maxProxyHosts": 50}});
+        let plan = validate(&monitor(spec), "img").unwrap();
+        let settings: Settings = toml::from_str(&plan.config_toml()).unwrap();
+        assert_eq!(settings.max_proxy_hosts, Some(50));
+        let plan = validate(&testing::minimal(), "img").unwrap();
+        assert!(!plan.config_toml().contains("max_proxy_hosts"));
+    }
+
+    #[test]
     fn a_minimal_spec_leaves_the_service_defaults_alone() {
         let plan = validate(&testing::minimal(), "img").unwrap();
         let settings: Settings = toml::from_str(&plan.config_toml()).unwrap();
@@ -734,6 +744,10 @@ mod tests {
             (
                 json!({"mqtt": {"url": "mqtt://b"}, "logLevel": "info,[bad"}),
                 "spec.logLevel:",
+            ),
+            (
+                json!({"mqtt": {"url": "mqtt://b"}, "udp": {"maxProxyHosts": 0}}),
+                "spec.udp.maxProxyHosts:",
             ),
             (
                 json!({"mqtt": {"url": "mqtt://b"}, "udp": {"port": 9842}}),
