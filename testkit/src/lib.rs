@@ -1,8 +1,8 @@
 //! Test harness shared by the workspace's tests and benchmarks.
 //!
-//! - [`poll`], [`http`], [`metrics`], [`mosquitto`], [`process`]: waiting with a deadline, a
-//!   plain HTTP GET and free ports, one series of a `/metrics` exposition, a real broker, a
-//!   child process with its log. No heavy dependency:
+//! - [`poll`], [`http`], [`metrics`], [`mosquitto`], [`process`], [`certs`]: waiting with a
+//!   deadline, a plain HTTP GET and free ports, one series of a `/metrics` exposition, a real
+//!   broker, a child process with its log, certificates made with `openssl`. No heavy dependency:
 //!   the benchmarks use these without the features below.
 //! - [`cluster`] (feature `cluster`): how the opt-in tests against a real kube-apiserver or cluster
 //!   (`tests/tests/configmap_cluster.rs`, `tests/tests/real_cluster.rs`,
@@ -13,6 +13,7 @@
 //!   check), faithful to Qlik's documented behaviour, for the reconciliation tests and
 //!   `session-monitor-simulate`.
 
+pub mod certs;
 #[cfg(feature = "cluster")]
 pub mod cluster;
 pub mod http;

@@ -19,7 +19,6 @@ use std::convert::Infallible;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -42,6 +41,8 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
+
+use crate::certs::{issue, make_ca, openssl};
 
 // ---------------------------------------------------------------------------------------------
 // Certificates
@@ -186,94 +187,6 @@ fn server_extensions(host: &str) -> String {
          extendedKeyUsage=serverAuth\n\
          subjectAltName=DNS:{host},DNS:localhost,IP:127.0.0.1\n"
     )
-}
-
-/// A self-signed CA: `{name}.pem` and `{name}_key.pem` in `dir`.
-fn make_ca(dir: &Path, name: &str, common_name: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={common_name}"),
-            "-keyout",
-            &format!("{name}_key.pem"),
-            "-out",
-            &format!("{name}.pem"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-    );
-}
-
-/// A certificate for `common_name` with `extensions`, issued by the CA `ca` (see [`make_ca`]):
-/// `{name}.pem` and `{name}_key.pem` in `dir`.
-fn issue(dir: &Path, ca: &str, name: &str, common_name: &str, extensions: &str) {
-    let (key, csr, pem, ext) = (
-        format!("{name}_key.pem"),
-        format!("{name}.csr"),
-        format!("{name}.pem"),
-        format!("{name}.ext"),
-    );
-    std::fs::write(dir.join(&ext), extensions).expect("write an openssl extensions file");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            &format!("/CN={common_name}"),
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-days",
-            "2",
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}_key.pem"),
-            "-CAcreateserial",
-            "-extfile",
-            &ext,
-            "-out",
-            &pem,
-        ],
-    );
-}
-
-/// Runs `openssl` in `dir`, failing the test with its error output if it fails.
-pub fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl must be installed");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn file_arg(path: &Path) -> String {

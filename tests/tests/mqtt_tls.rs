@@ -8,70 +8,28 @@ use std::process::Command;
 
 use common::datagram::butler;
 use common::{Mosquitto, Service, wait_for};
+use session_monitor_testkit::certs;
 
-/// Makes a CA, a server certificate for 127.0.0.1 and a client certificate in `dir`.
+/// Makes a CA, a server certificate for 127.0.0.1 and a client certificate in `dir`:
+/// `ca.pem`, `server.pem` and `server_key.pem`, `client.pem` and `client_key.pem`.
 fn make_certificates(dir: &Path) {
-    let openssl = |args: &[&str]| session_monitor_testkit::qlik::openssl(dir, args);
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=e2e-ca",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    ]);
-    // Extensions make these X.509 v3 certificates; webpki rejects v1 ones.
-    std::fs::write(
-        dir.join("server.ext"),
+    certs::make_ca(dir, "ca", "e2e-ca");
+    certs::issue(
+        dir,
+        "ca",
+        "server",
+        "server",
         "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    for name in ["server", "client"] {
-        let (key, csr, pem, ext) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.pem"),
-            format!("{name}.ext"),
-        );
-        openssl(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            &format!("/CN={name}"),
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-        ]);
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-out",
-            &pem,
-            "-extfile",
-            &ext,
-        ]);
-    }
-    for file in ["server.key", "client.key"] {
+    );
+    certs::issue(
+        dir,
+        "ca",
+        "client",
+        "client",
+        "extendedKeyUsage=clientAuth\n",
+    );
+    // mosquitto may run as another user than the test.
+    for file in ["server_key.pem", "client_key.pem"] {
         std::fs::set_permissions(
             dir.join(file),
             std::os::unix::fs::PermissionsExt::from_mode(0o644),
@@ -101,7 +59,7 @@ fn tls_broker() -> Mosquitto {
         )
         .unwrap();
         format!(
-            "cafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\nrequire_certificate true\nallow_anonymous false\npassword_file {p}\n",
+            "cafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server_key.pem\nrequire_certificate true\nallow_anonymous false\npassword_file {p}\n",
             d = dir.display(),
             p = passwords.display()
         )
@@ -125,7 +83,7 @@ fn publishes_over_mutual_tls_with_a_password_file() {
             "--mqtt-client-cert-file",
             &certs.join("client.pem").display().to_string(),
             "--mqtt-client-key-file",
-            &certs.join("client.key").display().to_string(),
+            &certs.join("client_key.pem").display().to_string(),
             "--mqtt-username",
             "monitor",
             "--mqtt-password-file",
@@ -157,7 +115,7 @@ fn publishes_over_mutual_tls_with_a_password_file() {
             "--cert",
             &certs.join("client.pem").display().to_string(),
             "--key",
-            &certs.join("client.key").display().to_string(),
+            &certs.join("client_key.pem").display().to_string(),
         ])
         .args(["-u", "monitor", "-P", "s3cret pass"])
         .output()
@@ -187,7 +145,7 @@ fn a_wrong_password_from_the_environment_is_refused_and_retried() {
         "--mqtt-client-cert-file".to_owned(),
         certs.join("client.pem").display().to_string(),
         "--mqtt-client-key-file".to_owned(),
-        certs.join("client.key").display().to_string(),
+        certs.join("client_key.pem").display().to_string(),
         "--mqtt-username".to_owned(),
         "monitor".to_owned(),
     ];
