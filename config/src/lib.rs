@@ -1102,6 +1102,36 @@ fn optional_topic(key: &'static str, value: Option<String>) -> Result<Option<Str
     value.map(|v| topic(key, Some(v), "")).transpose()
 }
 
+/// What is wrong with a URL's `host[:port]`.
+pub(crate) enum AuthorityError {
+    /// The text after the last `:`, which is not a port.
+    Port(String),
+    EmptyHost,
+}
+
+/// A URL's `host[:port]` (`[::1]:1883` too; a bare IPv6 address takes `default_port`), the
+/// host without its brackets.
+pub(crate) fn split_authority(
+    authority: &str,
+    default_port: u16,
+) -> Result<(&str, u16), AuthorityError> {
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') || host.ends_with(']') => {
+            let number = port.parse::<u16>().ok().filter(|p| *p != 0);
+            (
+                host,
+                number.ok_or_else(|| AuthorityError::Port(port.to_owned()))?,
+            )
+        }
+        _ => (authority, default_port),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(AuthorityError::EmptyHost);
+    }
+    Ok((host, port))
+}
+
 fn parse_mqtt_url(url: &str, s: &Settings) -> Result<MqttBroker, ConfigError> {
     const KEY: &str = "mqtt_url";
     let (scheme, rest) = url
@@ -1127,27 +1157,13 @@ fn parse_mqtt_url(url: &str, s: &Settings) -> Result<MqttBroker, ConfigError> {
             "credentials do not belong in the URL; use mqtt_username and mqtt_password_file",
         ));
     }
-    let (host, port) = match authority.rsplit_once(':') {
-        // "[::1]:1883" or "host:1883", but not a bare IPv6 address.
-        Some((host, port)) if !host.contains(':') || host.ends_with(']') => {
-            let port = port
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| {
-                    invalid(
-                        KEY,
-                        format!("port {port:?} is not a number from 1 to 65535"),
-                    )
-                })?;
-            (host, port)
-        }
-        _ => (authority, default_port),
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return Err(invalid(KEY, "the broker host is empty"));
-    }
+    let (host, port) = split_authority(authority, default_port).map_err(|e| match e {
+        AuthorityError::Port(port) => invalid(
+            KEY,
+            format!("port {port:?} is not a number from 1 to 65535"),
+        ),
+        AuthorityError::EmptyHost => invalid(KEY, "the broker host is empty"),
+    })?;
     let client_auth = match (&s.mqtt_client_cert_file, &s.mqtt_client_key_file) {
         (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
         (None, None) => None,

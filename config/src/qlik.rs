@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::{ConfigError, Secret, Settings, invalid};
+use crate::{AuthorityError, ConfigError, Secret, Settings, invalid, split_authority};
 
 /// The repository service's port on the central node.
 pub const QRS_PORT: u16 = 4242;
@@ -299,26 +299,13 @@ fn parse_https(
         ));
     }
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') || host.ends_with(']') => {
-            let port = port
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| {
-                    invalid(
-                        key,
-                        format!("{url:?}: port {port:?} is not a number from 1 to 65535"),
-                    )
-                })?;
-            (host, port)
-        }
-        _ => (authority, default_port),
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return Err(invalid(key, format!("{url:?}: the host is empty")));
-    }
+    let (host, port) = split_authority(authority, default_port).map_err(|e| match e {
+        AuthorityError::Port(port) => invalid(
+            key,
+            format!("{url:?}: port {port:?} is not a number from 1 to 65535"),
+        ),
+        AuthorityError::EmptyHost => invalid(key, format!("{url:?}: the host is empty")),
+    })?;
     Ok((
         ApiAddress {
             host: host.to_owned(),
