@@ -22,6 +22,8 @@ macro_rules! label_set {
         }
 
         impl $name {
+            /// Every label, for exporting each at 0 from the start (not every set needs it).
+            #[allow(dead_code)]
             pub const ALL: &'static [$name] = &[$($name::$variant),+];
 
             pub fn label(self) -> &'static str {

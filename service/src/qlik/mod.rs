@@ -16,5 +16,3 @@ pub mod api;
 pub mod client;
 pub mod reconciler;
 pub use session_monitor_config::qlik as settings;
-
-pub use settings::QlikConfig;

@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use super::api;
 use super::client::{QlikClient, RequestError, TlsSetupError};
 use super::settings::{ApiAddress, ProxyTarget, QlikConfig, Sources};
+use crate::metrics::label_set;
 use crate::registry::{Pairing, Reconciled, UnixMillis};
 use crate::shutdown::Stop;
 use crate::state::State;
@@ -216,14 +217,14 @@ impl Reconciler {
 
     async fn discover(&self, repository: &ApiAddress) -> Option<Vec<ProxyTarget>> {
         let result = self
-            .timed_get("qrs", repository, api::PROXY_SERVICES_PATH, true)
+            .timed_get(QlikApi::Qrs, repository, api::PROXY_SERVICES_PATH, true)
             .await
             .and_then(|body| {
                 api::parse_proxy_services(&body).map_err(|e| RequestError::Body(e.to_string()))
             });
         let metrics = &self.state.metrics.qlik;
         let node = repository.host.as_str();
-        set_up(metrics, "qrs", node, result.is_ok());
+        set_up(metrics, QlikApi::Qrs, node, result.is_ok());
         let mut logged = self
             .repository_down_logged
             .lock()
@@ -239,7 +240,7 @@ impl Reconciler {
             Err(error) => {
                 metrics
                     .errors
-                    .with_label_values(&["qrs", node, error.reason()])
+                    .with_label_values(&[QlikApi::Qrs.label(), node, error.reason()])
                     .inc();
                 if logged.is_none_or(|at| at.elapsed() >= REPEAT_DOWN_LOG) {
                     *logged = Some(Instant::now());
@@ -261,7 +262,7 @@ impl Reconciler {
         for (i, prefix) in prefixes.iter().enumerate() {
             let (me, node, path) = (self.clone(), node.clone(), api::sessions_path(prefix));
             requests.spawn(async move {
-                let body = me.timed_get("qps", &node, &path, false).await;
+                let body = me.timed_get(QlikApi::Qps, &node, &path, false).await;
                 let sessions = body.and_then(|body| {
                     api::parse_sessions(&body).map_err(|e| RequestError::Body(e.to_string()))
                 });
@@ -278,11 +279,11 @@ impl Reconciler {
             }
         }
         let metrics = &self.state.metrics.qlik;
-        set_up(metrics, "qps", &node.host, failure.is_none());
+        set_up(metrics, QlikApi::Qps, &node.host, failure.is_none());
         if let Some((prefix, error)) = failure {
             metrics
                 .errors
-                .with_label_values(&["qps", &node.host, error.reason()])
+                .with_label_values(&[QlikApi::Qps.label(), &node.host, error.reason()])
                 .inc();
             self.node_failed(&node, &prefixes, &prefix, &error);
             return false;
@@ -346,7 +347,7 @@ impl Reconciler {
 
     async fn timed_get(
         &self,
-        api: &'static str,
+        api: QlikApi,
         node: &ApiAddress,
         path: &str,
         as_repository_user: bool,
@@ -357,7 +358,7 @@ impl Reconciler {
             .metrics
             .qlik
             .request_duration
-            .with_label_values(&[api])
+            .with_label_values(&[api.label()])
             .observe(started.elapsed().as_secs_f64());
         result
     }
@@ -462,11 +463,14 @@ impl Reconciler {
         for node in gone {
             nodes.remove(&node);
             let metrics = &self.state.metrics.qlik;
-            let _ = metrics.api_up.remove_label_values(&["qps", &node.host]);
+            let _ = metrics
+                .api_up
+                .remove_label_values(&[QlikApi::Qps.label(), &node.host]);
             for reason in RequestError::REASONS {
-                let _ = metrics
-                    .errors
-                    .remove_label_values(&["qps", &node.host, reason]);
+                let _ =
+                    metrics
+                        .errors
+                        .remove_label_values(&[QlikApi::Qps.label(), &node.host, reason]);
             }
             tracing::info!(node = %node, "the Qlik repository no longer lists this proxy");
         }
@@ -509,11 +513,20 @@ impl Node {
     }
 }
 
+label_set! {
+    /// Which Qlik API a request went to: the label `api` of the `qlik_*` metrics.
+    QlikApi {
+        Qrs => "qrs",
+        Qps => "qps",
+    }
+}
+
 /// Sets `qlik_api_up` for a node, and starts its `qlik_api_errors_total` at 0 for every reason:
 /// a counter that appears only with its first error has no rate to show or alert on until the
 /// second (the dashboard's errors panel was empty for a healthy site, found by the test that
 /// evaluates it in a real Prometheus).
-fn set_up(metrics: &crate::metrics::QlikMetrics, api: &str, node: &str, up: bool) {
+fn set_up(metrics: &crate::metrics::QlikMetrics, api: QlikApi, node: &str, up: bool) {
+    let api = api.label();
     metrics
         .api_up
         .with_label_values(&[api, node])
