@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(plan) = validate::validate(&monitor, "session-monitor:test") else {
         return;
     };
-    let _ = desired::build(&monitor, &plan, &Default::default());
+    let _ = desired::build(&plan, &Default::default());
     let mut settings = Settings::from_toml(&plan.config_toml())
         .unwrap_or_else(|e| panic!("the rendered configuration does not parse: {e}"));
     // Files the pod mounts from Secrets do not exist here: stand in for them as the pod has them.

@@ -1,5 +1,7 @@
-//! Build: the objects a [`Plan`] needs, as the operator will apply them. Pure: no client, no
-//! clock; the reconciler applies exactly what these functions return, and unit tests assert it.
+//! Build: the objects a [`Plan`] needs, as the operator will apply them. Pure and infallible:
+//! no client, no clock, and nothing but the plan (validation put everything in it, the owner
+//! and the Secrets the pod uses included); the reconciler applies exactly what these functions
+//! return, and unit tests assert it.
 
 use std::collections::BTreeMap;
 
@@ -16,13 +18,12 @@ use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::Resource;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::crd::{ExternalTrafficPolicy, ImagePullPolicy, ServiceType, SessionMonitor};
+use crate::crd::{ExternalTrafficPolicy, ImagePullPolicy, ServiceType};
 use crate::validate::{
-    CONTAINER_HTTP_PORT, CONTAINER_UDP_PORT, Plan, QLIK_CERTIFICATE_KEYS, config_map_name, paths,
+    CONTAINER_HTTP_PORT, CONTAINER_UDP_PORT, Plan, SecretMount, config_map_name, paths,
 };
 
 pub const MANAGER: &str = "session-monitor-operator";
@@ -60,32 +61,28 @@ pub struct Desired {
 
 /// `secret_versions`: resourceVersion of each referenced Secret, so a rotated credential rolls
 /// the pod too.
-pub fn build(
-    monitor: &SessionMonitor,
-    plan: &Plan,
-    secret_versions: &BTreeMap<String, String>,
-) -> Desired {
-    let owner = monitor
-        .controller_owner_ref(&())
-        .expect("a SessionMonitor read from the API server has a uid");
+///
+/// Infallible: everything it needs was checked by validation and is in the [`Plan`].
+pub fn build(plan: &Plan, secret_versions: &BTreeMap<String, String>) -> Desired {
+    let owner = &plan.owner;
     let checkpoint_config_maps = plan
         .checkpoint_configmaps()
         .iter()
-        .map(|name| checkpoint_config_map(plan, &owner, name))
+        .map(|name| checkpoint_config_map(plan, owner, name))
         .collect();
     Desired {
         service_account: ServiceAccount {
-            metadata: metadata(plan, &owner, &plan.name),
+            metadata: metadata(plan, owner, &plan.name),
             ..ServiceAccount::default()
         },
-        role: role(plan, &owner),
-        role_binding: role_binding(plan, &owner),
-        config_map: config_map(plan, &owner),
+        role: role(plan, owner),
+        role_binding: role_binding(plan, owner),
+        config_map: config_map(plan, owner),
         checkpoint_config_maps,
-        deployment: deployment(monitor, plan, &owner, secret_versions),
-        service: service(monitor, plan, &owner),
-        http_service: http_service(monitor, plan, &owner),
-        service_monitor: service_monitor(monitor, plan, &owner),
+        deployment: deployment(plan, owner, secret_versions),
+        service: service(plan, owner),
+        http_service: http_service(plan, owner),
+        service_monitor: service_monitor(plan, owner),
     }
 }
 
@@ -207,12 +204,11 @@ pub fn config_checksum(plan: &Plan, secret_versions: &BTreeMap<String, String>) 
 }
 
 fn deployment(
-    monitor: &SessionMonitor,
     plan: &Plan,
     owner: &OwnerReference,
     secret_versions: &BTreeMap<String, String>,
 ) -> Deployment {
-    let spec = &monitor.spec;
+    let pod = &plan.pod;
     let mut volumes = vec![Volume {
         name: "config".into(),
         config_map: Some(ConfigMapVolumeSource {
@@ -233,67 +229,23 @@ fn deployment(
         }),
         ..EnvVar::default()
     }];
-    if let Some(credentials) = &spec.mqtt.credentials_secret {
+    for variable in &plan.secret_env {
         env.push(EnvVar {
-            name: "SESSION_MONITOR_MQTT_USERNAME".into(),
+            name: variable.name.into(),
             value_from: Some(EnvVarSource {
                 secret_key_ref: Some(SecretKeySelector {
-                    name: credentials.name.clone(),
-                    key: credentials.username_key.clone(),
+                    name: variable.key.secret.clone(),
+                    key: variable.key.key.clone(),
                     optional: Some(false),
                 }),
                 ..EnvVarSource::default()
             }),
             ..EnvVar::default()
         });
-        volumes.push(secret_volume(
-            "mqtt-credentials",
-            &credentials.name,
-            &[(&credentials.password_key, "password")],
-        ));
-        mounts.push(mount("mqtt-credentials", paths::MQTT_CREDENTIALS_DIR));
     }
-    if let Some(tls) = &spec.mqtt.tls {
-        if let Some(ca) = &tls.ca_secret {
-            volumes.push(secret_volume("mqtt-ca", &ca.name, &[(&ca.key, "ca.crt")]));
-            mounts.push(mount("mqtt-ca", paths::MQTT_CA_DIR));
-        }
-        if let Some(client) = &tls.client_cert_secret {
-            volumes.push(secret_volume(
-                "mqtt-client-cert",
-                &client.name,
-                &[("tls.crt", "tls.crt"), ("tls.key", "tls.key")],
-            ));
-            mounts.push(mount("mqtt-client-cert", paths::MQTT_CLIENT_CERT_DIR));
-        }
-    }
-    if let Some(qlik) = &spec.qlik {
-        // The QMC's files under their own names; the passphrase, if any, as `passphrase`.
-        let certificates = &qlik.certificates_secret;
-        let mut items: Vec<(&str, &str)> = QLIK_CERTIFICATE_KEYS
-            .iter()
-            .map(|key| (*key, *key))
-            .collect();
-        if let Some(key) = &certificates.passphrase_key {
-            items.push((key, paths::QLIK_PASSPHRASE));
-        }
-        volumes.push(secret_volume(
-            "qlik-certificates",
-            &certificates.name,
-            &items,
-        ));
-        mounts.push(mount("qlik-certificates", paths::QLIK_CERTIFICATES_DIR));
-    }
-    if let Some(token) = &plan.api_token {
-        // A file, as the service's `api_token_file` reads it: never an environment variable,
-        // which `kubectl describe pod` and crash dumps show.
-        let key = &token.secret;
-        volumes.push(secret_volume(
-            "api-token",
-            &key.secret,
-            &[(&key.key, paths::API_TOKEN)],
-        ));
-        mounts.push(mount("api-token", paths::API_TOKEN_DIR));
+    for secret in &plan.secret_mounts {
+        volumes.push(secret_volume(secret));
+        mounts.push(mount(secret.volume, secret.dir));
     }
     let probe = |path: &str, period: i32, failures: i32| Probe {
         http_get: Some(HTTPGetAction {
@@ -309,7 +261,7 @@ fn deployment(
     let container = Container {
         name: CONTAINER.into(),
         image: Some(plan.image.clone()),
-        image_pull_policy: spec.image_pull_policy.map(|p| {
+        image_pull_policy: pod.image_pull_policy.map(|p| {
             match p {
                 ImagePullPolicy::Always => "Always",
                 ImagePullPolicy::IfNotPresent => "IfNotPresent",
@@ -337,7 +289,7 @@ fn deployment(
         // API server is slow, which readiness (not liveness) is for.
         readiness_probe: Some(probe("/readyz", 5, 3)),
         liveness_probe: Some(probe("/healthz", 10, 6)),
-        resources: Some(spec.resources.clone().unwrap_or_else(default_resources)),
+        resources: Some(pod.resources.clone().unwrap_or_else(default_resources)),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(RUN_AS),
@@ -397,11 +349,11 @@ fn deployment(
                     }),
                     containers: vec![container],
                     volumes: Some(volumes),
-                    node_selector: (!spec.node_selector.is_empty())
-                        .then(|| spec.node_selector.clone()),
-                    tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
-                    affinity: spec.affinity.clone(),
-                    priority_class_name: spec.priority_class_name.clone(),
+                    node_selector: (!pod.node_selector.is_empty())
+                        .then(|| pod.node_selector.clone()),
+                    tolerations: (!pod.tolerations.is_empty()).then(|| pod.tolerations.clone()),
+                    affinity: pod.affinity.clone(),
+                    priority_class_name: pod.priority_class_name.clone(),
                     ..PodSpec::default()
                 }),
             },
@@ -414,11 +366,7 @@ fn deployment(
 /// The Secret of a generated API token (`spec.apiAuth.generateToken`), holding `token`. It is
 /// created only where none exists and never applied again, so the token stays the same across
 /// reconciles and operator restarts. `None` when the spec does not ask for a generated token.
-pub fn generated_token_secret(
-    monitor: &SessionMonitor,
-    plan: &Plan,
-    token: String,
-) -> Option<Secret> {
+pub fn generated_token_secret(plan: &Plan, token: String) -> Option<Secret> {
     let key = plan.api_token.as_ref().filter(|t| t.generated)?;
     Some(Secret {
         metadata: ObjectMeta {
@@ -426,7 +374,7 @@ pub fn generated_token_secret(
             namespace: Some(plan.namespace.clone()),
             labels: Some(labels(plan)),
             // Deleted with the monitor, as every other child.
-            owner_references: monitor.controller_owner_ref(&()).map(|o| vec![o]),
+            owner_references: Some(vec![plan.owner.clone()]),
             ..ObjectMeta::default()
         },
         type_: Some("Opaque".into()),
@@ -471,17 +419,18 @@ fn mount(volume: &str, path: &str) -> VolumeMount {
     }
 }
 
-fn secret_volume(volume: &str, secret: &str, items: &[(&str, &str)]) -> Volume {
+fn secret_volume(secret: &SecretMount) -> Volume {
     Volume {
-        name: volume.into(),
+        name: secret.volume.into(),
         secret: Some(SecretVolumeSource {
-            secret_name: Some(secret.into()),
+            secret_name: Some(secret.secret.clone()),
             items: Some(
-                items
+                secret
+                    .items
                     .iter()
                     .map(|(key, path)| KeyToPath {
-                        key: (*key).into(),
-                        path: (*path).into(),
+                        key: key.clone(),
+                        path: path.clone(),
                         ..KeyToPath::default()
                     })
                     .collect(),
@@ -494,18 +443,18 @@ fn secret_volume(volume: &str, secret: &str, items: &[(&str, &str)]) -> Volume {
     }
 }
 
-fn service(monitor: &SessionMonitor, plan: &Plan, owner: &OwnerReference) -> Service {
-    let spec = &monitor.spec;
+fn service(plan: &Plan, owner: &OwnerReference) -> Service {
+    let spec = &plan.service;
     let mut metadata = metadata(plan, owner, &plan.name);
-    if !spec.service.annotations.is_empty() {
-        metadata.annotations = Some(spec.service.annotations.clone());
+    if !spec.annotations.is_empty() {
+        metadata.annotations = Some(spec.annotations.clone());
     }
-    let exposed = spec.service.type_ != ServiceType::ClusterIP;
+    let exposed = spec.type_ != ServiceType::ClusterIP;
     Service {
         metadata,
         spec: Some(CoreServiceSpec {
             type_: Some(
-                match spec.service.type_ {
+                match spec.type_ {
                     ServiceType::ClusterIP => "ClusterIP",
                     ServiceType::NodePort => "NodePort",
                     ServiceType::LoadBalancer => "LoadBalancer",
@@ -516,7 +465,7 @@ fn service(monitor: &SessionMonitor, plan: &Plan, owner: &OwnerReference) -> Ser
             // `protocol` is stated: Kubernetes 1.20's server-side apply needs it.
             ports: Some(vec![ServicePort {
                 name: Some(UDP_PORT_NAME.into()),
-                port: i32::from(spec.udp.port),
+                port: i32::from(plan.udp_port),
                 target_port: Some(IntOrString::String(UDP_PORT_NAME.into())),
                 protocol: Some("UDP".into()),
                 ..ServicePort::default()
@@ -530,17 +479,13 @@ fn service(monitor: &SessionMonitor, plan: &Plan, owner: &OwnerReference) -> Ser
             // proxy's datagrams vanish for as long as it keeps sending. (Found in a real 1.20
             // cluster with this set to false: every datagram after a pod deletion was lost.)
             publish_not_ready_addresses: Some(true),
-            external_traffic_policy: spec
-                .service
-                .external_traffic_policy
-                .filter(|_| exposed)
-                .map(|p| {
-                    match p {
-                        ExternalTrafficPolicy::Cluster => "Cluster",
-                        ExternalTrafficPolicy::Local => "Local",
-                    }
-                    .into()
-                }),
+            external_traffic_policy: spec.external_traffic_policy.filter(|_| exposed).map(|p| {
+                match p {
+                    ExternalTrafficPolicy::Cluster => "Cluster",
+                    ExternalTrafficPolicy::Local => "Local",
+                }
+                .into()
+            }),
             ..CoreServiceSpec::default()
         }),
         status: None,
@@ -551,7 +496,7 @@ pub fn http_service_name(monitor: &str) -> String {
     format!("{monitor}-http")
 }
 
-fn http_service(monitor: &SessionMonitor, plan: &Plan, owner: &OwnerReference) -> Service {
+fn http_service(plan: &Plan, owner: &OwnerReference) -> Service {
     let mut metadata = metadata(plan, owner, &http_service_name(&plan.name));
     metadata
         .labels
@@ -564,7 +509,7 @@ fn http_service(monitor: &SessionMonitor, plan: &Plan, owner: &OwnerReference) -
             selector: Some(selector_labels(plan)),
             ports: Some(vec![ServicePort {
                 name: Some(HTTP_PORT_NAME.into()),
-                port: i32::from(monitor.spec.metrics.port),
+                port: i32::from(plan.http_port),
                 target_port: Some(IntOrString::String(HTTP_PORT_NAME.into())),
                 protocol: Some("TCP".into()),
                 ..ServicePort::default()
@@ -577,15 +522,8 @@ fn http_service(monitor: &SessionMonitor, plan: &Plan, owner: &OwnerReference) -
 
 pub const SERVICE_MONITOR_API_VERSION: &str = "monitoring.coreos.com/v1";
 
-fn service_monitor(
-    monitor: &SessionMonitor,
-    plan: &Plan,
-    owner: &OwnerReference,
-) -> Option<serde_json::Value> {
-    let sm = &monitor.spec.metrics.service_monitor;
-    if !sm.enabled {
-        return None;
-    }
+fn service_monitor(plan: &Plan, owner: &OwnerReference) -> Option<serde_json::Value> {
+    let sm = plan.service_monitor.as_ref()?;
     let mut labels = labels(plan);
     labels.extend(sm.labels.clone());
     let mut http_selector = selector_labels(plan);
@@ -618,12 +556,13 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::crd::SessionMonitor;
     use crate::testing::{self, NAME, NAMESPACE, UID, monitor};
     use crate::validate::validate;
 
     fn built(m: &SessionMonitor) -> (Plan, Desired) {
         let plan = validate(m, "example/session-monitor:1").unwrap();
-        let desired = build(m, &plan, &BTreeMap::new());
+        let desired = build(&plan, &BTreeMap::new());
         (plan, desired)
     }
 
@@ -835,7 +774,7 @@ mod tests {
     fn the_checksum_rolls_the_pod_when_the_config_or_a_secret_changes() {
         let checksum = |m: &SessionMonitor, versions: &BTreeMap<String, String>| {
             let plan = validate(m, "img").unwrap();
-            build(m, &plan, versions)
+            build(&plan, versions)
                 .deployment
                 .spec
                 .unwrap()
@@ -1199,7 +1138,7 @@ mod tests {
     fn the_generated_token_secret_is_owned_labelled_and_holds_only_the_token() {
         let m = with_generated_token();
         let plan = validate(&m, "img").unwrap();
-        let secret = generated_token_secret(&m, &plan, "ab".repeat(32)).unwrap();
+        let secret = generated_token_secret(&plan, "ab".repeat(32)).unwrap();
         assert_eq!(secret.metadata.name.as_deref(), Some("qlik-prod-api-token"));
         assert_eq!(secret.metadata.namespace.as_deref(), Some(NAMESPACE));
         assert_eq!(secret.metadata.labels, Some(labels(&plan)));
@@ -1219,9 +1158,9 @@ mod tests {
             "apiAuth": {"tokenSecret": {"name": "reader-token"}},
         }));
         let own_plan = validate(&own, "img").unwrap();
-        assert_eq!(generated_token_secret(&own, &own_plan, "x".into()), None);
+        assert_eq!(generated_token_secret(&own_plan, "x".into()), None);
         let open = testing::minimal();
         let open_plan = validate(&open, "img").unwrap();
-        assert_eq!(generated_token_secret(&open, &open_plan, "x".into()), None);
+        assert_eq!(generated_token_secret(&open_plan, "x".into()), None);
     }
 }

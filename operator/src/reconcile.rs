@@ -1,5 +1,8 @@
-//! The reconcile pipeline: validate → build (both pure) → check referenced Secrets → apply with
-//! server-side apply → update status. IO lives here and only carries out what the pure steps
+//! The reconcile pipeline: read the Role (the record of the shards granted) → validate into a
+//! complete [`Plan`] → check the Secrets it names → build (infallible, from the plan alone) →
+//! apply with server-side apply → update status (one pure `status::compute` and
+//! `status::with_numbers`). Validate and build are pure. The Secrets are read after validation,
+//! so an invalid spec costs no Secret reads. IO lives here and only carries out what the pure steps
 //! decided; every API call a reconcile makes is asserted by the tests in `reconcile_tests.rs`.
 
 use std::collections::{BTreeMap, HashMap};
@@ -232,7 +235,7 @@ async fn run_pipeline(
             ));
         }
     };
-    let desired = desired::build(monitor, &plan, &secret_versions);
+    let desired = desired::build(&plan, &secret_versions);
     let (deployment, service) = apply(ctx, monitor, namespace, &desired).await?;
     let endpoint = status::endpoint(&service, monitor.spec.udp.port);
     // A serving monitor's users, read again at the next reconcile, which comes sooner then.
@@ -321,7 +324,7 @@ async fn grant_shards(
         }
         autopilot::Decision::Raise { from, to, wanted } => {
             let raised = plan.with_checkpoint_shards(to);
-            let desired = desired::build(monitor, &raised, secret_versions);
+            let desired = desired::build(&raised, secret_versions);
             let namespace = raised.namespace.as_str();
             apply_one(&ctx.client, namespace, &desired.role).await?;
             // `NAME` first, then shards 1 … `from`, which exist already.
@@ -395,7 +398,7 @@ async fn ensure_api_token(
         name: name.clone(),
         reason: e.to_string(),
     })?;
-    let Some(secret) = desired::generated_token_secret(monitor, plan, value) else {
+    let Some(secret) = desired::generated_token_secret(plan, value) else {
         return Ok(None);
     };
     let params = PostParams {
@@ -624,7 +627,7 @@ where
 /// administrator would want in `kubectl describe`.
 async fn update_status(monitor: &SessionMonitor, ctx: &Context, done: &Done) -> Result<(), Error> {
     let previous = monitor.status.as_ref();
-    let mut next = status::compute(
+    let next = status::compute(
         &done.outcome,
         monitor.metadata.generation,
         done.deployment.as_ref(),
@@ -632,18 +635,7 @@ async fn update_status(monitor: &SessionMonitor, ctx: &Context, done: &Done) -> 
         previous,
         Time(k8s_openapi::jiff::Timestamp::now()),
     );
-    // What the applied Role grants; unchanged when nothing was applied.
-    next.checkpoint_shards = done
-        .checkpoint_shards
-        .or_else(|| previous.and_then(|p| p.checkpoint_shards));
-    // Unknown, not stale, when the service cannot be read.
-    let usage = done.usage.clone().unwrap_or_default();
-    next.active_users = usage.active_users;
-    next.active_sessions = usage.active_sessions;
-    next.last_event_time = usage.last_event;
-    next.checkpoint_bytes = usage.checkpoint_bytes;
-    next.checkpoint_shards_in_use = usage.checkpoint_shards_in_use;
-    next.checkpoint_shards_wanted = usage.checkpoint_shards_wanted;
+    let next = status::with_numbers(next, done.checkpoint_shards, done.usage.as_ref(), previous);
     for event in transitions(previous, &next) {
         if let Err(e) = ctx.recorder.publish(&event, &monitor.object_ref(&())).await {
             warn!(error = %e, reason = %event.reason, "could not record Event");

@@ -6,6 +6,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::SessionMonitorStatus;
+use crate::usage::Usage;
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
@@ -149,9 +150,30 @@ pub fn compute(
             condition(DEGRADED, degraded, degraded_reason, degraded_message),
         ],
         endpoint: endpoint.or_else(|| previous.and_then(|p| p.endpoint.clone())),
-        // The reconciler sets it from what it applied, and these from what the service says.
-        checkpoint_shards: previous.and_then(|p| p.checkpoint_shards),
+        // The numbers come from [`with_numbers`].
         ..SessionMonitorStatus::default()
+    }
+}
+
+/// `status` with its numbers, the one place they are set: the shards the applied Role grants
+/// (`granted`; the previous grant when nothing was applied, since a grant is never lowered),
+/// and the service's own figures (unknown, not stale, when it cannot be read).
+pub fn with_numbers(
+    status: SessionMonitorStatus,
+    granted: Option<u16>,
+    usage: Option<&Usage>,
+    previous: Option<&SessionMonitorStatus>,
+) -> SessionMonitorStatus {
+    let usage = usage.cloned().unwrap_or_default();
+    SessionMonitorStatus {
+        checkpoint_shards: granted.or_else(|| previous.and_then(|p| p.checkpoint_shards)),
+        active_users: usage.active_users,
+        active_sessions: usage.active_sessions,
+        last_event_time: usage.last_event,
+        checkpoint_bytes: usage.checkpoint_bytes,
+        checkpoint_shards_in_use: usage.checkpoint_shards_in_use,
+        checkpoint_shards_wanted: usage.checkpoint_shards_wanted,
+        ..status
     }
 }
 
@@ -247,6 +269,37 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     use super::*;
+
+    #[test]
+    fn the_grant_outlives_an_unapplied_reconcile_and_figures_are_never_stale() {
+        let previous = with_numbers(
+            SessionMonitorStatus::default(),
+            Some(19),
+            Some(&Usage {
+                active_users: Some(7),
+                checkpoint_shards_wanted: Some(19),
+                ..Usage::default()
+            }),
+            None,
+        );
+        assert_eq!(previous.checkpoint_shards, Some(19));
+        assert_eq!(previous.active_users, Some(7));
+        // Nothing applied and the service unread: the grant stays, the figures are unknown.
+        let next = with_numbers(SessionMonitorStatus::default(), None, None, Some(&previous));
+        assert_eq!(next.checkpoint_shards, Some(19));
+        assert_eq!(
+            (next.active_users, next.checkpoint_shards_wanted),
+            (None, None)
+        );
+        // An applied grant is what the status says.
+        let raised = with_numbers(
+            SessionMonitorStatus::default(),
+            Some(24),
+            None,
+            Some(&previous),
+        );
+        assert_eq!(raised.checkpoint_shards, Some(24));
+    }
 
     fn at(seconds: i64) -> Time {
         Time(k8s_openapi::jiff::Timestamp::from_second(seconds).unwrap())

@@ -5,15 +5,21 @@
 //! checked with the service's own [`Config::from_settings`], so the operator cannot hand the
 //! service a configuration it would refuse at start-up.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use kube::ResourceExt;
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::{Resource, ResourceExt};
 use session_monitor_config::qlik::QlikConfig;
 use session_monitor_config::{self as service_config, Config, ConfigError, Settings};
 
-use crate::crd::{ApiAuthSpec, QlikSpec, SessionMonitor};
+use crate::crd::{
+    ApiAuthSpec, ImagePullPolicy, QlikSpec, ServiceMonitorSpec, ServiceSpec, SessionMonitor,
+    SessionMonitorSpec,
+};
 use crate::spec_settings;
 
 /// Where the pod finds what the operator mounts.
@@ -78,7 +84,17 @@ pub struct SecretKey {
 pub struct Plan {
     pub name: String,
     pub namespace: String,
+    /// The monitor, as the owner of every child: they are deleted with it.
+    pub owner: OwnerReference,
     pub image: String,
+    pub pod: PodPlan,
+    /// `spec.service`: how the UDP ingest is exposed.
+    pub service: ServiceSpec,
+    /// `spec.udp.port` and `spec.metrics.port`: the Services' ports.
+    pub udp_port: u16,
+    pub http_port: u16,
+    /// `spec.metrics.serviceMonitor`, when enabled.
+    pub service_monitor: Option<ServiceMonitorSpec>,
     /// The service's configuration, checked; mounted as [`Plan::config_toml`].
     pub settings: Settings,
     pub checkpoint_configmap: String,
@@ -87,10 +103,43 @@ pub struct Plan {
     pub checkpoint_shards: u16,
     /// `spec.checkpoint.maxShards`: the most the autopilot may grant.
     pub max_checkpoint_shards: u16,
-    /// Secret keys the pod mounts or reads into its environment.
+    /// Secret keys the pod mounts or reads into its environment, for the reconciler's check
+    /// that they exist and for the pod's checksum.
     pub secret_keys: Vec<SecretKey>,
+    pub secret_mounts: Vec<SecretMount>,
+    pub secret_env: Vec<SecretEnv>,
     /// The API token's Secret, when `spec.apiAuth` asks for one; also among `secret_keys`.
     pub api_token: Option<ApiToken>,
+}
+
+/// What the pod needs beyond its configuration, as the spec gives it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodPlan {
+    pub image_pull_policy: Option<ImagePullPolicy>,
+    /// `None`: the operator's default requests and limit.
+    pub resources: Option<ResourceRequirements>,
+    pub node_selector: BTreeMap<String, String>,
+    pub tolerations: Vec<Toleration>,
+    pub affinity: Option<Affinity>,
+    pub priority_class_name: Option<String>,
+}
+
+/// A Secret the pod mounts read-only: each key as a file in `dir`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretMount {
+    /// The volume's name in the pod.
+    pub volume: &'static str,
+    pub dir: &'static str,
+    pub secret: String,
+    /// Each key and the file it becomes.
+    pub items: Vec<(String, String)>,
+}
+
+/// A Secret key the pod reads into an environment variable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretEnv {
+    pub name: &'static str,
+    pub key: SecretKey,
 }
 
 /// Where the pod's API token comes from.
@@ -276,7 +325,6 @@ pub fn validate_granted(
 
     let checkpoint_configmap = checkpoint_name(&name);
     let credentials = spec.mqtt.credentials_secret.as_ref();
-    let tls = spec.mqtt.tls.as_ref();
     let checked = spec_settings::Checked {
         allowed_sources,
         receive_buffer_bytes,
@@ -289,51 +337,9 @@ pub fn validate_granted(
     let settings = spec_settings::render(spec, &checked)?;
     check_with_service(&settings, credentials.is_some(), api_token.is_some())?;
 
-    // Each key with the spec field that names its Secret, for the messages below.
-    let mut referenced: Vec<(&str, SecretKey)> = Vec::new();
-    let mut reference = |field, secret: &str, key: &str| {
-        referenced.push((
-            field,
-            SecretKey {
-                secret: secret.to_owned(),
-                key: key.to_owned(),
-            },
-        ));
-    };
-    if let Some(c) = credentials {
-        for key in [&c.username_key, &c.password_key] {
-            reference("spec.mqtt", &c.name, key);
-        }
-    }
-    if let Some(ca) = tls.and_then(|t| t.ca_secret.as_ref()) {
-        reference("spec.mqtt", &ca.name, &ca.key);
-    }
-    if let Some(client) = tls.and_then(|t| t.client_cert_secret.as_ref()) {
-        for key in ["tls.crt", "tls.key"] {
-            reference("spec.mqtt", &client.name, key);
-        }
-    }
-    if let Some(certificates) = spec.qlik.as_ref().map(|q| &q.certificates_secret) {
-        for key in QLIK_CERTIFICATE_KEYS {
-            reference("spec.qlik.certificatesSecret.name", &certificates.name, key);
-        }
-        if let Some(key) = &certificates.passphrase_key {
-            reference(
-                "spec.qlik.certificatesSecret.passphraseKey",
-                &certificates.name,
-                key,
-            );
-        }
-    }
-    if let Some(token) = &api_token {
-        let field = if token.generated {
-            "spec.apiAuth.generateToken"
-        } else {
-            "spec.apiAuth.tokenSecret"
-        };
-        reference(field, &token.secret.secret, &token.secret.key);
-    }
-    for (field, key) in &referenced {
+    let secrets = secret_uses(spec, api_token.as_ref());
+    let referenced = &secrets.named;
+    for (field, key) in referenced {
         if !is_dns1123_subdomain(&key.secret) {
             return Err(invalid(
                 field,
@@ -356,8 +362,14 @@ pub fn validate_granted(
             ));
         }
     }
-    let secret_keys = referenced.into_iter().map(|(_, key)| key).collect();
 
+    let owner = monitor.controller_owner_ref(&()).ok_or_else(|| {
+        invalid(
+            "metadata.uid",
+            "missing; a SessionMonitor read from the API server has one, and its children \
+             name it as their owner",
+        )
+    })?;
     Ok(Plan {
         settings,
         checkpoint_shards,
@@ -365,10 +377,144 @@ pub fn validate_granted(
         checkpoint_configmap,
         name,
         namespace,
+        owner,
         image,
-        secret_keys,
+        pod: PodPlan {
+            image_pull_policy: spec.image_pull_policy,
+            resources: spec.resources.clone(),
+            node_selector: spec.node_selector.clone(),
+            tolerations: spec.tolerations.clone(),
+            affinity: spec.affinity.clone(),
+            priority_class_name: spec.priority_class_name.clone(),
+        },
+        service: spec.service.clone(),
+        udp_port: spec.udp.port,
+        http_port: spec.metrics.port,
+        service_monitor: spec
+            .metrics
+            .service_monitor
+            .enabled
+            .then(|| spec.metrics.service_monitor.clone()),
+        secret_keys: secrets.named.into_iter().map(|(_, key)| key).collect(),
+        secret_mounts: secrets.mounts,
+        secret_env: secrets.env,
         api_token,
     })
+}
+
+/// The Secrets a spec makes the pod use: mounted as files, or read into the environment.
+struct SecretUses {
+    mounts: Vec<SecretMount>,
+    env: Vec<SecretEnv>,
+    /// Every key, with the spec field that names it (for the messages of the checks), in the
+    /// order the pod's checksum takes them.
+    named: Vec<(&'static str, SecretKey)>,
+}
+
+/// One list for what the pod mounts, what the reconciler checks exists and what the checksum
+/// covers, so the three cannot differ.
+fn secret_uses(spec: &SessionMonitorSpec, api_token: Option<&ApiToken>) -> SecretUses {
+    let key = |secret: &str, key: &str| SecretKey {
+        secret: secret.to_owned(),
+        key: key.to_owned(),
+    };
+    let credentials = spec.mqtt.credentials_secret.as_ref();
+    let tls = spec.mqtt.tls.as_ref();
+    let mut uses = SecretUses {
+        mounts: Vec::new(),
+        env: Vec::new(),
+        named: Vec::new(),
+    };
+    if let Some(c) = credentials {
+        // The user name through SESSION_MONITOR_MQTT_USERNAME and the password as a file (below):
+        // no credential is ever written into a ConfigMap. The user name first, the order the
+        // checksum has always taken them in (another order would roll every pod once when the
+        // operator is upgraded).
+        uses.named
+            .push(("spec.mqtt", key(&c.name, &c.username_key)));
+        uses.env.push(SecretEnv {
+            name: "SESSION_MONITOR_MQTT_USERNAME",
+            key: key(&c.name, &c.username_key),
+        });
+    }
+    // (spec field, Secret key, file name) for each item of a mount.
+    let mut mount = |volume, dir, secret: &str, items: Vec<(&'static str, &str, &str)>| {
+        let mut files = Vec::new();
+        for (field, k, file) in items {
+            uses.named.push((field, key(secret, k)));
+            files.push((k.to_owned(), file.to_owned()));
+        }
+        uses.mounts.push(SecretMount {
+            volume,
+            dir,
+            secret: secret.to_owned(),
+            items: files,
+        });
+    };
+    if let Some(c) = credentials {
+        mount(
+            "mqtt-credentials",
+            paths::MQTT_CREDENTIALS_DIR,
+            &c.name,
+            vec![("spec.mqtt", &c.password_key, "password")],
+        );
+    }
+    if let Some(ca) = tls.and_then(|t| t.ca_secret.as_ref()) {
+        mount(
+            "mqtt-ca",
+            paths::MQTT_CA_DIR,
+            &ca.name,
+            vec![("spec.mqtt", &ca.key, "ca.crt")],
+        );
+    }
+    if let Some(client) = tls.and_then(|t| t.client_cert_secret.as_ref()) {
+        mount(
+            "mqtt-client-cert",
+            paths::MQTT_CLIENT_CERT_DIR,
+            &client.name,
+            vec![
+                ("spec.mqtt", "tls.crt", "tls.crt"),
+                ("spec.mqtt", "tls.key", "tls.key"),
+            ],
+        );
+    }
+    if let Some(qlik) = &spec.qlik {
+        // The QMC's files under their own names; the passphrase, if any, as `passphrase`.
+        let certificates = &qlik.certificates_secret;
+        let mut items: Vec<(&'static str, &str, &str)> = QLIK_CERTIFICATE_KEYS
+            .iter()
+            .map(|k| ("spec.qlik.certificatesSecret.name", *k, *k))
+            .collect();
+        if let Some(k) = &certificates.passphrase_key {
+            items.push((
+                "spec.qlik.certificatesSecret.passphraseKey",
+                k,
+                paths::QLIK_PASSPHRASE,
+            ));
+        }
+        mount(
+            "qlik-certificates",
+            paths::QLIK_CERTIFICATES_DIR,
+            &certificates.name,
+            items,
+        );
+    }
+    if let Some(token) = api_token {
+        // A file, as the service's `api_token_file` reads it: never an environment variable,
+        // which `kubectl describe pod` and crash dumps show.
+        let field = if token.generated {
+            "spec.apiAuth.generateToken"
+        } else {
+            "spec.apiAuth.tokenSecret"
+        };
+        mount(
+            "api-token",
+            paths::API_TOKEN_DIR,
+            &token.secret.secret,
+            vec![(field, &token.secret.key, paths::API_TOKEN)],
+        );
+    }
+    uses
 }
 
 /// `spec.apiAuth`: exactly one source, as the CRD's `oneOf` says (checked here too, since a

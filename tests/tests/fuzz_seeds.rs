@@ -359,10 +359,12 @@ fn check(target: &str, name: &str, bytes: &[u8]) {
         "spec_validate" => {
             let mut monitor: SessionMonitor =
                 serde_json::from_slice(bytes).unwrap_or_else(|e| panic!("{what}: {e}"));
+            // What the API server guarantees of every object it returns (the target does the same).
             monitor
                 .metadata
                 .namespace
                 .get_or_insert_with(|| "qlik".into());
+            monitor.metadata.uid = Some("u-1".into());
             validate::validate(&monitor, "session-monitor:seed")
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
         }
