@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 /// Environment variable that selects a child role of this executable.
@@ -14,9 +14,11 @@ pub use session_monitor_testkit::http::{free_tcp_port, free_udp_port};
 pub use session_monitor_testkit::mosquitto::Mosquitto;
 /// Polls `check` until it returns `Some`, for at most `limit`.
 pub use session_monitor_testkit::poll::until as wait_for;
+use session_monitor_testkit::process::{KillOnDrop, Process};
 
 pub struct ServiceProcess {
-    child: Child,
+    /// Its log is in `_dir`, and its end is printed if the benchmark panics.
+    process: Process,
     pub udp_port: u16,
     pub http_port: u16,
     _dir: tempfile::TempDir,
@@ -86,9 +88,7 @@ impl ServiceProcess {
             .args(["--udp-listen", &format!("127.0.0.1:{udp_port}")])
             .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
             .args(["--checkpoint-interval", options.checkpoint_interval])
-            .args(["--log-level", "error"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .args(["--log-level", "error"]);
         match mqtt_url {
             Some(url) => command.args(["--mqtt-url", url]),
             None => command.args(["--mqtt-embedded-listen", &embedded]),
@@ -100,9 +100,10 @@ impl ServiceProcess {
         if options.pinned {
             Cpus::Receivers.pin_command(&mut command);
         }
-        let child = command.spawn().expect("start the service");
+        let log = dir.path().join("service.log");
+        let process = Process::spawn("the service", &mut command, &log);
         let service = ServiceProcess {
-            child,
+            process,
             udp_port,
             http_port,
             _dir: dir,
@@ -115,7 +116,7 @@ impl ServiceProcess {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     pub fn get(&self, path: &str) -> Option<(u16, String)> {
@@ -134,13 +135,6 @@ impl ServiceProcess {
     }
 }
 
-impl Drop for ServiceProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 pub fn rss_of(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -154,7 +148,7 @@ pub fn rss_of(pid: u32) -> u64 {
 /// The bare receiver: a socket with the service's buffer size and a loop that only counts.
 /// Asked over stdin ("?"), it answers its count on stdout.
 pub struct BareReceiver {
-    child: Child,
+    _child: KillOnDrop,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
     pub port: u16,
@@ -176,7 +170,7 @@ impl BareReceiver {
         let stdin = child.stdin.take().expect("stdin");
         let stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut receiver = BareReceiver {
-            child,
+            _child: KillOnDrop(child),
             stdin,
             stdout,
             port,
@@ -190,13 +184,6 @@ impl BareReceiver {
         let mut line = String::new();
         self.stdout.read_line(&mut line).expect("its answer");
         line.trim().parse().expect("a count")
-    }
-}
-
-impl Drop for BareReceiver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -12,10 +12,34 @@ use crate::poll::until;
 /// How much of a log a failing test prints.
 const LOG_TAIL_LINES: usize = 100;
 
+/// A child that is killed (and reaped) when dropped: for a child whose pipes the caller reads
+/// itself; [`Process`] is the rest (its output in a log).
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub struct Process {
     /// What the log's heading calls it.
     name: String,
-    child: Child,
+    child: KillOnDrop,
     log: Log,
 }
 
@@ -65,7 +89,7 @@ impl Process {
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
         Process {
             name: name.to_owned(),
-            child,
+            child: KillOnDrop(child),
             log: Log(log.to_owned()),
         }
     }

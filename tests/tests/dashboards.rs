@@ -8,7 +8,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::datagram::{butler, butler_sos, own};
@@ -16,6 +16,7 @@ use common::{Mosquitto, Service, free_tcp_port, wait_for};
 use serde_json::{Value, json};
 use session_monitor_operator::crd::SessionMonitor;
 use session_monitor_testkit::cluster::{Cluster, wait_for_within};
+use session_monitor_testkit::process::Process;
 use session_monitor_testkit::qlik::{Casing, FakeQlik, FakeSession, NodeSpec, QlikCerts, Site};
 
 const QLIK: &str = "qs-central.corp.local";
@@ -31,9 +32,11 @@ type Target<'a> = (&'a str, u16, &'a [(&'a str, &'a str)]);
 
 /// A Prometheus on a free port, scraping `targets` (job, port, extra labels) every second and
 /// evaluating the alert rules; killed when dropped.
+/// A real Prometheus; killed when dropped, the end of its log shown if the test fails.
 struct Prometheus {
     port: u16,
-    child: Child,
+    /// Dropped before the directory its data and log are in.
+    _process: Process,
     _dir: tempfile::TempDir,
 }
 
@@ -63,21 +66,21 @@ impl Prometheus {
         let config_file = dir.path().join("prometheus.yml");
         std::fs::write(&config_file, config.to_string()).unwrap();
         let port = free_tcp_port();
-        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
-        let child = Command::new(common::program("prometheus"))
-            .arg(format!("--config.file={}", config_file.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("prometheus must be installed (apt-get install -y prometheus); see README");
+        // Needs prometheus (apt-get install -y prometheus); see README.
+        let process = Process::spawn(
+            "prometheus",
+            Command::new(common::program("prometheus"))
+                .arg(format!("--config.file={}", config_file.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path().join("data").display()
+                ))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}")),
+            &dir.path().join("prometheus.log"),
+        );
         let prometheus = Prometheus {
             port,
-            child,
+            _process: process,
             _dir: dir,
         };
         wait_for("Prometheus to be ready", || {
@@ -104,20 +107,6 @@ impl Prometheus {
     fn query(&self, expr: &str) -> Vec<Value> {
         let data = self.api(&format!("/api/v1/query?query={}", encode(expr)));
         data["result"].as_array().cloned().unwrap_or_default()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self._dir.path().join("prometheus.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- prometheus log ---\n{}", self.log());
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -156,40 +145,29 @@ fn dashboard_queries() -> Vec<(String, String)> {
 /// The operator binary watching `namespace`, with the cluster's admin kubeconfig; killed when
 /// dropped.
 struct Operator {
-    child: Child,
+    _process: Process,
     port: u16,
 }
 
 impl Operator {
     fn start(cluster: &Cluster, namespace: &str, dir: &Path) -> Operator {
         let port = free_tcp_port();
-        let log = std::fs::File::create(dir.join("operator.log")).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_session-monitor-operator-under-test"));
         for (key, _) in std::env::vars() {
             if key.starts_with("SESSION_MONITOR_OPERATOR_") {
                 command.env_remove(key);
             }
         }
-        let child = command
+        command
             .env("KUBECONFIG", cluster.kubeconfig())
             .env("POD_NAME", format!("dashboards-{}", std::process::id()))
             .env_remove("POD_NAMESPACE")
             .env("NO_COLOR", "1")
             .args(["--http-listen", &format!("127.0.0.1:{port}")])
             .args(["--watch-namespaces", namespace])
-            .args(["--lease-namespace", namespace])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("the operator binary starts");
-        Operator { child, port }
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+            .args(["--lease-namespace", namespace]);
+        let _process = Process::spawn("the operator", &mut command, &dir.join("operator.log"));
+        Operator { _process, port }
     }
 }
 

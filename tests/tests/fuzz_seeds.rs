@@ -78,63 +78,27 @@ fn joined(datagrams: &[impl AsRef<[u8]>]) -> Vec<u8> {
 /// Three users on two proxies, one excluded, one left to expire (the empty record is 31 minutes
 /// of silence), a Qlik GUID as the session id.
 fn busy_site() -> Vec<Vec<u8>> {
-    let line = |format, host, command, directory, user, id| {
-        Datagram::event(format, host, command, directory, user, &"/hub/", &id)
-            .render()
-            .into_bytes()
-    };
-    let own = Format::SessionMonitor;
-    vec![
-        line(
-            own,
-            "qs-proxy-1",
-            Command::StartSession,
-            "LAB",
-            "joe",
-            "4b0a7e2c-1f0d-4c39-9a8e-3f2b1c0d9e11",
-        ),
-        line(
-            own,
-            "qs-proxy-2",
-            Command::StartSession,
-            "LAB",
-            "ann",
-            "5c1b8f3d-2a1e-4d4a-8b9f-4a3c2d1e0f22",
-        ),
-        line(
-            own,
-            "qs-proxy-2",
-            Command::OpenConnection,
-            "LAB",
-            "ann",
-            "5c1b8f3d-2a1e-4d4a-8b9f-4a3c2d1e0f22",
-        ),
-        line(
-            Format::Butler,
-            "qs-proxy-1",
-            Command::StartSession,
-            "INTERNAL",
-            "sa_scheduler",
-            "",
-        ),
-        line(
-            own,
-            "QS-PROXY-1",
-            Command::StartSession,
-            "LAB",
-            "bob",
-            "6d2c9a4e-3b2f-4e5b-9ca0-5b4d3e2f1a33",
-        ),
-        Vec::new(),
-        line(
-            own,
-            "qs-proxy-1",
-            Command::StartSession,
-            "LAB",
-            "joe",
-            "7e3dab5f-4c3a-4f6c-adb1-6c5e4f3a2b44",
-        ),
-    ]
+    use Command::{OpenConnection as Open, StartSession as Start};
+    use Format::{Butler, SessionMonitor as Own};
+    // An empty host marks 31 minutes of silence (an empty record in the seed).
+    #[rustfmt::skip]
+    let rows = [
+        (Own, "qs-proxy-1", Start, "LAB", "joe", "4b0a7e2c-1f0d-4c39-9a8e-3f2b1c0d9e11"),
+        (Own, "qs-proxy-2", Start, "LAB", "ann", "5c1b8f3d-2a1e-4d4a-8b9f-4a3c2d1e0f22"),
+        (Own, "qs-proxy-2", Open, "LAB", "ann", "5c1b8f3d-2a1e-4d4a-8b9f-4a3c2d1e0f22"),
+        (Butler, "qs-proxy-1", Start, "INTERNAL", "sa_scheduler", ""),
+        (Own, "QS-PROXY-1", Start, "LAB", "bob", "6d2c9a4e-3b2f-4e5b-9ca0-5b4d3e2f1a33"),
+        (Own, "", Start, "", "", ""),
+        (Own, "qs-proxy-1", Start, "LAB", "joe", "7e3dab5f-4c3a-4f6c-adb1-6c5e4f3a2b44"),
+    ];
+    rows.iter()
+        .map(|&(format, host, command, directory, user, id)| match host {
+            "" => Vec::new(),
+            _ => Datagram::event(format, host, command, directory, user, &"/hub/", &id)
+                .render()
+                .into_bytes(),
+        })
+        .collect()
 }
 
 fn datagram_seeds() -> BTreeMap<String, Vec<u8>> {

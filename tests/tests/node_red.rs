@@ -14,9 +14,8 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::datagram::own;
@@ -24,6 +23,7 @@ use common::{Mosquitto, Service, Subscriber, free_tcp_port};
 use session_monitor::checkpoint::codec::BodyWriter;
 use session_monitor::history::{History, Minute, Sample};
 use session_monitor::registry::UnixMillis;
+use session_monitor_testkit::process::{KillOnDrop, Process};
 
 /// Node-RED starts in a few seconds; this is for a loaded machine.
 const NODE_RED_DEADLINE: Duration = Duration::from_secs(60);
@@ -133,9 +133,8 @@ fn week_of_history(now: UnixMillis) -> Vec<u8> {
 
 /// Node-RED running the example's flow; killed when dropped, its log shown if the test panics.
 struct NodeRed {
-    child: Child,
+    process: Process,
     port: u16,
-    log: PathBuf,
     _user_dir: tempfile::TempDir,
 }
 
@@ -147,26 +146,24 @@ impl NodeRed {
             user_dir.path().join("flows.json"),
         )
         .unwrap();
-        let log = user_dir.path().join("node-red.log");
-        let out = std::fs::File::create(&log).unwrap();
         let port = free_tcp_port();
-        let child = Command::new("node")
-            .args(["node_modules/node-red/red.js", "--settings", "settings.js"])
-            .current_dir(example)
-            .env("NODE_RED_USER_DIR", user_dir.path())
-            .env("PORT", port.to_string())
-            .env("NODE_RED_HOST", "127.0.0.1")
-            .env("SESSION_MONITOR_MQTT_URL", mqtt_url)
-            .env("SESSION_MONITOR_API_URL", api_url)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("node must be installed (Node.js 20 or newer); see README");
+        // Needs Node.js 20 or newer; see README.
+        let process = Process::spawn(
+            "Node-RED",
+            Command::new("node")
+                .args(["node_modules/node-red/red.js", "--settings", "settings.js"])
+                .current_dir(example)
+                .env("NODE_RED_USER_DIR", user_dir.path())
+                .env("PORT", port.to_string())
+                .env("NODE_RED_HOST", "127.0.0.1")
+                .env("SESSION_MONITOR_MQTT_URL", mqtt_url)
+                .env("SESSION_MONITOR_API_URL", api_url)
+                .stdin(Stdio::null()),
+            &user_dir.path().join("node-red.log"),
+        );
         let mut node_red = NodeRed {
-            child,
+            process,
             port,
-            log,
             _user_dir: user_dir,
         };
         node_red.wait_for("the dashboard to be served", |n| {
@@ -176,13 +173,13 @@ impl NodeRed {
     }
 
     fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log_text()
     }
 
     fn wait_for(&mut self, what: &str, mut check: impl FnMut(&mut NodeRed) -> bool) {
         let start = Instant::now();
         while !check(self) {
-            if let Some(status) = self.child.try_wait().unwrap() {
+            if let Some(status) = self.process.exited() {
                 panic!("Node-RED exited with {status} waiting for {what}");
             }
             assert!(
@@ -194,29 +191,16 @@ impl NodeRed {
     }
 
     fn http_status(&self, path: &str) -> Option<u16> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-        let mut head = String::new();
-        BufReader::new(stream).read_line(&mut head).ok()?;
-        head.split(' ').nth(1)?.parse().ok()
-    }
-}
-
-impl Drop for NodeRed {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- Node-RED log ---\n{}", self.log_text());
-        }
+        session_monitor_testkit::http::get("127.0.0.1", self.port, path, None)
+            .ok()
+            .map(|(code, _)| code)
     }
 }
 
 /// `test/check-dashboard.js` holding a page open in headless Chromium, phase by phase; killed
 /// when dropped.
 struct Browser {
-    child: Child,
+    child: KillOnDrop,
     stdin: Option<ChildStdin>,
     stdout: BufReader<std::process::ChildStdout>,
     log: PathBuf,
@@ -252,7 +236,7 @@ impl Browser {
         Browser {
             stdin: child.stdin.take(),
             stdout: BufReader::new(child.stdout.take().unwrap()),
-            child,
+            child: KillOnDrop(child),
             log,
         }
     }
@@ -283,13 +267,6 @@ impl Browser {
             "check-dashboard.js: {status}\n{}",
             std::fs::read_to_string(&self.log).unwrap_or_default()
         );
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
