@@ -130,3 +130,35 @@ fn kubectl_get_shows_ready_users_sessions_endpoint_and_age() {
         .collect();
     assert_eq!(types, ["string", "integer", "integer", "string", "date"]);
 }
+
+/// A spec field added through the settings table (`spec_settings.rs`) is documented too.
+#[test]
+fn the_readme_reference_documents_every_field_the_settings_table_renders() {
+    let readme = repo_file("README.md");
+    let reference = readme
+        .split("### SessionMonitor reference")
+        .nth(1)
+        .and_then(|rest| rest.split("\n### ").next())
+        .expect("README has the SessionMonitor reference");
+    let rows: Vec<&str> = reference.lines().filter(|l| l.starts_with("| `")).collect();
+    for key in session_monitor_operator::spec_settings::RENDERED {
+        let path = session_monitor_operator::spec_settings::spec_path(key).unwrap();
+        let Some(field) = path.strip_prefix("spec.") else {
+            continue; // metadata.name: not a spec field
+        };
+        // A row names the field, a field under it (`mqtt.tls.caSecret.name`), or abbreviates it
+        // after its sibling (`mqtt.topics.userCount`, `.userList`).
+        let (parent, last) = field.rsplit_once('.').unwrap_or(("", field));
+        let documented = rows.iter().any(|row| {
+            let first = row.split(" | ").next().unwrap_or_default();
+            first.contains(&format!("`{field}`"))
+                || first.contains(&format!("`{field}."))
+                || (first.starts_with(&format!("| `{parent}."))
+                    && first.contains(&format!("`.{last}`")))
+        });
+        assert!(
+            documented,
+            "README's SessionMonitor reference lacks `{field}` ({key})"
+        );
+    }
+}
