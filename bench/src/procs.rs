@@ -135,6 +135,16 @@ impl ServiceProcess {
     }
 }
 
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        // It runs at `--log-level error`: anything in its log is worth seeing beside the figures.
+        let log = self.process.log_text();
+        if !log.trim().is_empty() && !std::thread::panicking() {
+            eprintln!("--- the service logged ---\n{log}");
+        }
+    }
+}
+
 pub fn rss_of(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status

@@ -779,8 +779,6 @@ impl UdpConfig {
 }
 
 fn expiry_policy(s: &Settings) -> Result<ExpiryPolicy, ConfigError> {
-    at_most("idle_timeout", s.idle_timeout, LONGEST_TIMEOUT)?;
-    at_most("max_idle", s.max_idle, LONGEST_TIMEOUT)?;
     let default_expiry = ExpiryPolicy::default();
     let expiry = ExpiryPolicy {
         idle_timeout: positive("idle_timeout", s.idle_timeout)?
@@ -797,6 +795,8 @@ fn expiry_policy(s: &Settings) -> Result<ExpiryPolicy, ConfigError> {
             ),
         ));
     }
+    at_most("idle_timeout", s.idle_timeout, LONGEST_TIMEOUT)?;
+    at_most("max_idle", s.max_idle, LONGEST_TIMEOUT)?;
     Ok(expiry)
 }
 

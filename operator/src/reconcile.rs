@@ -1,5 +1,6 @@
 //! The reconcile pipeline: read the Role (the record of the shards granted) → validate into a
-//! complete [`Plan`] → check the Secrets it names → build (infallible, from the plan alone) →
+//! complete [`Plan`] → create the generated API token's Secret where it is missing → check the
+//! Secrets the plan names → build (infallible, from the plan alone) →
 //! apply with server-side apply → update status (one pure `status::compute` and
 //! `status::with_numbers`). Validate and build are pure. The Secrets are read after validation,
 //! so an invalid spec costs no Secret reads. IO lives here and only carries out what the pure steps

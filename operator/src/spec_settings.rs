@@ -41,7 +41,7 @@ pub(crate) struct Checked {
 macro_rules! spec_settings {
     (
         fn $render:ident($($arg:ident: $ty:ty),*) naming $at:ident;
-        $( $(#[doc = $doc:literal])* $key:ident <- $path:literal = $value:expr; )*
+        $( $key:ident <- $path:literal = $value:expr; )*
     ) => {
         /// The service's settings for a spec (those not in the table keep the service's default).
         pub(crate) fn $render($($arg: $ty),*) -> Result<Settings, InvalidSpec> {

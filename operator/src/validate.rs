@@ -1292,6 +1292,16 @@ mod tests {
         assert_eq!(validate(&m, "").unwrap().image, "mine:2");
     }
 
+    #[test]
+    fn a_monitor_without_a_uid_is_refused_rather_than_built_without_an_owner() {
+        let mut m = testing::minimal();
+        m.metadata.uid = None;
+        let message = validate(&m, "img").unwrap_err().message;
+        assert!(message.starts_with("metadata.uid: missing"), "{message}");
+        let plan = validate(&testing::minimal(), "img").unwrap();
+        assert_eq!(plan.owner.uid, testing::UID);
+    }
+
     fn with_api_auth(auth: serde_json::Value) -> serde_json::Value {
         json!({"mqtt": {"url": "mqtt://broker:1883"}, "apiAuth": auth})
     }

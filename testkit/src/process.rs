@@ -98,11 +98,12 @@ impl Process {
         self.child.id()
     }
 
-    /// Sends `signal` (e.g. `libc::SIGTERM`) to the process.
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the process, which must not have been reaped
+    /// by [`Process::exited`] or [`Process::wait_exit`].
     pub fn signal(&self, signal: i32) {
         let pid = self.pid();
-        // SAFETY: kill(2) on the pid of our own child, which has not been reaped (a reaped one
-        // is never signalled: `exited` takes the handle).
+        // SAFETY: kill(2) on the pid of our own child; the tests signal only children they
+        // have not reaped (once reaped, the pid could be another process's).
         let result = unsafe { libc::kill(pid as libc::pid_t, signal) };
         assert_eq!(result, 0, "kill -{signal} {pid}");
     }

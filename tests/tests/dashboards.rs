@@ -31,8 +31,7 @@ fn repo() -> PathBuf {
 type Target<'a> = (&'a str, u16, &'a [(&'a str, &'a str)]);
 
 /// A Prometheus on a free port, scraping `targets` (job, port, extra labels) every second and
-/// evaluating the alert rules; killed when dropped.
-/// A real Prometheus; killed when dropped, the end of its log shown if the test fails.
+/// evaluating the alert rules; killed when dropped, the end of its log shown if the test fails.
 struct Prometheus {
     port: u16,
     /// Dropped before the directory its data and log are in.

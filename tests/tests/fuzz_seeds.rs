@@ -365,6 +365,12 @@ fn committed_seeds_are_current_and_reach_deep() {
         );
         for name in &committed {
             let bytes = std::fs::read(dir.join(name)).unwrap();
+            // The encoders are deterministic (fixed clock, fixed shard hashing): a seed that
+            // differs is stale, and a format change would otherwise leave it behind unnoticed.
+            assert!(
+                bytes == seeds[name],
+                "fuzz/seeds/{target}/{name} is stale: write the seeds afresh (see this file's header)"
+            );
             check(target, name, &bytes);
         }
     }
