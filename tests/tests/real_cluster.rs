@@ -942,25 +942,34 @@ fn the_product_runs_in_a_real_cluster() {
     let last = format!("{MONITOR}-checkpoint-{granted}");
     assert!(can(&qlik, &account, "update", "configmaps", Some(&last)));
     assert!(qlik.get::<ConfigMap>(&last).is_some(), "{last} exists");
-    // The kubelet refreshes the mounted configuration within about a minute; the same pod
-    // then takes the count and writes on.
+    // The kubelet refreshes the mounted configuration within a minute or two; the same pod
+    // then takes the count and writes on. The checkpoint's size varies a little from write to
+    // write, so the operator may grant once more meanwhile (18, then 19): the pod takes what
+    // the status grants when it looks, never less than the first grant.
     let raised_at = std::time::Instant::now();
-    wait_for_within(
+    let took = wait_for_within(
         "the pod to take the grant",
         Duration::from_secs(180),
         || {
             let max = metric(&http_ip, "session_monitor_checkpoint_shards_max");
-            (max == Some(granted as f64))
-                .then_some(())
-                .ok_or(format!("{max:?}"))
+            let monitor = cluster.request("the monitor", monitors(&qlik).get(MONITOR));
+            let now = monitor.data["status"]["checkpointShards"].as_u64();
+            match (max, now) {
+                (Some(max), Some(now)) if max == now as f64 && now >= granted => Ok(now),
+                other => Err(format!("(pod, status): {other:?}")),
+            }
         },
     );
     eprintln!(
-        "the pod took {granted} shards {:?} after the grant",
+        "the pod took {took} shards {:?} after the grant of {granted}",
         raised_at.elapsed()
     );
     let reloads = "session_monitor_config_reloads_total{outcome=\"shards_raised\"}";
-    assert_eq!(metric(&http_ip, reloads), Some(1.0));
+    let reloaded = metric(&http_ip, reloads).unwrap_or(0.0);
+    assert!(
+        (1.0..=(took - 16) as f64).contains(&reloaded),
+        "{reloaded} raises taken for {took} shards"
+    );
     let still = ready_pods(&qlik, &pod_selector);
     assert_eq!(
         still.iter().map(pod_name).collect::<Vec<_>>(),
