@@ -13,6 +13,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+// The settings' own enums: the same names in the spec as in the service's configuration.
+pub use session_monitor_config::{LogFormat, UserListFormat};
 
 /// A Go-style duration as the service reads it: `250ms`, `30s`, `30m`, `24h`, `1h30m`.
 const DURATION: &str = r"^([0-9]+(ns|us|ms|s|m|h|d))+$";
@@ -117,13 +119,6 @@ pub enum ImagePullPolicy {
     Always,
     IfNotPresent,
     Never,
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
@@ -267,13 +262,6 @@ pub struct MqttSpec {
     pub count_publish_interval: Option<String>,
     #[serde(default)]
     pub topics: TopicsSpec,
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum UserListFormat {
-    DirectoryAndId,
-    UserId,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]

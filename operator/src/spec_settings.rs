@@ -12,11 +12,9 @@
 //! row here.
 
 use ipnet::IpNet;
-use session_monitor_config::{
-    LogFormat as ServiceLogFormat, Settings, UserListFormat as ServiceUserListFormat,
-};
+use session_monitor_config::Settings;
 
-use crate::crd::{LogFormat, SessionMonitorSpec, UserListFormat};
+use crate::crd::{LogFormat, SessionMonitorSpec};
 use crate::validate::{
     CONTAINER_HTTP_PORT, CONTAINER_UDP_PORT, InvalidSpec, optional_duration, paths,
 };
@@ -131,11 +129,7 @@ spec_settings! {
     mqtt_topic_connection_close <- "spec.mqtt.topics.connectionClose" =
         spec.mqtt.topics.connection_close.clone();
     mqtt_topic_peak_today <- "spec.mqtt.topics.peakToday" = spec.mqtt.topics.peak_today.clone();
-    mqtt_user_list_format <- "spec.mqtt.userListFormat" =
-        spec.mqtt.user_list_format.map(|f| match f {
-            UserListFormat::DirectoryAndId => ServiceUserListFormat::DirectoryAndId,
-            UserListFormat::UserId => ServiceUserListFormat::UserId,
-        });
+    mqtt_user_list_format <- "spec.mqtt.userListFormat" = spec.mqtt.user_list_format;
     publish_interval <- "spec.mqtt.publishInterval" =
         optional_duration(at, &spec.mqtt.publish_interval)?;
     count_publish_interval <- "spec.mqtt.countPublishInterval" =
@@ -153,10 +147,7 @@ spec_settings! {
     api_token <- "spec.apiAuth" = None;
     log_level <- "spec.logLevel" = spec.log_level.clone();
     // JSON by default in a cluster, for log collectors (the service's own default is text).
-    log_format <- "spec.logFormat" = Some(match spec.log_format.unwrap_or(LogFormat::Json) {
-        LogFormat::Text => ServiceLogFormat::Text,
-        LogFormat::Json => ServiceLogFormat::Json,
-    });
+    log_format <- "spec.logFormat" = Some(spec.log_format.unwrap_or(LogFormat::Json));
 
     qlik_repository_url <- "spec.qlik.repositoryUrl" =
         spec.qlik.as_ref().and_then(|q| q.repository_url.clone());

@@ -86,7 +86,15 @@ impl Process {
             )
             .stderr(out)
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+            .unwrap_or_else(|e| {
+                let hint = match e.kind() {
+                    std::io::ErrorKind::NotFound => {
+                        " (is it installed? `.ci/run` installs what the tests need; README, Tests)"
+                    }
+                    _ => "",
+                };
+                panic!("starting {name}: {e}{hint}")
+            });
         Process {
             name: name.to_owned(),
             child: KillOnDrop(child),
