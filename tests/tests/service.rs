@@ -4,6 +4,7 @@ mod common;
 
 use common::datagram::{butler, butler_sos, own};
 use common::{Mosquitto, Service, Subscriber, command, wait_for};
+use session_monitor::config::Settings;
 
 const COUNT: &str = "qliksense/users/active/count";
 const USERS: &str = "qliksense/users/active/usernames";
@@ -518,8 +519,12 @@ fn the_readme_documents_every_setting() {
         .filter(|f| !["help", "version", "config"].contains(f))
         .collect();
     assert!(flags.len() > 30, "parsed the help: {flags:?}");
-    for flag in flags {
-        let key = flag.replace('-', "_");
+    // The secrets are never flags (process listings show flags), but still file keys.
+    let keys = flags
+        .iter()
+        .map(|flag| flag.replace('-', "_"))
+        .chain(Settings::NEVER_FLAGS.iter().map(|key| key.to_string()));
+    for key in keys {
         assert!(
             readme.contains(&format!("`{key}`")),
             "README's configuration table lacks `{key}`"
