@@ -182,7 +182,7 @@ fn checkpoint_config_map(plan: &Plan, owner: &OwnerReference, name: &str) -> Con
 pub fn config_checksum(plan: &Plan, secret_versions: &BTreeMap<String, String>) -> String {
     let mut hash = Sha256::new();
     hash.update(plan.config_toml_without_shards().as_bytes());
-    for key in &plan.secret_keys {
+    for key in &plan.secret_keys() {
         hash.update(b"\0");
         hash.update(key.secret.as_bytes());
         hash.update(b"/");

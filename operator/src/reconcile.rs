@@ -449,7 +449,7 @@ async fn check_secrets(
     let mut versions = BTreeMap::new();
     let mut seen: BTreeMap<String, Option<Secret>> =
         known.into_iter().map(|s| (s.name_any(), Some(s))).collect();
-    for key in &plan.secret_keys {
+    for key in &plan.secret_keys() {
         if !seen.contains_key(key.secret.as_str()) {
             let secret = api.get_opt(&key.secret).await?;
             seen.insert(key.secret.clone(), secret);

@@ -103,12 +103,10 @@ pub struct Plan {
     pub checkpoint_shards: u16,
     /// `spec.checkpoint.maxShards`: the most the autopilot may grant.
     pub max_checkpoint_shards: u16,
-    /// Secret keys the pod mounts or reads into its environment, for the reconciler's check
-    /// that they exist and for the pod's checksum.
-    pub secret_keys: Vec<SecretKey>,
+    /// Secrets the pod mounts, and keys it reads into its environment ([`Plan::secret_keys`]).
     pub secret_mounts: Vec<SecretMount>,
     pub secret_env: Vec<SecretEnv>,
-    /// The API token's Secret, when `spec.apiAuth` asks for one; also among `secret_keys`.
+    /// The API token's Secret, when `spec.apiAuth` asks for one; also among the mounts.
     pub api_token: Option<ApiToken>,
 }
 
@@ -165,6 +163,20 @@ impl Plan {
             ..self.settings.clone()
         }
         .to_toml()
+    }
+
+    /// Every Secret key the pod uses (its environment first, then its mounts), for the
+    /// reconciler's check that they exist and for the pod's checksum; the order is the
+    /// checksum's, so it must not change.
+    pub fn secret_keys(&self) -> Vec<SecretKey> {
+        let env = self.secret_env.iter().map(|e| e.key.clone());
+        let mounted = self.secret_mounts.iter().flat_map(|m| {
+            m.items.iter().map(|(key, _)| SecretKey {
+                secret: m.secret.clone(),
+                key: key.clone(),
+            })
+        });
+        env.chain(mounted).collect()
     }
 
     /// `<name>-checkpoint` and its granted shards: the ConfigMaps RBAC names.
@@ -395,7 +407,6 @@ pub fn validate_granted(
             .service_monitor
             .enabled
             .then(|| spec.metrics.service_monitor.clone()),
-        secret_keys: secrets.named.into_iter().map(|(_, key)| key).collect(),
         secret_mounts: secrets.mounts,
         secret_env: secrets.env,
         api_token,
@@ -406,8 +417,7 @@ pub fn validate_granted(
 struct SecretUses {
     mounts: Vec<SecretMount>,
     env: Vec<SecretEnv>,
-    /// Every key, with the spec field that names it (for the messages of the checks), in the
-    /// order the pod's checksum takes them.
+    /// Every key, with the spec field that names it, for the messages of the checks.
     named: Vec<(&'static str, SecretKey)>,
 }
 
@@ -792,7 +802,7 @@ mod tests {
             Some("qlik-prod-checkpoint-8")
         );
         assert_eq!(
-            plan.secret_keys,
+            plan.secret_keys(),
             vec![
                 SecretKey {
                     secret: "qlik-mqtt".into(),
@@ -825,7 +835,7 @@ mod tests {
         assert_eq!(settings.mqtt_topic_user_count, None);
         assert_eq!(settings.publish_interval, None);
         assert_eq!(settings.log_format, Some(service_config::LogFormat::Json));
-        assert!(plan.secret_keys.is_empty());
+        assert!(plan.secret_keys().is_empty());
     }
 
     #[test]
@@ -845,7 +855,7 @@ mod tests {
             Some(std::path::Path::new(paths::MQTT_CLIENT_KEY_FILE))
         );
         let keys: Vec<_> = plan
-            .secret_keys
+            .secret_keys()
             .iter()
             .map(|k| format!("{}/{}", k.secret, k.key))
             .collect();
@@ -990,7 +1000,7 @@ mod tests {
         assert_eq!(qlik.host_aliases.get("QS-NODE1.corp.local"), Some("PROXY1"));
         assert!(qlik.tls.verify);
         let keys: Vec<_> = plan
-            .secret_keys
+            .secret_keys()
             .iter()
             .map(|k| format!("{}/{}", k.secret, k.key))
             .collect();
@@ -1059,7 +1069,8 @@ mod tests {
         );
         // No passphrase (nor any other secret) is written into the ConfigMap.
         assert!(!plan.config_toml().contains("qlik_client_key_passphrase ="));
-        let keys: Vec<_> = plan.secret_keys.iter().map(|k| k.key.as_str()).collect();
+        let secret_keys = plan.secret_keys();
+        let keys: Vec<_> = secret_keys.iter().map(|k| k.key.as_str()).collect();
         assert_eq!(
             keys,
             ["client.pem", "client_key.pem", "root.pem", "key-password"]
@@ -1332,7 +1343,7 @@ mod tests {
             })
         );
         // Checked before deploying, and its resourceVersion is in the checksum.
-        assert_eq!(plan.secret_keys, [token]);
+        assert_eq!(plan.secret_keys(), [token]);
     }
 
     #[test]
@@ -1350,7 +1361,7 @@ mod tests {
                 generated: false
             })
         );
-        assert_eq!(plan.secret_keys, [key]);
+        assert_eq!(plan.secret_keys(), [key]);
         let default_key = with_api_auth(json!({"tokenSecret": {"name": "api-token"}}));
         let plan = validate(&monitor(default_key), "img").unwrap();
         assert_eq!(plan.api_token.unwrap().secret.key, "token");
