@@ -72,6 +72,7 @@ pub struct Metrics {
     checkpoint_writes: IntCounterVec,
     pub checkpoint_duration: Histogram,
     pub checkpoint_size_bytes: IntGauge,
+    pub checkpoint_sessions: IntGauge,
     checkpoint_restores: IntCounterVec,
     pub checkpoint_restored_sessions: IntGauge,
     pub checkpoint_conflicts: IntCounter,
@@ -254,6 +255,10 @@ impl Metrics {
             checkpoint_size_bytes: gauge(
                 "checkpoint_size_bytes",
                 "Size of the last checkpoint written.",
+            ),
+            checkpoint_sessions: gauge(
+                "checkpoint_sessions",
+                "Sessions in the last checkpoint written: what a restart would restore.",
             ),
             checkpoint_restores: counter_vec(
                 "checkpoint_restores_total",

@@ -65,6 +65,7 @@ pub fn corrupt(m: &Metrics, reason: &str, kept_at: Option<&str>) {
 pub fn written(m: &Metrics, sessions: usize, bytes: usize, shards: usize, elapsed: Duration) {
     m.checkpoint_writes(CheckpointWrite::Success).inc();
     m.checkpoint_size_bytes.set(bytes as i64);
+    m.checkpoint_sessions.set(sessions as i64);
     m.checkpoint_shards.set(shards as i64);
     tracing::debug!(
         sessions,

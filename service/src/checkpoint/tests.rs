@@ -455,6 +455,11 @@ async fn each_write_reports_the_shards_its_size_calls_for() {
     save(&s, &state).await.unwrap();
     let size = m.checkpoint_size_bytes.get() as usize;
     assert_eq!(
+        m.checkpoint_sessions.get(),
+        1,
+        "what a restart would restore"
+    );
+    assert_eq!(
         m.checkpoint_shards_wanted.get() as usize,
         layout::shards_wanted(size, 100)
     );
