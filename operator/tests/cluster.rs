@@ -324,7 +324,7 @@ impl Operator {
         });
     }
 
-    fn sigterm(&self) {
+    fn sigterm(&mut self) {
         self.process.signal(libc::SIGTERM);
     }
 

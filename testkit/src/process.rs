@@ -106,12 +106,20 @@ impl Process {
         self.child.id()
     }
 
-    /// Sends `signal` (e.g. `libc::SIGTERM`) to the process, which must not have been reaped
-    /// by [`Process::exited`] or [`Process::wait_exit`].
-    pub fn signal(&self, signal: i32) {
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the process; panics, with its log, if it has
+    /// already exited.
+    pub fn signal(&mut self, signal: i32) {
+        // Reaped here if it has exited, so a pid the kernel may since have given to another
+        // process is never signalled; while unreaped, the pid stays ours (even as a zombie).
+        if let Some(status) = self.exited() {
+            panic!(
+                "{} exited with {status} before kill -{signal}:\n{}",
+                self.name,
+                self.log_text()
+            );
+        }
         let pid = self.pid();
-        // SAFETY: kill(2) on the pid of our own child; the tests signal only children they
-        // have not reaped (once reaped, the pid could be another process's).
+        // SAFETY: kill(2) on the pid of our own child, which is not reaped (checked above).
         let result = unsafe { libc::kill(pid as libc::pid_t, signal) };
         assert_eq!(result, 0, "kill -{signal} {pid}");
     }

@@ -187,6 +187,10 @@ impl Service {
         self.process.as_ref().expect("running")
     }
 
+    fn running_mut(&mut self) -> &mut Process {
+        self.process.as_mut().expect("running")
+    }
+
     /// The process's resident memory in bytes (`VmRSS`).
     pub fn rss_bytes(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
@@ -199,8 +203,8 @@ impl Service {
         kib * 1024
     }
 
-    pub fn signal(&self, signal: libc::c_int) {
-        self.running().signal(signal);
+    pub fn signal(&mut self, signal: libc::c_int) {
+        self.running_mut().signal(signal);
     }
 
     /// Waits for the process to exit.
