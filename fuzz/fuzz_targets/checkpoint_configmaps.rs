@@ -7,10 +7,10 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use libfuzzer_sys::fuzz_target;
 use session_monitor::checkpoint::codec;
 use session_monitor::checkpoint::layout::{self, Assembly};
+use session_monitor::config::MAX_CHECKPOINT_SHARDS;
 use session_monitor_fuzz::{START, registry_restored};
 
 const NAME: &str = "smon-checkpoint";
-const MAX_SHARDS: usize = 16;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(objects) = serde_json::from_slice::<Vec<ConfigMap>>(data) else {
@@ -19,11 +19,12 @@ fuzz_target!(|data: &[u8]| {
     let Some((main, rest)) = objects.split_first() else {
         return;
     };
-    let Ok(manifest) = layout::manifest_of(NAME, MAX_SHARDS, main) else {
+    let Ok(manifest) = layout::manifest_of(NAME, main) else {
         return;
     };
     if let Some(m) = &manifest {
-        assert!(m.shards.len() <= MAX_SHARDS.max(m.shards.len()));
+        // Distinct names among NAME-1 … NAME-<MAX_CHECKPOINT_SHARDS>: never more than that many.
+        assert!(m.shards.len() <= MAX_CHECKPOINT_SHARDS);
         assert!(
             m.shards.iter().all(|s| s.starts_with(NAME)),
             "a stranger's shard was accepted"

@@ -292,7 +292,7 @@ fn check(target: &str, name: &str, bytes: &[u8]) {
         "checkpoint_configmaps" => {
             let objects: Vec<ConfigMap> =
                 serde_json::from_slice(bytes).unwrap_or_else(|e| panic!("{what}: {e}"));
-            let manifest = layout::manifest_of("smon-checkpoint", 16, &objects[0]).unwrap();
+            let manifest = layout::manifest_of("smon-checkpoint", &objects[0]).unwrap();
             let shards: Vec<Option<ConfigMap>> = manifest
                 .iter()
                 .flat_map(|m| &m.shards)

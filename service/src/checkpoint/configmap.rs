@@ -347,7 +347,7 @@ impl ConfigMapStore {
     }
 
     fn manifest_of(&self, cm: &ConfigMap) -> Result<Option<Manifest>, ConfigMapError> {
-        layout::manifest_of(&self.name, self.max_shards(), cm).map_err(|c| self.corrupt(c.reason))
+        layout::manifest_of(&self.name, cm).map_err(|c| self.corrupt(c.reason))
     }
 
     async fn get(

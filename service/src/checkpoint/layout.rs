@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::ConfigMap;
 use serde::{Deserialize, Serialize};
+use session_monitor_config::MAX_CHECKPOINT_SHARDS;
 
 pub const MANIFEST_ANNOTATION: &str = "sessionmonitor.io/checkpoint-manifest";
 pub const GENERATION_ANNOTATION: &str = "sessionmonitor.io/checkpoint-generation";
@@ -81,13 +82,11 @@ fn is_shard_of(name: &str, limit: usize, candidate: &str) -> bool {
             .is_ok_and(|i| (1..=limit).contains(&i))
 }
 
-/// The manifest on `NAME`, if any. Only shards of this store may be named, whatever the
-/// annotation says; a store whose shard count was lowered still reads the shards it wrote.
-pub fn manifest_of(
-    name: &str,
-    max_shards: usize,
-    main: &ConfigMap,
-) -> Result<Option<Manifest>, Corrupt> {
+/// The manifest on `NAME`, if any. Only shard names a store may have (`NAME-1` …
+/// `NAME-<MAX_CHECKPOINT_SHARDS>`) are accepted, whatever the annotation says. The bound is not
+/// this store's `checkpoint_configmap_shards`: writes alternate between low and high shard
+/// numbers, so a store restarted with a lower count must still read the high ones it wrote.
+pub fn manifest_of(name: &str, main: &ConfigMap) -> Result<Option<Manifest>, Corrupt> {
     let Some(text) = main
         .metadata
         .annotations
@@ -104,11 +103,10 @@ pub fn manifest_of(
             manifest.format
         )));
     }
-    let limit = max_shards.max(manifest.shards.len());
     if let Some(stranger) = manifest
         .shards
         .iter()
-        .find(|s| !is_shard_of(name, limit, s))
+        .find(|s| !is_shard_of(name, MAX_CHECKPOINT_SHARDS, s))
     {
         return Err(Corrupt::new(format!(
             "manifest names {stranger}, not one of this store's shards"
@@ -267,9 +265,9 @@ mod tests {
         }
     }
 
-    fn read(name: &str, max: usize, objects: &[ConfigMap]) -> Result<Assembly, Corrupt> {
+    fn read(name: &str, objects: &[ConfigMap]) -> Result<Assembly, Corrupt> {
         let main = &objects[0];
-        let manifest = manifest_of(name, max, main)?;
+        let manifest = manifest_of(name, main)?;
         let shards: Vec<Option<ConfigMap>> = manifest
             .iter()
             .flat_map(|m| &m.shards)
@@ -288,7 +286,7 @@ mod tests {
         let bytes: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
         let objects = layout("cp", 7, &bytes, 1000);
         assert_eq!(objects.len(), 10);
-        match read("cp", 16, &objects).unwrap() {
+        match read("cp", &objects).unwrap() {
             Assembly::Complete {
                 bytes: read,
                 manifest,
@@ -305,7 +303,7 @@ mod tests {
         let mut objects = layout("cp", 3, &[1u8; 3000], 1000);
         let newer = layout("cp", 4, &[2u8; 3000], 1000);
         objects[2] = newer[2].clone();
-        assert_eq!(read("cp", 16, &objects), Ok(Assembly::Mixed));
+        assert_eq!(read("cp", &objects), Ok(Assembly::Mixed));
     }
 
     #[test]
@@ -348,7 +346,7 @@ mod tests {
             (r#"{"format":1"#, "manifest annotation"),
         ];
         for (text, expected) in cases {
-            let error = manifest_of("cp", 16, &with_manifest(text)).unwrap_err();
+            let error = manifest_of("cp", &with_manifest(text)).unwrap_err();
             assert!(error.reason.contains(expected), "{text}: {}", error.reason);
         }
     }
@@ -356,7 +354,7 @@ mod tests {
     #[test]
     fn a_lying_length_neither_allocates_it_nor_passes() {
         let objects = layout("cp", 1, b"abc", 1000);
-        let mut manifest = manifest_of("cp", 16, &objects[0]).unwrap().unwrap();
+        let mut manifest = manifest_of("cp", &objects[0]).unwrap().unwrap();
         manifest.bytes = usize::MAX;
         let error = assemble(&objects[0], Some(manifest), &[]).unwrap_err();
         assert_eq!(error.bytes.as_deref(), Some(&b"abc"[..]));
@@ -365,7 +363,7 @@ mod tests {
     #[test]
     fn missing_shards_and_stray_data_are_named() {
         let objects = layout("cp", 1, &[1u8; 2500], 1000);
-        let manifest = manifest_of("cp", 16, &objects[0]).unwrap();
+        let manifest = manifest_of("cp", &objects[0]).unwrap();
         let error = assemble(&objects[0], manifest, &[Some(objects[1].clone()), None]).unwrap_err();
         assert!(
             error.reason.contains("shard cp-2 is missing"),
