@@ -19,6 +19,7 @@ pub mod reconcile;
 pub mod run;
 pub mod spec_settings;
 pub mod status;
+pub mod triggers;
 pub mod usage;
 pub mod validate;
 

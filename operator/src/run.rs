@@ -12,7 +12,7 @@ use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::ListParams;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::watch;
@@ -22,6 +22,7 @@ use crate::crd::SessionMonitor;
 use crate::desired::{MANAGED_BY_SELECTOR, MANAGER, ROLE_LABEL};
 use crate::metrics::Metrics;
 use crate::reconcile::{self, Context};
+use crate::triggers;
 
 pub struct Options {
     pub default_image: String,
@@ -220,11 +221,16 @@ async fn controllers(
             namespace = namespace.unwrap_or("<all>"),
             "starting controller"
         );
-        let controller = Controller::<SessionMonitor>::new(
-            scoped(&client, namespace),
-            watcher::Config::default(),
-        );
-        context.metrics.count_monitors_of(controller.store());
+        // The monitors themselves start a reconcile only when what it reads changed, not when
+        // its own status write did (see `triggers`).
+        let (monitors, writer) = reflector::store();
+        context.metrics.count_monitors_of(monitors.clone());
+        let changed = watcher(scoped(&client, namespace), watcher::Config::default())
+            .default_backoff()
+            .reflect(writer)
+            .applied_objects()
+            .predicate_filter(triggers::reconcile_inputs, Default::default());
+        let controller = Controller::<SessionMonitor>::for_stream(changed, monitors);
         controller
             .owns::<Deployment>(scoped(&client, namespace), children.clone())
             .owns::<Service>(scoped(&client, namespace), children.clone())

@@ -58,6 +58,7 @@ const ROLE_LABEL: &str = "sessionmonitor.io/role";
 const LEASE: &str = "session-monitor-operator";
 /// `spec.apiAuth.generateToken`: the Secret, its key, and where the pod finds it.
 const TOKEN_SECRET: &str = "qlik-prod-api-token";
+const RECONCILED: &str = "session_monitor_operator_reconciles_total{result=\"Reconciled\"}";
 const TOKEN_KEY: &str = "token";
 const TOKEN_DIR: &str = "/etc/session-monitor/api-token";
 const TOKEN_FILE: &str = "/etc/session-monitor/api-token/token";
@@ -772,9 +773,7 @@ fn the_operator_deploys_heals_and_reports_a_session_monitor_on_a_real_api_server
         "no other Warning Event for a healthy monitor: {}",
         describe_events(&events)
     );
-    let reconciled = operator
-        .metric("session_monitor_operator_reconciles_total{result=\"Reconciled\"}")
-        .unwrap_or(0.0);
+    let reconciled = operator.metric(RECONCILED).unwrap_or(0.0);
     assert!(reconciled >= 1.0, "reconciles counted: {reconciled}");
 
     phase("Deployment available");
@@ -1059,7 +1058,6 @@ fn assert_mounts_the_token(ns: &TestNamespace) {
 /// Triggers a reconcile (an annotation: no new generation) and waits until the operator counted
 /// one more successful reconcile than `before`.
 fn reconcile_again(ns: &TestNamespace, operator: &Operator, touch: &str) {
-    const RECONCILED: &str = "session_monitor_operator_reconciles_total{result=\"Reconciled\"}";
     let before = operator.metric(RECONCILED).unwrap_or(0.0);
     ns.merge_patch::<SessionMonitor>(
         NAME,
@@ -1134,6 +1132,30 @@ fn the_operator_generates_a_stable_api_token_and_replaces_a_deleted_one() {
         operator.log_text().matches(CREATED_LOG).count(),
         1,
         "created once, however often reconciled"
+    );
+
+    phase("a change of the status alone starts no reconcile");
+    // The operator's own status writes carry the service's live numbers; were they to start a
+    // reconcile, a busy site would keep the operator reconciling nonstop. Five writes a second
+    // apart: each would have started one; a requeue timer may fire meanwhile, at most once.
+    let before = operator.metric(RECONCILED).unwrap_or(0.0);
+    let monitors: Api<SessionMonitor> = ns.api();
+    for users in 1..=5 {
+        cluster.request(
+            "a status write",
+            monitors.patch_status(
+                NAME,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"activeUsers": users}})),
+            ),
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let after = operator.metric(RECONCILED).unwrap_or(0.0);
+    assert!(
+        after - before <= 1.0,
+        "{} reconciles for five status writes",
+        after - before
     );
 
     phase("a deleted token is replaced and rolls the pod");
