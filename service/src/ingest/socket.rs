@@ -146,9 +146,11 @@ pub fn recv_batch(socket: &UdpSocket, slots: &mut Slots) -> std::io::Result<usiz
         };
     }
     for (msg, addr) in msgs.iter().zip(&addrs).take(n as usize) {
-        let Some(peer) = socket_addr(addr) else {
-            continue;
-        };
+        // Entry i is slot i's datagram (`Slots::datagrams`), so none may be skipped: a sender
+        // of another family (never seen on a UDP socket) would shift every later datagram onto
+        // the wrong sender. It keeps its place with the unspecified address instead, which no
+        // list of proxies in `udp_allowed_sources` contains.
+        let peer = socket_addr(addr).unwrap_or((std::net::Ipv4Addr::UNSPECIFIED, 0).into());
         // A datagram longer than its slot arrives cut (MSG_TRUNC in msg_flags); its length is
         // then the slot, one byte over the configured cap, so it is still seen as too large.
         slots.received.push((msg.msg_len as usize, peer));
