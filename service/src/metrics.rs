@@ -75,6 +75,7 @@ pub struct Metrics {
     pub checkpoint_sessions: IntGauge,
     checkpoint_restores: IntCounterVec,
     pub checkpoint_restored_sessions: IntGauge,
+    pub checkpoint_sessions_stopped_during_restore: IntCounter,
     pub checkpoint_conflicts: IntCounter,
     pub checkpoint_shards: IntGauge,
     pub checkpoint_shards_wanted: IntGauge,
@@ -268,6 +269,10 @@ impl Metrics {
             checkpoint_restored_sessions: gauge(
                 "checkpoint_restored_sessions",
                 "Sessions restored from the checkpoint at start.",
+            ),
+            checkpoint_sessions_stopped_during_restore: counter(
+                "checkpoint_sessions_stopped_during_restore_total",
+                "Checkpointed sessions not restored at start because their stop arrived while the checkpoint loaded.",
             ),
             checkpoint_conflicts: counter(
                 "checkpoint_conflicts_total",

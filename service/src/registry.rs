@@ -19,8 +19,10 @@ use crate::checkpoint::codec::{BodyWriter, SessionEntry, SessionId};
 use crate::exclusions::Exclusions;
 use crate::parser::{Command, ProxyEvent};
 
+mod before_restore;
 mod reconcile;
 pub mod sharded;
+pub use before_restore::{RestoreEnd, RestoreMemoryCap};
 pub use reconcile::{ListedUser, Pairing, Reconciled};
 pub use sharded::ShardedRegistry;
 
@@ -232,15 +234,20 @@ pub(crate) fn parse_guid(id: &str) -> Option<[u8; 16]> {
 }
 
 pub(crate) fn format_guid(guid: &[u8; 16]) -> String {
-    use std::fmt::Write;
     let mut text = String::with_capacity(36);
+    push_guid(&mut text, guid);
+    text
+}
+
+/// [`format_guid`] onto the end of `text`, allocating nothing once it has room.
+fn push_guid(text: &mut String, guid: &[u8; 16]) {
+    use std::fmt::Write;
     for (i, byte) in guid.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
             text.push('-');
         }
         let _ = write!(text, "{byte:02x}");
     }
-    text
 }
 
 /// How an event names its session: by the proxy's session id when the datagram carries one,
@@ -272,6 +279,9 @@ pub struct Registry {
     scratch: String,
     /// Recent stop events, kept while reconciliation is on (see [`reconcile`]).
     stops: reconcile::RecentStops,
+    /// Stops and closes of unknown sessions, kept until the checkpoint is restored (see
+    /// [`before_restore`]).
+    before_restore: before_restore::BeforeRestore,
 }
 
 /// One session as the checkpoint stores it, self-contained (no ids internal to a registry).
@@ -359,6 +369,14 @@ impl Registry {
         Registry { max_hosts, ..self }
     }
 
+    /// Bounds what is remembered before the restore ([`RestoreMemoryCap::DEFAULT`] unless set).
+    pub fn with_restore_memory_cap(self, cap: RestoreMemoryCap) -> Registry {
+        Registry {
+            before_restore: before_restore::BeforeRestore::with_cap(cap),
+            ..self
+        }
+    }
+
     /// Every host known, including those at zero sessions, for the checkpoint: after a restart
     /// their per-host counts must still be published (as 0), not left stale on the broker.
     pub fn host_names(&self) -> Vec<String> {
@@ -432,7 +450,7 @@ impl Registry {
                     }
                     Outcome::SessionStopped
                 }
-                None => Outcome::UnknownSessionStopped,
+                None => self.unknown_session(event, now, admit_host),
             },
             command => match self.get_mut(&key) {
                 Some(session) if Some(session.user) != owner => Outcome::SessionOfAnotherUser,
@@ -462,9 +480,20 @@ impl Registry {
         now: UnixMillis,
         admit_host: &mut dyn FnMut(&str) -> bool,
     ) -> Outcome {
+        // Unknown, perhaps, only because the checkpoint that holds it is still loading: the
+        // restore applies what is remembered here (no-ops once it is over).
+        let session = before_restore::Named::of_event(event.proxy_session_id, event.host);
+        let (directory, user_id) = (event.user_directory, event.user_id);
         match event.command {
-            Command::StopSession => Outcome::UnknownSessionStopped,
-            Command::CloseConnection => Outcome::UnknownSessionClosed,
+            Command::StopSession => {
+                self.before_restore
+                    .stopped(directory, user_id, session, now);
+                Outcome::UnknownSessionStopped
+            }
+            Command::CloseConnection => {
+                self.before_restore.closed(directory, user_id, session, now);
+                Outcome::UnknownSessionClosed
+            }
             Command::StartSession | Command::OpenConnection => {
                 self.insert_new(event, now, admit_host)
             }
@@ -520,8 +549,10 @@ impl Registry {
     }
 
     /// Loads checkpointed sessions, skipping those that expired while nobody was watching, users
-    /// that are now excluded, and sessions already live (seen since start, so newer). Returns
-    /// how many sessions were restored.
+    /// that are now excluded, sessions already live (seen since start, so newer) and sessions
+    /// that stopped since start; those whose connections closed since start come back with
+    /// fewer (see the module `before_restore`). Returns how many sessions were restored. Ends
+    /// the restore ([`Registry::end_restore`] says what the events before it did).
     pub fn restore(&mut self, records: &[SessionRecord], now: UnixMillis) -> usize {
         self.restore_gated(records.iter().map(RestoreRecord::from), now, &mut |_| true)
     }
@@ -537,7 +568,7 @@ impl Registry {
         let mut restored = 0;
         // A checkpoint names a few hosts a million times: resolve each name once.
         let mut host_cache: Vec<(&'r str, HostId)> = Vec::new();
-        for r in records {
+        for mut r in records {
             let silent = now.elapsed_since(r.last_seen);
             let expired = silent > self.expiry.max_idle
                 || (r.open_connections == 0 && silent > self.expiry.idle_timeout);
@@ -557,7 +588,9 @@ impl Registry {
                     _ => false,
                 },
             };
-            if live {
+            // So do stops and closes of sessions unknown then (only the checkpoint held them):
+            // remembered, they apply now, after the expiry check, as if they came after it.
+            if live || !self.before_restore.settle(&mut r) {
                 continue;
             }
             let cached = host_cache.iter().find(|(name, _)| *name == r.host);
@@ -597,7 +630,17 @@ impl Registry {
             h.last_event = h.last_event.max(r.last_seen);
             restored += 1;
         }
+        // Under the same lock as the restore: from here on a stop finds the session restored.
+        self.before_restore.end();
         restored
+    }
+
+    /// Ends the restore, also when there was nothing to restore (no checkpoint, a corrupt one, a
+    /// failure, a shutdown while retrying): stops and closes of unknown sessions are no longer
+    /// remembered. Says what those seen before did to the restore, once.
+    pub fn end_restore(&mut self) -> RestoreEnd {
+        self.before_restore.end();
+        self.before_restore.take_report()
     }
 
     /// Display names (`DIRECTORY\userid`) of all active users, sorted case-insensitively.
@@ -1418,6 +1461,177 @@ pub(super) mod tests {
         assert_eq!(back.restore(&records, at(1)), 2);
         assert_eq!((back.active_users(), back.active_sessions()), (2, 2));
         assert_consistent(&back);
+    }
+
+    /// joe (by id, two connections), ann (no id) and bob (by id), as a checkpoint saved them
+    /// at minute 10.
+    fn checkpointed() -> Vec<SessionRecord> {
+        let mut old = registry();
+        old.apply(&event(StartSession, "p1", "LAB", "joe", Some("s1")), at(0));
+        for _ in 0..2 {
+            old.apply(
+                &event(OpenConnection, "p1", "LAB", "joe", Some("s1")),
+                at(10),
+            );
+        }
+        old.apply(&event(StartSession, "p1", "LAB", "ann", None), at(10));
+        old.apply(&event(StartSession, "p2", "LAB", "bob", Some("s2")), at(10));
+        old.snapshot()
+    }
+
+    #[test]
+    fn a_session_stopped_before_the_restore_is_not_restored() {
+        let mut r = registry();
+        // Received while the checkpoint loads: the registry does not know them yet.
+        for stop in [
+            event(StopSession, "p1", "LAB", "joe", Some("s1")),
+            event(StopSession, "P1", "lab", "ANN", None),
+            // Another user naming bob's session id does not reach it, live or not.
+            event(StopSession, "p2", "LAB", "eve", Some("s2")),
+        ] {
+            assert_eq!(r.apply(&stop, at(12)), Outcome::UnknownSessionStopped);
+        }
+        assert_eq!(r.restore(&checkpointed(), at(13)), 1);
+        assert_eq!((r.active_users(), r.active_sessions()), (1, 1));
+        assert_eq!(r.user_names(), vec!["LAB\\bob"]);
+        assert_eq!(
+            counts(&r.hosts()),
+            [("p2".into(), 1, 1)],
+            "no session of p1 came back (its name does, from the checkpoint's hosts)"
+        );
+        assert_consistent(&r);
+        assert_eq!(
+            r.end_restore(),
+            RestoreEnd {
+                stopped: 2,
+                ..RestoreEnd::default()
+            }
+        );
+    }
+
+    #[test]
+    fn a_close_before_the_restore_lowers_open_connections() {
+        let mut r = registry();
+        for _ in 0..3 {
+            assert_eq!(
+                r.apply(
+                    &event(CloseConnection, "p1", "LAB", "joe", Some("s1")),
+                    at(12)
+                ),
+                Outcome::UnknownSessionClosed
+            );
+        }
+        assert_eq!(
+            r.apply(
+                &event(CloseConnection, "p2", "LAB", "bob", Some("s2")),
+                at(11)
+            ),
+            Outcome::UnknownSessionClosed,
+            "bob's session has no connection: a close takes none below zero"
+        );
+        assert_eq!(r.restore(&checkpointed(), at(13)), 3);
+        let users = r.users();
+        let joe = users.iter().find(|u| u.user_id == "joe").unwrap();
+        assert_eq!(joe.open_connections, 0, "two open, three closed: none left");
+        assert_eq!(joe.last_seen, at(12), "a close is activity, as it is live");
+        let bob = users.iter().find(|u| u.user_id == "bob").unwrap();
+        assert_eq!((bob.open_connections, bob.last_seen), (0, at(11)));
+        assert_consistent(&r);
+        assert_eq!(
+            r.end_restore(),
+            RestoreEnd {
+                closed_connections: 2,
+                ..RestoreEnd::default()
+            }
+        );
+        // None has a connection left: each idles out 30 minutes after its last activity, which
+        // for joe is the last close.
+        assert_eq!(r.expire(at(11 + 31)).idle, 2);
+        assert_eq!(r.expire(at(12 + 31)).idle, 1);
+    }
+
+    #[test]
+    fn a_stop_older_than_the_checkpointed_activity_does_not_suppress_it() {
+        let mut r = registry();
+        // Older than minute 10, when the checkpoint last saw these sessions: without an id,
+        // ann's next session on p1 has the same key as the one that stopped (the stop came to
+        // this process late, or its clock is behind the one that saved the checkpoint).
+        r.apply(&event(StopSession, "p1", "LAB", "ann", None), at(9));
+        r.apply(&event(StopSession, "p1", "LAB", "joe", Some("s1")), at(9));
+        assert_eq!(r.restore(&checkpointed(), at(13)), 3);
+        assert_eq!((r.active_users(), r.active_sessions()), (3, 3));
+        assert_eq!(r.end_restore(), RestoreEnd::default());
+        // At the checkpoint's own last activity, a stop is taken as later: it suppresses.
+        let mut r = registry();
+        r.apply(&event(StopSession, "p1", "LAB", "ann", None), at(10));
+        assert_eq!(r.restore(&checkpointed(), at(13)), 2);
+    }
+
+    #[test]
+    fn after_the_restore_unknown_stops_are_no_longer_remembered() {
+        let stop = event(StopSession, "p1", "LAB", "joe", Some("s1"));
+        // Ended by a restore, even of an empty checkpoint.
+        let mut r = registry();
+        r.apply(&stop, at(11));
+        assert_eq!(r.before_restore.remembered(), 1);
+        assert_eq!(r.restore(&[], at(12)), 0);
+        assert_eq!(r.before_restore.remembered(), 0, "dropped at the end");
+        assert_eq!(r.apply(&stop, at(12)), Outcome::UnknownSessionStopped);
+        assert_eq!(
+            r.before_restore.remembered(),
+            0,
+            "and not recorded any more"
+        );
+        assert_eq!(r.end_restore(), RestoreEnd::default());
+        // Ended without a restore (no checkpoint, a corrupt one, a shutdown while retrying):
+        // a restore after that (there is none in the service) would take nothing back.
+        let mut r = registry();
+        r.apply(&stop, at(11));
+        r.end_restore();
+        r.apply(&stop, at(12));
+        assert_eq!(r.before_restore.remembered(), 0);
+        assert_eq!(r.restore(&checkpointed(), at(13)), 3);
+        assert_eq!(r.end_restore(), RestoreEnd::default());
+    }
+
+    #[test]
+    fn what_is_remembered_before_the_restore_is_capped() {
+        let mut r = registry().with_restore_memory_cap(RestoreMemoryCap {
+            sessions: 3,
+            bytes: usize::MAX,
+        });
+        for i in 0..5 {
+            let id = format!("s{i}");
+            r.apply(&event(StopSession, "p1", "LAB", "joe", Some(&id)), at(11));
+        }
+        assert_eq!(r.before_restore.remembered(), 3);
+        // A session already remembered still takes its events when the memory is full.
+        r.apply(
+            &event(CloseConnection, "p1", "LAB", "joe", Some("s0")),
+            at(11),
+        );
+        r.apply(&event(StopSession, "p1", "LAB", "ann", None), at(11));
+        assert_eq!(r.before_restore.remembered(), 3);
+        assert_eq!(
+            r.end_restore(),
+            RestoreEnd {
+                not_remembered: 3,
+                ..RestoreEnd::default()
+            }
+        );
+
+        // And by bytes: a key is the user key's length, the user key, then the session
+        // (`7:lab\joeis0`, 12 bytes).
+        let mut r = registry().with_restore_memory_cap(RestoreMemoryCap {
+            sessions: 100,
+            bytes: 30,
+        });
+        for i in 0..5 {
+            let id = format!("s{i}");
+            r.apply(&event(StopSession, "p1", "LAB", "joe", Some(&id)), at(11));
+        }
+        assert_eq!(r.before_restore.remembered(), 2);
+        assert_eq!(r.end_restore().not_remembered, 3);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::ingest::{self, Ingest};
 use crate::metrics::Metrics;
 use crate::qlik::client::TlsSetupError;
 use crate::qlik::reconciler::Reconciler;
-use crate::registry::{ShardedRegistry, UnixMillis, sharded::DEFAULT_SHARDS};
+use crate::registry::{RestoreEnd, ShardedRegistry, UnixMillis, sharded::DEFAULT_SHARDS};
 use crate::shutdown::{Phase, Shutdown, Stop};
 use crate::state::State;
 use crate::{broker, http, mqtt};
@@ -206,6 +206,10 @@ pub async fn run(
         result = checkpoint::restore_with_retry(&store, &state) => Some(result),
         () = &mut shutdown => None,
     };
+    // However it ended (restored, no checkpoint, a corrupt one set aside, a permanent error, a
+    // shutdown during the retries), the restore is over: the registry stops remembering stops
+    // and closes of sessions it does not know, which only a restore still to come could use.
+    restore_ended(&state, state.registry().end_restore());
     let mut checkpoint_writer = None;
     let mut publisher = None;
     let mut reconcile_task = None;
@@ -298,6 +302,28 @@ pub async fn run(
     match failed {
         Some(error) => Err(error.into()),
         None => Ok(()),
+    }
+}
+
+/// Counts and logs what the stops and closes seen while the checkpoint loaded did to the restore.
+fn restore_ended(state: &State, ended: RestoreEnd) {
+    let m = &state.metrics;
+    m.checkpoint_sessions_stopped_during_restore
+        .inc_by(ended.stopped as u64);
+    if ended.stopped > 0 || ended.closed_connections > 0 {
+        tracing::info!(
+            stopped = ended.stopped,
+            closed_connections = ended.closed_connections,
+            "checkpoint restore over: sessions that stopped while it loaded were not restored, connections closed meanwhile were subtracted"
+        );
+    } else {
+        tracing::debug!("checkpoint restore over: no session stopped while it loaded");
+    }
+    if ended.not_remembered > 0 {
+        tracing::warn!(
+            not_remembered = ended.not_remembered,
+            "more sessions stopped or closed connections while the checkpoint loaded than are remembered; some may have been restored and stay counted until they expire"
+        );
     }
 }
 

@@ -22,7 +22,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use super::{
     Expired, ExpiryPolicy, HostSummary, ListedUser, Outcome, Pairing, Reconciled, Registry,
-    RestoreRecord, SessionRecord, UnixMillis, UserView, push_lowercase,
+    RestoreEnd, RestoreMemoryCap, RestoreRecord, SessionRecord, UnixMillis, UserView,
+    push_lowercase,
 };
 use crate::checkpoint::codec::{BodyWriter, Decoded};
 use crate::exclusions::Exclusions;
@@ -97,11 +98,16 @@ impl ShardedRegistry {
         max_hosts: usize,
         shards: usize,
     ) -> ShardedRegistry {
-        let shards = (0..shards.max(1))
+        let shards = shards.max(1);
+        // What the shards remember before the restore stays within one registry's bound.
+        let restore_memory = RestoreMemoryCap::DEFAULT.per_shard(shards);
+        let shards = (0..shards)
             .map(|_| {
                 // Each shard may hold every host; the shared table is what limits them.
                 Mutex::new(
-                    Registry::new(expiry.clone(), exclusions.clone()).with_max_hosts(usize::MAX),
+                    Registry::new(expiry.clone(), exclusions.clone())
+                        .with_max_hosts(usize::MAX)
+                        .with_restore_memory_cap(restore_memory),
                 )
             })
             .collect();
@@ -301,6 +307,24 @@ impl ShardedRegistry {
                     .map(|w| w.join().expect("restore does not panic"))
                     .sum::<usize>()
         })
+    }
+
+    /// Ends the restore in every shard (see [`Registry::end_restore`]): a shard restored has
+    /// ended it already, under the same lock; this ends it where nothing was restored, and
+    /// sums what the events before it did. One shard locked at a time, each briefly: a shard
+    /// drops at most its share of the bounded memory.
+    pub fn end_restore(&self) -> RestoreEnd {
+        let mut ended = RestoreEnd::default();
+        for shard in self.shards.iter() {
+            ended += lock(shard).end_restore();
+        }
+        ended
+    }
+
+    /// Sessions remembered before the restore, in all shards.
+    #[cfg(test)]
+    fn remembered_before_restore(&self) -> usize {
+        self.sum(|r| r.before_restore.remembered())
     }
 
     /// Every session as self-contained records: what the checkpoint holds, for tests to compare
@@ -623,6 +647,108 @@ mod tests {
         }
     }
 
+    /// Who is active, with how many sessions and connections on which hosts, last seen when.
+    fn brief(r: &ShardedRegistry) -> Vec<(String, usize, u64, Vec<String>, UnixMillis)> {
+        let users = r.users().into_iter();
+        users
+            .map(|u| (u.name, u.sessions, u.open_connections, u.hosts, u.last_seen))
+            .collect()
+    }
+
+    /// The service's start: a stop or close that arrives while the checkpoint loads, for a
+    /// session only the checkpoint holds, counts as if it had come after the restore, in
+    /// whichever shard the user lands.
+    #[test]
+    fn stops_and_closes_before_the_restore_count_as_if_after_it() {
+        let saved = ShardedRegistry::new(ExpiryPolicy::default(), Exclusions::default(), 8, 8);
+        let guid = |i: usize| format!("5c1b8f3d-2a1e-4d4a-8b9f-{i:012x}");
+        let users: Vec<String> = (0..40).map(|i| format!("u{i}")).collect();
+        for (i, user) in users.iter().enumerate() {
+            saved.apply(
+                &event(Command::StartSession, "qs1", user, Some(&guid(i))),
+                NOW,
+            );
+            saved.apply(
+                &event(Command::OpenConnection, "qs1", user, Some(&guid(i))),
+                NOW,
+            );
+            saved.apply(
+                &event(Command::StartSession, "qs2", user, Some(&format!("t{i}"))),
+                NOW,
+            );
+            saved.apply(&event(Command::StartSession, "qs3", user, None), NOW);
+        }
+        let (body, _) = saved.write_checkpoint(NOW);
+        let decoded = crate::checkpoint::codec::decode_segments(&body.finish()).unwrap();
+
+        let seconds = |s: u64| UnixMillis(NOW.0 + s * 1000);
+        let mut early = Vec::new();
+        for (i, user) in users.iter().enumerate() {
+            let id = guid(i);
+            let (command, host, id) = match i % 4 {
+                0 => (Command::StopSession, "qs1", Some(id)),
+                1 => (Command::StopSession, "QS3", None),
+                2 => (Command::CloseConnection, "qs1", Some(id)),
+                _ => (Command::StopSession, "qs2", Some(format!("t{i}"))),
+            };
+            early.push((command, host, user, id));
+        }
+        let restoring = ShardedRegistry::new(ExpiryPolicy::default(), Exclusions::default(), 8, 16);
+        for (i, (command, host, user, id)) in early.iter().enumerate() {
+            let outcome = restoring.apply(
+                &event(*command, host, user, id.as_deref()),
+                seconds(i as u64),
+            );
+            assert!(
+                matches!(
+                    outcome,
+                    Outcome::UnknownSessionStopped | Outcome::UnknownSessionClosed
+                ),
+                "{outcome:?}"
+            );
+        }
+        assert_eq!(restoring.remembered_before_restore(), 40);
+        assert_eq!(restoring.restore_decoded(&decoded, seconds(60)), 120 - 30);
+        assert_eq!(
+            restoring.end_restore(),
+            RestoreEnd {
+                stopped: 30,
+                closed_connections: 10,
+                not_remembered: 0
+            }
+        );
+        assert_eq!(restoring.remembered_before_restore(), 0);
+
+        // The same events after the restore, where the sessions are known.
+        for (i, (command, host, user, id)) in early.iter().enumerate() {
+            saved.apply(
+                &event(*command, host, user, id.as_deref()),
+                seconds(i as u64),
+            );
+        }
+        assert_eq!(restoring.active_users(), saved.active_users());
+        assert_eq!(restoring.active_sessions(), saved.active_sessions());
+        assert_eq!(brief(&restoring), brief(&saved));
+    }
+
+    #[test]
+    fn what_the_shards_remember_before_the_restore_stays_within_the_cap() {
+        let r = ShardedRegistry::new(ExpiryPolicy::default(), Exclusions::default(), 8, 64);
+        let share = RestoreMemoryCap::DEFAULT.per_shard(64).sessions;
+        assert_eq!(share, 1562);
+        // One user's events all land in the user's shard: its share is all they get.
+        for i in 0..2000 {
+            let id = format!("s{i}");
+            r.apply(
+                &event(Command::StopSession, "qs1", "mallory", Some(&id)),
+                NOW,
+            );
+        }
+        assert_eq!(r.remembered_before_restore(), share);
+        assert_eq!(r.end_restore().not_remembered, 2000 - share as u64);
+        assert_eq!(r.remembered_before_restore(), 0);
+    }
+
     proptest! {
         /// Whatever the events, the sharded registry answers exactly as one registry does.
         #[test]
@@ -682,6 +808,60 @@ mod tests {
             let counts = |r: &ShardedRegistry| r.hosts().into_iter().map(|h| (h.host, h.active_users, h.active_sessions)).collect::<Vec<_>>();
             prop_assert_eq!(counts(&from_segments), counts(&sharded));
             prop_assert_eq!(counts(&restored), counts(&sharded));
+        }
+
+        /// Whatever the sessions, the shards and the stops and closes that come while the
+        /// checkpoint loads, the registry ends as if they had come after the restore.
+        #[test]
+        fn events_before_the_restore_count_as_if_after_it(
+            events in proptest::collection::vec((0..4usize, 0..3usize, 0..12usize, proptest::option::of(0..6usize), 0..40u64), 1..150),
+            early in proptest::collection::vec((proptest::bool::ANY, 0..3usize, 0..12usize, proptest::option::of(0..6usize)), 0..60),
+            shards in 1..9usize,
+        ) {
+            let commands = [Command::StartSession, Command::StopSession, Command::OpenConnection, Command::CloseConnection];
+            let hosts = ["qs1", "QS1", "qs2"];
+            let users: Vec<String> = (0..12).map(|i| if i % 2 == 0 { format!("u{i}") } else { format!("U{}", i - 1) }).collect();
+            // A proxy session id belongs to one user; half are GUIDs, which a checkpoint keeps
+            // as bytes.
+            let sid = |u: usize, i: usize| if i.is_multiple_of(2) { format!("{:08x}-2a1e-4d4a-8b9f-{i:012x}", u / 2) } else { format!("s{}-{i}", u / 2) };
+            let saved = ShardedRegistry::new(ExpiryPolicy::default(), Exclusions::default(), 2, shards);
+            for (c, h, u, s, minutes) in events {
+                let id = s.map(|s| sid(u, s));
+                saved.apply(&event(commands[c], hosts[h], &users[u], id.as_deref()), UnixMillis(NOW.0 + minutes * 60_000));
+            }
+            let saved_at = UnixMillis(NOW.0 + 40 * 60_000);
+            let (body, _) = saved.write_checkpoint(saved_at);
+            let decoded = crate::checkpoint::codec::decode_segments(&body.finish()).unwrap();
+
+            let early: Vec<(Command, &str, &str, Option<String>, UnixMillis)> = early
+                .into_iter()
+                .enumerate()
+                .map(|(i, (stop, h, u, s))| {
+                    let command = if stop { Command::StopSession } else { Command::CloseConnection };
+                    (command, hosts[h], users[u].as_str(), s.map(|s| sid(u, s)), UnixMillis(saved_at.0 + i as u64 * 1000))
+                })
+                .collect();
+            let restoring = ShardedRegistry::new(ExpiryPolicy::default(), Exclusions::default(), 2, shards + 1);
+            for (command, host, user, id, at) in &early {
+                restoring.apply(&event(*command, host, user, id.as_deref()), *at);
+            }
+            let restore_at = UnixMillis(saved_at.0 + 60 * 1000);
+            restoring.restore_decoded(&decoded, restore_at);
+            let ended = restoring.end_restore();
+            prop_assert_eq!(restoring.remembered_before_restore(), 0);
+
+            // The restore drops what has expired by then, and the events come after it.
+            saved.expire(restore_at);
+            let before = saved.active_sessions();
+            for (command, host, user, id, at) in &early {
+                saved.apply(&event(*command, host, user, id.as_deref()), *at);
+            }
+            prop_assert_eq!(ended.stopped, before - saved.active_sessions());
+            prop_assert_eq!(restoring.active_users(), saved.active_users());
+            prop_assert_eq!(restoring.active_sessions(), saved.active_sessions());
+            prop_assert_eq!(brief(&restoring), brief(&saved));
+            let counts = |r: &ShardedRegistry| r.hosts().into_iter().map(|h| (h.host, h.active_users, h.active_sessions)).collect::<Vec<_>>();
+            prop_assert_eq!(counts(&restoring), counts(&saved));
         }
     }
 }
