@@ -112,6 +112,11 @@ pub struct Settings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_proxy_hosts: Option<usize>,
 
+    /// Active sessions tracked at most; events that would start further ones are dropped [default: 1000000]
+    #[arg(long, env = "SESSION_MONITOR_MAX_SESSIONS", value_name = "N")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sessions: Option<usize>,
+
     /// MQTT broker, mqtt://HOST[:PORT] or mqtts://HOST[:PORT]; without it an embedded broker runs
     #[arg(long, env = "SESSION_MONITOR_MQTT_URL", value_name = "URL")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -583,6 +588,9 @@ pub mod defaults {
     pub const MQTT_KEEP_ALIVE: Duration = Duration::from_secs(30);
     /// Proxy hosts a registry tracks at most unless configured otherwise; a Qlik site has a few.
     pub const MAX_PROXY_HOSTS: usize = 1000;
+    /// Far above any Qlik site's concurrent sessions, and what one pod holds in its default
+    /// memory limit, with a checkpoint well within the shard ConfigMaps' maximum.
+    pub const MAX_SESSIONS: usize = 1_000_000;
     pub const HISTORY_RETENTION: Duration = Duration::from_secs(14 * 24 * 3600);
 }
 
@@ -601,6 +609,7 @@ pub struct FileSource {
 pub struct Config {
     pub udp: UdpConfig,
     pub max_proxy_hosts: usize,
+    pub max_sessions: usize,
     pub http_listen: SocketAddr,
     pub expiry: ExpiryPolicy,
     pub exclusions: Exclusions,
@@ -725,6 +734,8 @@ impl Config {
             udp: UdpConfig::from_settings(&s)?,
             max_proxy_hosts: positive("max_proxy_hosts", s.max_proxy_hosts)?
                 .unwrap_or(defaults::MAX_PROXY_HOSTS),
+            max_sessions: positive("max_sessions", s.max_sessions)?
+                .unwrap_or(defaults::MAX_SESSIONS),
             http_listen: s
                 .http_listen
                 .unwrap_or_else(|| default_addr(defaults::HTTP_LISTEN)),

@@ -203,6 +203,12 @@ pub struct SessionsSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(inner(length(min = 1)))]
     pub exclude_users: Vec<String>,
+    /// Active sessions tracked at most; events that would start further ones are dropped
+    /// (session ids come from the network: this bounds the pod's memory and its checkpoint);
+    /// default 1000000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_sessions: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]

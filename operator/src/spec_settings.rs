@@ -83,6 +83,7 @@ spec_settings! {
     max_idle <- "spec.sessions.maxIdle" = optional_duration(at, &spec.sessions.max_idle)?;
     exclude_users <- "spec.sessions.excludeUsers" =
         (!spec.sessions.exclude_users.is_empty()).then(|| spec.sessions.exclude_users.clone());
+    max_sessions <- "spec.sessions.maxSessions" = spec.sessions.max_sessions.map(|n| n as usize);
     history_retention <- "spec.history.retention" =
         optional_duration(at, &spec.history.retention)?;
 

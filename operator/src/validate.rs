@@ -827,6 +827,16 @@ mod tests {
     }
 
     #[test]
+    fn the_session_bound_is_rendered_from_the_spec() {
+        let spec = json!({"mqtt": {"url": "mqtt://b"}, "sessions": {"maxSessions": 250000}});
+        let plan = validate(&monitor(spec), "img").unwrap();
+        let settings: Settings = toml::from_str(&plan.config_toml()).unwrap();
+        assert_eq!(settings.max_sessions, Some(250_000));
+        let plan = validate(&testing::minimal(), "img").unwrap();
+        assert!(!plan.config_toml().contains("max_sessions"));
+    }
+
+    #[test]
     fn a_minimal_spec_leaves_the_service_defaults_alone() {
         let plan = validate(&testing::minimal(), "img").unwrap();
         let settings: Settings = toml::from_str(&plan.config_toml()).unwrap();
@@ -904,6 +914,10 @@ mod tests {
             (
                 json!({"mqtt": {"url": "mqtt://b"}, "udp": {"maxProxyHosts": 0}}),
                 "spec.udp.maxProxyHosts:",
+            ),
+            (
+                json!({"mqtt": {"url": "mqtt://b"}, "sessions": {"maxSessions": 0}}),
+                "spec.sessions.maxSessions:",
             ),
             (
                 json!({"mqtt": {"url": "mqtt://b"}, "udp": {"port": 9842}}),

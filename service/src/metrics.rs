@@ -504,6 +504,7 @@ impl Tally {
             | Outcome::SessionRefreshed
             | Outcome::SessionStopped
             | Outcome::HostLimitReached
+            | Outcome::SessionLimitReached
             | Outcome::SessionOfAnotherUser => {}
         }
     }

@@ -134,10 +134,12 @@ pub enum Reject {
     TooManyHosts,
     /// A proxy session id that another user holds (decided by the registry).
     SessionOfAnotherUser,
+    /// A new session beyond `max_sessions` (decided by the registry).
+    TooManySessions,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 11] = [
+    pub const ALL: [Reject; 12] = [
         Reject::SourceNotAllowed,
         Reject::TooLarge,
         Reject::Empty,
@@ -149,6 +151,7 @@ impl Reject {
         Reject::FieldTooLong,
         Reject::TooManyHosts,
         Reject::SessionOfAnotherUser,
+        Reject::TooManySessions,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -164,6 +167,7 @@ impl Reject {
             Reject::FieldTooLong => "field_too_long",
             Reject::TooManyHosts => "too_many_hosts",
             Reject::SessionOfAnotherUser => "session_of_another_user",
+            Reject::TooManySessions => "too_many_sessions",
         }
     }
 }

@@ -68,6 +68,10 @@ pub enum Outcome {
     UnknownSessionClosed,
     /// The event names a new proxy host beyond the limit; it was not applied.
     HostLimitReached,
+    /// The event would start a session beyond `max_sessions`; it was not applied. Session ids
+    /// come from the network: without a bound, a flood of made-up ones would take the pod's
+    /// memory and then its checkpoint.
+    SessionLimitReached,
     /// The event names a proxy session id that another user holds. A real proxy never sends
     /// one (ids are unique per session, a session has one user), so it is refused rather than
     /// credited to either user: crediting it would make the counts depend on whether the two
@@ -784,6 +788,32 @@ impl Registry {
 
     fn live_users(&self) -> impl Iterator<Item = &User> {
         self.users.iter().flatten().filter(|u| u.sessions > 0)
+    }
+
+    /// Whether `event` would add a session: a start or an open (which recovers a session) of a
+    /// session this registry does not hold, by a user it does not exclude. Read-only; for the
+    /// session limit, which is checked only when it is reached.
+    pub(crate) fn would_start_a_session(&mut self, event: &ProxyEvent<'_>) -> bool {
+        if !matches!(
+            event.command,
+            Command::StartSession | Command::OpenConnection
+        ) {
+            return false;
+        }
+        self.set_scratch_to_user_key(event.user_directory, event.user_id);
+        if self.exclusions.matches(&self.scratch) {
+            return false;
+        }
+        match event.proxy_session_id {
+            Some(id) => !self.by_session_id.contains(id),
+            None => match (
+                self.find_host(event.host),
+                self.find_user(event.user_directory, event.user_id),
+            ) {
+                (Some(host), Some(user)) => !self.by_host_user.contains_key(&(host, user)),
+                _ => true,
+            },
+        }
     }
 
     fn insert_new(

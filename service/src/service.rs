@@ -97,7 +97,8 @@ pub async fn run(
         config.exclusions.clone(),
         config.max_proxy_hosts,
         DEFAULT_SHARDS,
-    );
+    )
+    .with_max_sessions(config.max_sessions);
     let state = Arc::new(State::new(registry, Metrics::new()));
     *state.history() = crate::history::History::new(config.history_retention);
     if let MqttBroker::Embedded { listen } = config.mqtt.broker {

@@ -243,6 +243,31 @@ fn a_corrupt_checkpoint_is_set_aside_and_the_service_starts() {
     });
 }
 
+/// `--max-sessions`: a flood of made-up session ids stops at the bound, counted by reason, while
+/// the sessions held still take their events and a stop makes room again.
+#[test]
+fn new_sessions_beyond_max_sessions_are_dropped_and_counted() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let sub = Subscriber::connect(broker.port, USERS);
+    let service = Service::start(
+        dir.path(),
+        &["--mqtt-url", &broker.url(), "--max-sessions", "2"],
+    );
+    for user in ["ann", "joe", "eve", "bob"] {
+        service.send(butler("Start session", "qs1", "LAB", user));
+    }
+    sub.wait_for_payload(USERS, r#"["LAB\\ann","LAB\\joe"]"#);
+    let dropped = "session_monitor_datagrams_dropped_total{reason=\"too_many_sessions\"}";
+    wait_for("the two beyond the bound counted", || {
+        (service.metric(dropped)? == 2.0).then_some(())
+    });
+    service.send(butler("Stop session", "qs1", "LAB", "ann"));
+    service.send(butler("Start session", "qs1", "LAB", "bob"));
+    sub.wait_for_payload(USERS, r#"["LAB\\bob","LAB\\joe"]"#);
+    assert_eq!(service.metric(dropped), Some(2.0));
+}
+
 #[test]
 fn metrics_pass_promtool_and_show_the_rejects_of_a_malformed_burst() {
     let broker = Mosquitto::start();

@@ -217,6 +217,7 @@ fn accept(
     match outcome {
         Outcome::HostLimitReached => return Err(Reject::TooManyHosts),
         Outcome::SessionOfAnotherUser => return Err(Reject::SessionOfAnotherUser),
+        Outcome::SessionLimitReached => return Err(Reject::TooManySessions),
         _ => {}
     }
     tally.event(event.format, event.command, outcome);

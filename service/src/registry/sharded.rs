@@ -40,6 +40,12 @@ pub struct ShardedRegistry {
     users: AtomicUsize,
     /// The highest total since [`ShardedRegistry::take_peak`] last read it.
     peak: AtomicUsize,
+    /// The shards' sessions summed as they change, like `users`: what `max_sessions` is held
+    /// against without locking every shard.
+    sessions: AtomicUsize,
+    /// Sessions the network may start at most (`max_sessions`); the Qlik API's lists and the
+    /// checkpoint are not held to it (they hold what was admitted, or what Qlik knows).
+    max_sessions: usize,
     /// Picks a user's shard; seeded per process, like the shards' own hash tables.
     /// Chooses a user's shard. Seeded the same in every process, so a restored registry puts
     /// every user where the saved one had them (shard choice is not a hash table's defence
@@ -115,9 +121,19 @@ impl ShardedRegistry {
             shards,
             users: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
+            sessions: AtomicUsize::new(0),
+            max_sessions: usize::MAX,
             hasher: foldhash::quality::FixedState::with_seed(SHARD_SEED),
             hosts: Mutex::new(HostNames::default()),
             max_hosts,
+        }
+    }
+
+    /// Holds the sessions events may start to `max` (see [`Outcome::SessionLimitReached`]).
+    pub fn with_max_sessions(self, max: usize) -> ShardedRegistry {
+        ShardedRegistry {
+            max_sessions: max,
+            ..self
         }
     }
 
@@ -125,6 +141,14 @@ impl ShardedRegistry {
     pub fn apply(&self, event: &ProxyEvent<'_>, now: UnixMillis) -> Outcome {
         let shard = self.shard_of(event.user_directory, event.user_id);
         self.counting(&self.shards[shard], |registry| {
+            // Below the limit (always, on a real site) this is one atomic load; at it, one
+            // lookup more decides whether the event would add a session. One ingest thread
+            // applies the network's events, so the limit is exact for them.
+            if self.sessions.load(Ordering::Acquire) >= self.max_sessions
+                && registry.would_start_a_session(event)
+            {
+                return Outcome::SessionLimitReached;
+            }
             registry.apply_gated(event, now, &mut |name| self.admit_host(name))
         })
     }
@@ -133,14 +157,22 @@ impl ShardedRegistry {
     /// into the total (and the peak).
     fn counting<T>(&self, shard: &Mutex<Registry>, change: impl FnOnce(&mut Registry) -> T) -> T {
         let mut registry = lock(shard);
-        let before = registry.active_users();
+        let before = (registry.active_users(), registry.active_sessions());
         let result = change(&mut registry);
-        let after = registry.active_users();
-        if after > before {
-            let total = self.users.fetch_add(after - before, Ordering::AcqRel) + (after - before);
+        let after = (registry.active_users(), registry.active_sessions());
+        if after.0 > before.0 {
+            let total =
+                self.users.fetch_add(after.0 - before.0, Ordering::AcqRel) + (after.0 - before.0);
             self.peak.fetch_max(total, Ordering::AcqRel);
-        } else if after < before {
-            self.users.fetch_sub(before - after, Ordering::AcqRel);
+        } else if after.0 < before.0 {
+            self.users.fetch_sub(before.0 - after.0, Ordering::AcqRel);
+        }
+        if after.1 > before.1 {
+            self.sessions
+                .fetch_add(after.1 - before.1, Ordering::AcqRel);
+        } else if after.1 < before.1 {
+            self.sessions
+                .fetch_sub(before.1 - after.1, Ordering::AcqRel);
         }
         result
     }
@@ -527,6 +559,59 @@ mod tests {
         r.apply(&event(Command::StartSession, "qs2", "JOE", Some("b")), NOW);
         assert_eq!((r.active_users(), r.active_sessions()), (1, 2));
         assert_eq!(r.users()[0].sessions, 2);
+    }
+
+    #[test]
+    fn the_session_limit_holds_across_shards_for_new_sessions_only() {
+        let r = ShardedRegistry::new(ExpiryPolicy::default(), Exclusions::default(), 10, 16)
+            .with_max_sessions(10);
+        let ids: Vec<String> = (0..30).map(|i| format!("s{i}")).collect();
+        let outcomes: Vec<Outcome> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let command = [Command::StartSession, Command::OpenConnection][i % 2];
+                r.apply(&event(command, "qs1", &format!("u{i}"), Some(id)), NOW)
+            })
+            .collect();
+        let refused = outcomes
+            .iter()
+            .filter(|&&o| o == Outcome::SessionLimitReached)
+            .count();
+        assert_eq!((r.active_sessions(), refused), (10, 20), "{outcomes:?}");
+        // At the limit, the sessions held still take their events, by id and without one.
+        assert_eq!(
+            r.apply(
+                &event(Command::OpenConnection, "qs1", "u0", Some("s0")),
+                NOW
+            ),
+            Outcome::SessionRefreshed
+        );
+        assert_eq!(
+            r.apply(&event(Command::StopSession, "qs1", "u1", Some("s1")), NOW),
+            Outcome::SessionStopped
+        );
+        // The room a stop made is taken by the next new session, and then none more.
+        assert_eq!(
+            r.apply(&event(Command::StartSession, "qs1", "new", None), NOW),
+            Outcome::SessionStarted
+        );
+        assert_eq!(
+            r.apply(&event(Command::StartSession, "qs1", "newer", None), NOW),
+            Outcome::SessionLimitReached
+        );
+        assert_eq!(
+            r.apply(&event(Command::OpenConnection, "qs1", "new", None), NOW),
+            Outcome::SessionRefreshed
+        );
+        assert_eq!((r.active_users(), r.active_sessions()), (10, 10));
+        // The expiry frees room too: the total follows every change.
+        let expired = r.expire(UnixMillis(NOW.0 + 25 * 3_600_000));
+        assert_eq!(expired.idle + expired.max_idle, 10);
+        assert_eq!(
+            r.apply(&event(Command::StartSession, "qs1", "newer", None), NOW),
+            Outcome::SessionStarted
+        );
     }
 
     #[test]
