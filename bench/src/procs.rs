@@ -206,6 +206,7 @@ pub fn bare_receiver_main(port: u16, buffer: usize) {
         listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
         allowed_sources: Vec::new(),
         limits: Default::default(),
+        encoding: session_monitor::parser::UTF_8,
         receive_buffer_bytes: buffer,
     };
     let socket = session_monitor::ingest::bind(&config).expect("bind").socket;

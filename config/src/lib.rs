@@ -31,7 +31,7 @@ use crate::qlik::QlikConfig;
 #[serde(deny_unknown_fields)]
 #[command(next_help_heading = "Settings (flag, SESSION_MONITOR_* env var, or key in --config)")]
 pub struct Settings {
-    /// UDP address for the Qlik proxy's log4net events [default: 0.0.0.0:9997]
+    /// UDP address for the Qlik proxy's log4net events, IPv4 and IPv6 on "[::]" [default: [::]:9997]
     #[arg(long, env = "SESSION_MONITOR_UDP_LISTEN", value_name = "ADDR")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub udp_listen: Option<SocketAddr>,
@@ -63,6 +63,12 @@ pub struct Settings {
     )]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub udp_max_field_bytes: Option<usize>,
+
+    /// The text encoding the proxies' appenders send (their `encoding` parameter): a WHATWG label
+    /// such as windows-1252 or shift_jis; UTF-16LE is recognised whatever is set [default: utf-8]
+    #[arg(long, env = "SESSION_MONITOR_UDP_ENCODING", value_name = "LABEL")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_encoding: Option<String>,
 
     /// Socket receive buffer, to absorb bursts (Linux caps it at net.core.rmem_max unless the
     /// process has CAP_NET_ADMIN) [default: 8388608]
@@ -571,7 +577,9 @@ impl Settings {
 /// Defaults that are also documented in the help texts above.
 pub mod defaults {
     use super::*;
-    pub const UDP_LISTEN: &str = "0.0.0.0:9997";
+    /// Dual-stack: log4net sends to the first address its `remoteAddress` resolves to, which may
+    /// be IPv6 (the socket falls back to IPv4 alone where the host has no IPv6).
+    pub const UDP_LISTEN: &str = "[::]:9997";
     pub const HTTP_LISTEN: &str = "0.0.0.0:9842";
     pub const MQTT_EMBEDDED_LISTEN: &str = "127.0.0.1:1883";
     pub const UDP_RECEIVE_BUFFER_BYTES: usize = 8 * 1024 * 1024;
@@ -634,6 +642,8 @@ pub struct UdpConfig {
     /// Empty: any source.
     pub allowed_sources: Vec<IpNet>,
     pub limits: Limits,
+    /// What the appenders' bytes are decoded with (UTF-16LE is recognised by itself).
+    pub encoding: &'static encoding_rs::Encoding,
     pub receive_buffer_bytes: usize,
 }
 
@@ -785,9 +795,27 @@ impl UdpConfig {
                 .unwrap_or_else(|| default_addr(defaults::UDP_LISTEN)),
             allowed_sources: s.udp_allowed_sources.clone().unwrap_or_default(),
             limits,
+            encoding: encoding(s.udp_encoding.as_deref())?,
             receive_buffer_bytes: positive("udp_receive_buffer_bytes", s.udp_receive_buffer_bytes)?
                 .unwrap_or(defaults::UDP_RECEIVE_BUFFER_BYTES),
         })
+    }
+}
+
+/// The appenders' encoding from its WHATWG label (as log4net's `encoding` parameter names it).
+fn encoding(label: Option<&str>) -> Result<&'static encoding_rs::Encoding, ConfigError> {
+    let Some(label) = label else {
+        return Ok(encoding_rs::UTF_8);
+    };
+    match encoding_rs::Encoding::for_label(label.as_bytes()) {
+        // The WHATWG "replacement" encoding decodes everything to U+FFFD; no appender writes it.
+        Some(e) if e != encoding_rs::REPLACEMENT => Ok(e),
+        _ => Err(invalid(
+            "udp_encoding",
+            format!(
+                "{label:?} is not an encoding label (use the appender's encoding, e.g. utf-8, windows-1252 or shift_jis)"
+            ),
+        )),
     }
 }
 
@@ -1257,9 +1285,36 @@ mod tests {
     }
 
     #[test]
+    fn the_appenders_encoding_is_a_whatwg_label() {
+        let with = |label: &str| {
+            config(Settings {
+                udp_encoding: Some(label.to_owned()),
+                ..Settings::default()
+            })
+        };
+        assert_eq!(
+            with("windows-1252").unwrap().udp.encoding,
+            encoding_rs::WINDOWS_1252
+        );
+        assert_eq!(
+            with("Shift_JIS").unwrap().udp.encoding,
+            encoding_rs::SHIFT_JIS
+        );
+        assert_eq!(with("utf-16").unwrap().udp.encoding, encoding_rs::UTF_16LE);
+        for bad in ["latin-9000", "", "iso-2022-kr"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("udp_encoding") && e.contains("not an encoding label"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
     fn nothing_is_required() {
         let c = config(Settings::default()).unwrap();
-        assert_eq!(c.udp.listen, "0.0.0.0:9997".parse().unwrap());
+        assert_eq!(c.udp.listen, "[::]:9997".parse().unwrap());
+        assert_eq!(c.udp.encoding, encoding_rs::UTF_8);
         assert_eq!(c.http_listen, "0.0.0.0:9842".parse().unwrap());
         assert_eq!(
             c.mqtt.broker,

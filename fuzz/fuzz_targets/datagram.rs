@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
             registry.expire(now);
         } else {
             now = UnixMillis(now.0 + 1000);
-            if let Ok(text) = parser::clean_datagram(datagram, &limits)
+            if let Ok(text) = parser::decode_datagram(datagram, &limits, parser::UTF_8)
                 && let Ok(event) = parser::parse(&text, &limits)
             {
                 registry.apply(&event, now);

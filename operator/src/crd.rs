@@ -142,6 +142,12 @@ pub struct UdpSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_proxy_hosts: Option<u32>,
+    /// The text encoding the proxies' appenders send (their `encoding` parameter), as a WHATWG
+    /// label such as `windows-1252` or `shift_jis`; default `utf-8`. UTF-16LE is recognised
+    /// whatever is set. A datagram not valid in it is dropped as `invalid_encoding`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub encoding: Option<String>,
 }
 
 impl Default for UdpSpec {
@@ -151,6 +157,7 @@ impl Default for UdpSpec {
             allowed_sources: Vec::new(),
             receive_buffer_bytes: None,
             max_proxy_hosts: None,
+            encoding: None,
         }
     }
 }

@@ -1004,7 +1004,7 @@ mod tests {
         let (plan, d) = built(&m);
         let settings: session_monitor_config::Settings =
             toml::from_str(&plan.config_toml()).unwrap();
-        assert_eq!(settings.udp_listen, Some("0.0.0.0:9997".parse().unwrap()));
+        assert_eq!(settings.udp_listen, Some("[::]:9997".parse().unwrap()));
         assert_eq!(settings.http_listen, Some("0.0.0.0:9842".parse().unwrap()));
         let pod = d.deployment.spec.unwrap().template.spec.unwrap();
         let container_ports: Vec<_> = pod.containers[0]

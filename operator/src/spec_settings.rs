@@ -72,11 +72,14 @@ spec_settings! {
 
     // Fixed, unprivileged ports inside the pod (it runs as non-root without capabilities, so a
     // spec port under 1024 could not be bound); the Services map the spec's ports.
-    udp_listen <- "spec.udp.port" = Some(([0, 0, 0, 0], CONTAINER_UDP_PORT).into());
+    // Dual-stack: a proxy whose remoteAddress resolves to IPv6 first sends over IPv6.
+    udp_listen <- "spec.udp.port" =
+        Some((std::net::Ipv6Addr::UNSPECIFIED, CONTAINER_UDP_PORT).into());
     udp_allowed_sources <- "spec.udp.allowedSources" =
         (!checked.allowed_sources.is_empty()).then(|| checked.allowed_sources.clone());
     udp_receive_buffer_bytes <- "spec.udp.receiveBufferBytes" = checked.receive_buffer_bytes;
     max_proxy_hosts <- "spec.udp.maxProxyHosts" = spec.udp.max_proxy_hosts.map(|n| n as usize);
+    udp_encoding <- "spec.udp.encoding" = spec.udp.encoding.clone();
     http_listen <- "spec.metrics.port" = Some(([0, 0, 0, 0], CONTAINER_HTTP_PORT).into());
     idle_timeout <- "spec.sessions.idleTimeout" =
         optional_duration(at, &spec.sessions.idle_timeout)?;

@@ -762,7 +762,7 @@ mod tests {
     fn the_example_renders_a_configuration_the_service_accepts() {
         let plan = validate(&testing::example(), "default/image:1").unwrap();
         let settings: Settings = toml::from_str(&plan.config_toml()).unwrap();
-        assert_eq!(settings.udp_listen, Some("0.0.0.0:9997".parse().unwrap()));
+        assert_eq!(settings.udp_listen, Some("[::]:9997".parse().unwrap()));
         assert_eq!(settings.http_listen, Some("0.0.0.0:9842".parse().unwrap()));
         assert_eq!(
             settings.checkpoint_configmap.as_deref(),
@@ -824,6 +824,16 @@ mod tests {
         assert_eq!(settings.max_proxy_hosts, Some(50));
         let plan = validate(&testing::minimal(), "img").unwrap();
         assert!(!plan.config_toml().contains("max_proxy_hosts"));
+    }
+
+    #[test]
+    fn the_appenders_encoding_is_rendered_from_the_spec() {
+        let spec = json!({"mqtt": {"url": "mqtt://b"}, "udp": {"encoding": "windows-1252"}});
+        let plan = validate(&monitor(spec), "img").unwrap();
+        let settings: Settings = toml::from_str(&plan.config_toml()).unwrap();
+        assert_eq!(settings.udp_encoding.as_deref(), Some("windows-1252"));
+        let plan = validate(&testing::minimal(), "img").unwrap();
+        assert!(!plan.config_toml().contains("udp_encoding"));
     }
 
     #[test]
@@ -914,6 +924,10 @@ mod tests {
             (
                 json!({"mqtt": {"url": "mqtt://b"}, "udp": {"maxProxyHosts": 0}}),
                 "spec.udp.maxProxyHosts:",
+            ),
+            (
+                json!({"mqtt": {"url": "mqtt://b"}, "udp": {"encoding": "latin-9000"}}),
+                "spec.udp.encoding: \"latin-9000\" is not an encoding label",
             ),
             (
                 json!({"mqtt": {"url": "mqtt://b"}, "sessions": {"maxSessions": 0}}),

@@ -41,9 +41,40 @@ impl RateLimiter {
     }
 }
 
+/// "Once per sender": the first of a key is allowed, later ones not, for a bounded number of
+/// keys (beyond it nothing more is allowed: a flood of spoofed senders cannot grow it).
+pub struct OncePer<K> {
+    seen: std::collections::HashSet<K>,
+    max_keys: usize,
+}
+
+impl<K: std::hash::Hash + Eq> OncePer<K> {
+    pub fn new(max_keys: usize) -> OncePer<K> {
+        OncePer {
+            seen: std::collections::HashSet::new(),
+            max_keys,
+        }
+    }
+
+    /// Whether this is the first time `key` is seen (and there is room to remember it).
+    pub fn first(&mut self, key: K) -> bool {
+        self.seen.len() < self.max_keys && self.seen.insert(key)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn once_per_key_within_the_bound() {
+        let mut once = OncePer::new(2);
+        assert!(once.first("a"));
+        assert!(!once.first("a"));
+        assert!(once.first("b"));
+        assert!(!once.first("c"), "beyond the bound");
+        assert!(!once.first("b"));
+    }
 
     #[test]
     fn one_line_per_period_per_key() {

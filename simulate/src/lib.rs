@@ -712,7 +712,7 @@ fn make_users(n: usize, rng: &mut fastrand::Rng) -> Vec<User> {
 mod tests {
     use super::*;
     use session_monitor::exclusions::Exclusions;
-    use session_monitor::parser::{Limits, ProxyEvent, Reject, clean_datagram, parse};
+    use session_monitor::parser::{Limits, ProxyEvent, Reject, UTF_8, decode_datagram, parse};
     use session_monitor::registry::{ExpiryPolicy, Outcome, Registry, UnixMillis};
     use std::collections::{HashMap, HashSet};
 
@@ -723,7 +723,7 @@ mod tests {
     /// The service's own path: size cap and cleaning, then parsing.
     fn check(datagram: &[u8], each: impl FnOnce(Result<ProxyEvent<'_>, Reject>)) {
         let limits = Limits::default();
-        match clean_datagram(datagram, &limits) {
+        match decode_datagram(datagram, &limits, UTF_8) {
             Ok(text) => each(parse(&text, &limits)),
             Err(reject) => each(Err(reject)),
         }

@@ -131,6 +131,22 @@ fn datagram_seeds() -> BTreeMap<String, Vec<u8>> {
     for (i, d) in hostile.iter().enumerate() {
         seeds.insert(format!("hostile-{i}"), d.to_vec());
     }
+    // What a real log4net sent (tests/fixtures/log4net-2.0.17): the `;` in a user id, session id
+    // `0`, a code page and UTF-16 among them.
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/log4net-2.0.17");
+    let mut wire = Vec::new();
+    for folder in ["main", "enc-windows-1252", "enc-utf-16"] {
+        let mut files: Vec<_> = std::fs::read_dir(fixtures.join(folder))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "bin"))
+            .collect();
+        files.sort();
+        for file in files {
+            wire.push(std::fs::read(file).unwrap());
+        }
+    }
+    seeds.insert("hostile-log4net-2.0.17".into(), wire.join(&[0x1e][..]));
     let long_user = "u".repeat(600);
     seeds.insert(
         "hostile-long-field".into(),
@@ -157,7 +173,7 @@ fn checkpoint_bytes() -> Vec<u8> {
             continue;
         }
         now = UnixMillis(now.0 + 61_000);
-        let text = parser::clean_datagram(&datagram, &limits).unwrap();
+        let text = parser::decode_datagram(&datagram, &limits, parser::UTF_8).unwrap();
         let event = parser::parse(&text, &limits).unwrap();
         registry.apply(&event, now);
         let hosts = registry.hosts();
@@ -273,7 +289,7 @@ fn check(target: &str, name: &str, bytes: &[u8]) {
             let parsed = bytes
                 .split(|&b| b == SEPARATOR)
                 .filter(|d| {
-                    parser::clean_datagram(d, &limits)
+                    parser::decode_datagram(d, &limits, parser::UTF_8)
                         .is_ok_and(|text| parser::parse(&text, &limits).is_ok())
                 })
                 .count();

@@ -29,7 +29,7 @@ pub use socket::{Bound, bind, kernel_drops};
 use crate::config::UdpConfig;
 use crate::metrics::Tally;
 use crate::parser::{self, Command, Format, ProxyEvent, Reject};
-use crate::ratelimit::RateLimiter;
+use crate::ratelimit::{OncePer, RateLimiter};
 use crate::registry::{Outcome, UnixMillis};
 use crate::state::State;
 use spool::{Batch, Spool, Taken};
@@ -40,6 +40,8 @@ pub const SPOOL_BYTES: usize = 16 << 20;
 /// Datagrams applied between two change signals: bounds how long a long batch (after a pause)
 /// delays the publisher, without a signal per datagram.
 const SIGNAL_EVERY: usize = 256;
+/// Senders told once each about their encoding; a site has a few proxies.
+const MAX_SENDERS_TOLD: usize = 1024;
 
 /// One accepted event, owned, for the optional MQTT event topics (formatted by the publisher).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,6 +151,8 @@ fn apply(
 ) {
     let mut batch = Batch::default();
     let mut drop_log = RateLimiter::new(Duration::from_secs(10));
+    // A sender whose appender writes another encoding is told once, with the fix.
+    let mut encoding_log = OncePer::new(MAX_SENDERS_TOLD);
     let mut tally = Tally::default();
     loop {
         match spool.take(&mut batch, socket::SHUTDOWN_POLL) {
@@ -167,7 +171,20 @@ fn apply(
                 Ok(change) => changed = merge(changed, change),
                 Err(reason) => {
                     tally.dropped(reason);
-                    if let Some(suppressed) = drop_log.allow(reason.as_str()) {
+                    if matches!(reason, Reject::InvalidEncoding | Reject::ReplacedCharacters)
+                        && encoding_log.first(peer.ip())
+                    {
+                        let sample =
+                            parser::clean(&datagram[..datagram.len().min(120)]).into_owned();
+                        tracing::warn!(
+                            reason = reason.as_str(),
+                            %peer,
+                            encoding = config.encoding.name(),
+                            sample,
+                            fix = r#"<param name="encoding" value="utf-8" /> in both appenders of LocalLogConfig.xml, then restart the proxy service (or set udp_encoding to the encoding the proxy sends)"#,
+                            "a proxy sends names this service cannot read: its datagrams are dropped, not counted under a garbled name"
+                        );
+                    } else if let Some(suppressed) = drop_log.allow(reason.as_str()) {
                         let sample = String::from_utf8_lossy(&datagram[..datagram.len().min(120)])
                             .into_owned();
                         tracing::warn!(reason = reason.as_str(), %peer, len = datagram.len(), sample, suppressed, "dropped datagram");
@@ -211,7 +228,7 @@ fn accept(
     if !source_allowed(&config.allowed_sources, peer.ip()) {
         return Err(Reject::SourceNotAllowed);
     }
-    let text = parser::clean_datagram(datagram, &config.limits)?;
+    let text = parser::decode_datagram(datagram, &config.limits, config.encoding)?;
     let event = parser::parse(&text, &config.limits)?;
     let outcome = state.registry().apply(&event, now);
     match outcome {

@@ -25,21 +25,19 @@ pub struct Bound {
 }
 
 /// Binds the UDP socket with the configured receive buffer and the oversized-datagram filter.
+///
+/// On `[::]` (the default) the socket takes IPv4 and IPv6; where the host has no IPv6 at all
+/// (a kernel booted with `ipv6.disable=1`, a pod without it) it takes `0.0.0.0` instead, with a
+/// warning, rather than not starting.
 pub fn bind(config: &UdpConfig) -> std::io::Result<Bound> {
-    let socket = Socket::new(
-        Domain::for_address(config.listen),
-        Type::DGRAM,
-        Some(Protocol::UDP),
-    )?;
-    if config.listen.is_ipv6() {
-        // Accept IPv4 too on "[::]", as administrators expect from a wildcard address.
-        let _ = socket.set_only_v6(false);
-    }
-    // Needs CAP_NET_ADMIN; without it, fall back to the request net.core.rmem_max caps.
-    if !force_recv_buffer_size(&socket, config.receive_buffer_bytes) {
-        socket.set_recv_buffer_size(config.receive_buffer_bytes)?;
-    }
-    socket.bind(&config.listen.into())?;
+    let socket = match bind_to(config, config.listen) {
+        Err(e) if no_ipv6(config.listen, &e) => {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], config.listen.port()));
+            tracing::warn!(error = %e, listen = %config.listen, fallback = %v4, "no IPv6 on this host: UDP ingest listens on IPv4 only");
+            bind_to(config, v4)?
+        }
+        other => other?,
+    };
     let granted = socket.recv_buffer_size()?;
     let socket: UdpSocket = socket.into();
     socket.set_read_timeout(Some(SHUTDOWN_POLL))?;
@@ -53,6 +51,33 @@ pub fn bind(config: &UdpConfig) -> std::io::Result<Bound> {
         receive_buffer_bytes: granted,
         oversized_filter,
     })
+}
+
+fn bind_to(config: &UdpConfig, listen: SocketAddr) -> std::io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(listen),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    if listen.is_ipv6() {
+        // Accept IPv4 too on "[::]", as administrators expect from a wildcard address.
+        let _ = socket.set_only_v6(false);
+    }
+    // Needs CAP_NET_ADMIN; without it, fall back to the request net.core.rmem_max caps.
+    if !force_recv_buffer_size(&socket, config.receive_buffer_bytes) {
+        socket.set_recv_buffer_size(config.receive_buffer_bytes)?;
+    }
+    socket.bind(&listen.into())?;
+    Ok(socket)
+}
+
+/// Whether binding the IPv6 wildcard failed because the host has no IPv6.
+fn no_ipv6(listen: SocketAddr, error: &std::io::Error) -> bool {
+    listen.ip() == std::net::Ipv6Addr::UNSPECIFIED
+        && matches!(
+            error.raw_os_error(),
+            Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL | libc::EPROTONOSUPPORT)
+        )
 }
 
 /// SO_RCVBUFFORCE: the requested size even above net.core.rmem_max, for a privileged process.

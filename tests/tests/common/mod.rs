@@ -111,9 +111,11 @@ impl Service {
 
     fn spawn(&mut self, args: &[&str]) {
         let mut command = command();
-        command
-            .args(["--udp-listen", &format!("127.0.0.1:{}", self.udp_port)])
-            .args(["--http-listen", &format!("127.0.0.1:{}", self.http_port)]);
+        // A test may listen elsewhere on the same port (`[::]:{udp_port}`, dual-stack).
+        if !args.contains(&"--udp-listen") {
+            command.args(["--udp-listen", &format!("127.0.0.1:{}", self.udp_port)]);
+        }
+        command.args(["--http-listen", &format!("127.0.0.1:{}", self.http_port)]);
         if self.checkpoint_file {
             command.args([
                 "--checkpoint-file",
@@ -142,6 +144,14 @@ impl Service {
     pub fn send(&self, datagram: impl AsRef<[u8]>) {
         self.udp
             .send_to(datagram.as_ref(), ("127.0.0.1", self.udp_port))
+            .unwrap();
+    }
+
+    /// Sends from an IPv6 socket to `::1`, as a proxy whose `remoteAddress` resolves to IPv6.
+    pub fn send_v6(&self, datagram: impl AsRef<[u8]>) {
+        let socket = UdpSocket::bind("[::1]:0").expect("an IPv6 loopback socket");
+        socket
+            .send_to(datagram.as_ref(), ("::1", self.udp_port))
             .unwrap();
     }
 
