@@ -418,6 +418,15 @@ pub struct Settings {
     )]
     pub qlik_reconcile_grace: Option<Duration>,
 
+    /// A proxy node the API lists sessions on is reported silent once this long has passed since start without one event from it (a node's idle users send nothing for a while) [default: 10m]
+    #[arg(long, env = "SESSION_MONITOR_QLIK_SILENT_AFTER", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde"
+    )]
+    pub qlik_silent_after: Option<Duration>,
+
     /// At start, readiness waits at most this long for the first reconcile [default: 10s]
     #[arg(long, env = "SESSION_MONITOR_QLIK_STARTUP_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(

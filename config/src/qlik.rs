@@ -15,6 +15,9 @@ pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
 /// Longer than a datagram takes to arrive and log4net takes to send it, short enough that a
 /// session whose stop was lost leaves soon after the next reconcile.
 pub const RECONCILE_GRACE: Duration = Duration::from_secs(30);
+/// Long enough that the idle users of a working node have made some event (a new tab, a
+/// session's start or stop), short enough to learn of a dead appender within the hour.
+pub const SILENT_AFTER: Duration = Duration::from_secs(10 * 60);
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -25,6 +28,8 @@ pub struct QlikConfig {
     /// `None`: reconcile once, at start.
     pub interval: Option<Duration>,
     pub grace: Duration,
+    /// A node with listed sessions and no event since start is silent after this long.
+    pub silent_after: Duration,
     pub startup_timeout: Duration,
     pub request_timeout: Duration,
     pub host_aliases: HostAliases,
@@ -218,6 +223,12 @@ impl QlikConfig {
                 "qlik_reconcile_grace",
                 s.qlik_reconcile_grace,
                 RECONCILE_GRACE,
+                Duration::ZERO,
+            )?,
+            silent_after: bounded(
+                "qlik_silent_after",
+                s.qlik_silent_after,
+                SILENT_AFTER,
                 Duration::ZERO,
             )?,
             startup_timeout: bounded(

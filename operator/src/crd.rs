@@ -358,6 +358,12 @@ pub struct QlikSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(DURATION))]
     pub reconcile_grace: Option<String>,
+    /// A proxy node the API lists sessions on is reported silent (its appender sends nothing)
+    /// once this long has passed since the service started without one event from it (at most
+    /// 1h); default `10m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION))]
+    pub silent_after: Option<String>,
     /// At start, readiness waits at most this long for the first reconcile (at most 1h);
     /// default `10s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -175,6 +175,8 @@ spec_settings! {
         optional_duration(at, &spec.qlik.as_ref().and_then(|q| q.reconcile_interval.clone()))?;
     qlik_reconcile_grace <- "spec.qlik.reconcileGrace" =
         optional_duration(at, &spec.qlik.as_ref().and_then(|q| q.reconcile_grace.clone()))?;
+    qlik_silent_after <- "spec.qlik.silentAfter" =
+        optional_duration(at, &spec.qlik.as_ref().and_then(|q| q.silent_after.clone()))?;
     qlik_startup_timeout <- "spec.qlik.startupTimeout" =
         optional_duration(at, &spec.qlik.as_ref().and_then(|q| q.startup_timeout.clone()))?;
     qlik_request_timeout <- "spec.qlik.requestTimeout" =

@@ -262,7 +262,27 @@ function renderHealth() {
   kernel.textContent = int(s.udp_kernel_drops);
   kernel.className = s.udp_kernel_drops > 0 ? 'bad' : '';
   $('last-event').textContent = ago(s.last_event);
+  renderQlikNodes(s);
   $('version').textContent = s.version ? `v${s.version}` : '';
+}
+
+// The nodes the Qlik API lists: how many, which are silent (listed users, no event since the
+// service started: their appender is not sending), and whether their event ids are the API's.
+function renderQlikNodes(s) {
+  const nodes = s.qlik_nodes ?? [];
+  for (const e of document.querySelectorAll('.qlik')) e.hidden = nodes.length === 0;
+  const out = $('qlik-nodes');
+  const silent = s.silent_nodes ?? [];
+  const hashed = nodes.filter((n) => n.up && n.heard_since_start && !n.event_ids_match_api).length;
+  out.textContent = `${int(nodes.length)} listed · ${int(silent.length)} silent`
+    + (silent.length ? `: ${silent.join(', ')}` : '')
+    + ` · ids ${hashed ? `hashed on ${int(hashed)} (matched by count)` : 'match the API'}`;
+  out.className = silent.length ? 'bad' : '';
+  const note = $('proxies-silent');
+  note.hidden = silent.length === 0;
+  note.textContent = silent.length
+    ? `Silent: ${silent.join(', ')}. The Qlik API lists sessions there, yet no event has arrived since the service started: the proxy's appender is not sending (see the Qlik set-up's troubleshooting).`
+    : '';
 }
 
 function renderProxies() {
@@ -271,6 +291,13 @@ function renderProxies() {
     hosts.set(h.host, {
       host: h.host, users: h.active_users, sessions: h.active_sessions, last: h.last_event,
     });
+  }
+  // Nodes the Qlik API lists are shown even before (or without) their first event.
+  const nodes = new Map();
+  for (const n of state.status?.qlik_nodes ?? []) {
+    nodes.set(n.host.toLowerCase(), n);
+    const known = [...hosts.keys()].some((h) => h.toLowerCase() === n.host.toLowerCase());
+    if (!known) hosts.set(n.host, { host: n.host, users: 0, sessions: 0, last: null });
   }
   const live = state.counts?.hosts;
   if (live) {
@@ -296,6 +323,20 @@ function renderProxies() {
     cell(tr, int(r.users), 'num users');
     cell(tr, int(r.sessions), 'num');
     cell(tr, ago(r.last, '–'), 'num last').title = r.last ? '' : 'no event since the service started';
+    const node = nodes.get(r.host.toLowerCase());
+    if (node) {
+      tr.dataset.silent = String(node.silent);
+      tr.dataset.idsMatch = String(node.event_ids_match_api);
+      const mark = document.createElement('span');
+      mark.className = node.silent ? 'mark bad' : 'mark muted';
+      mark.textContent = node.silent ? ' silent' : node.event_ids_match_api ? ' ids = API' : ' ids hashed';
+      mark.title = node.silent
+        ? 'the Qlik API lists sessions here, yet no event has arrived since the service started'
+        : node.event_ids_match_api
+          ? "the events' session ids are the API's: sessions are matched by id"
+          : "the events' session ids differ from the API's (a salted hash): sessions are matched by count";
+      name.append(mark);
+    }
     body.append(tr);
   }
   $('proxies').tBodies[0].replaceChildren(body);

@@ -100,6 +100,8 @@ pub struct QlikMetrics {
     pub listed_sessions: IntGaugeVec,
     pub last_success: IntGaugeVec,
     pub reconciles: IntCounterVec,
+    pub node_silent: IntGaugeVec,
+    pub event_ids_match: IntGaugeVec,
 }
 
 impl Metrics {
@@ -352,6 +354,16 @@ impl Metrics {
                     "qlik_reconciles_total",
                     "Reconcile rounds, by result (ok, partial: some proxies failed, failed: none reconciled).",
                     &["result"],
+                ),
+                node_silent: gauge_vec(
+                    "qlik_node_silent",
+                    "1 when the proxy API lists sessions on a node that has sent no event since the service started (its appender is not sending).",
+                    &["host"],
+                ),
+                event_ids_match: gauge_vec(
+                    "qlik_event_ids_match",
+                    "1 once a node's event session ids have proven equal to its API's (sessions matched by id), 0 while they differ (the proxy logs a salted hash: matched by count).",
+                    &["host"],
                 ),
             },
             ready: gauge(

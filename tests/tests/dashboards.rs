@@ -293,7 +293,7 @@ fn every_dashboard_query_returns_series_and_every_alert_rule_evaluates_in_a_real
             })
             .then_some(rules)
     });
-    assert_eq!(rules.len(), 11, "the rules of alerts.yaml");
+    assert_eq!(rules.len(), 12, "the rules of alerts.yaml");
     for rule in &rules {
         assert_eq!(rule["health"], "ok", "{rule}");
     }

@@ -72,21 +72,105 @@ fn browser_dir() -> PathBuf {
     dir
 }
 
-#[test]
-fn the_page_shows_live_counts_restored_history_and_a_filtered_list_in_a_real_browser() {
-    let chromium = match std::env::var("SESSION_MONITOR_TEST_BROWSER") {
-        Ok(path) if path.starts_with('/') => path,
-        Ok(_) => CHROMIUM.to_owned(),
-        Err(_) if Path::new(CHROMIUM).exists() => CHROMIUM.to_owned(),
+/// The browser to drive, or `None` (with a message) when the test is to be skipped.
+fn chromium() -> Option<String> {
+    match std::env::var("SESSION_MONITOR_TEST_BROWSER") {
+        Ok(path) if path.starts_with('/') => Some(path),
+        Ok(_) => Some(CHROMIUM.to_owned()),
+        Err(_) if Path::new(CHROMIUM).exists() => Some(CHROMIUM.to_owned()),
         Err(_) => {
             eprintln!(
                 "skipped: {CHROMIUM} is missing (apt-get install -y chromium) and \
                  SESSION_MONITOR_TEST_BROWSER is unset"
             );
-            return;
+            None
         }
-    };
+    }
+}
+
+/// Runs one of `tests/browser`'s scripts with `plan`; panics with its output and the service's
+/// log unless it passes within `limit`.
+fn run_browser_script(script: &str, plan: &serde_json::Value, service: &Service, limit: Duration) {
     let browser = browser_dir();
+    // Output to a file: a pipe nobody reads while waiting could fill and stall the browser.
+    let log_path = service.dir.join(format!("{script}.log"));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let started = Instant::now();
+    let mut node = Command::new("node")
+        .arg(browser.join(script))
+        .arg(plan.to_string())
+        .current_dir(&browser)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("node must be installed to run tests/browser/{script}: {e}"));
+    let status = wait_for_exit(&mut node, limit);
+    let output = std::fs::read_to_string(&log_path).unwrap_or_default();
+    eprintln!("{output}(browser checks took {:?})", started.elapsed());
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the browser checks failed ({status:?}):\n{output}\n--- service log ---\n{}",
+        service.log_text()
+    );
+}
+
+#[test]
+fn the_page_marks_a_silent_proxy_node_and_hashed_session_ids_in_a_real_browser() {
+    use session_monitor_testkit::qlik::{Casing, FakeQlik, FakeSession, NodeSpec, QlikCerts, Site};
+    let Some(chromium) = chromium() else { return };
+    let (central, rim) = ("qs-central.corp.local", "qs-rim1.corp.local");
+    let dir = tempfile::tempdir().unwrap();
+    let certs = QlikCerts::generate(dir.path(), &[central, rim]);
+    let fake = FakeQlik::start(
+        &certs,
+        Site {
+            nodes: vec![
+                NodeSpec::new(central, &[""], Casing::Pascal),
+                NodeSpec::new(rim, &[""], Casing::Pascal),
+            ],
+        },
+    );
+    fake.set_sessions(0, "", vec![FakeSession::new("LAB", "ann", "api-a")]);
+    fake.set_sessions(1, "", vec![FakeSession::new("LAB", "carl", "api-c")]);
+    let mut args: Vec<String> = vec![
+        "--mqtt-url".into(),
+        "mqtt://127.0.0.1:9".into(),
+        "--qlik-repository-url".into(),
+        format!("https://{central}:{}", fake.qrs_port()),
+        "--qlik-resolve".into(),
+        format!("{central}=127.0.0.1,{rim}=127.0.0.1"),
+        "--qlik-reconcile-interval".into(),
+        "1s".into(),
+        "--qlik-silent-after".into(),
+        "1s".into(),
+    ];
+    args.extend(certs.service_flags());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let service = Service::start(dir.path(), &args);
+    // The central proxy logs a hashed session id; the rim node sends nothing.
+    service.send(own("Start session", "QS-CENTRAL", "LAB", "ann", "5f3c9a01"));
+    wait_for("the rim node reported silent", || {
+        (service.get_json("/api/v1/status")["silent_nodes"] == serde_json::json!(["qs-rim1"]))
+            .then_some(())
+    });
+    let plan = serde_json::json!({
+        "chromium": chromium,
+        "url": format!("http://127.0.0.1:{}/", service.http_port),
+        "silent": "qs-rim1",
+        "hashed": "qs-central",
+    });
+    run_browser_script(
+        "qlik_nodes.test.mjs",
+        &plan,
+        &service,
+        Duration::from_secs(120),
+    );
+}
+
+#[test]
+fn the_page_shows_live_counts_restored_history_and_a_filtered_list_in_a_real_browser() {
+    let Some(chromium) = chromium() else { return };
 
     let broker = Mosquitto::start();
     let dir = tempfile::tempdir().unwrap();
@@ -180,27 +264,7 @@ fn the_page_shows_live_counts_restored_history_and_a_filtered_list_in_a_real_bro
         "screenshot": screenshot,
     });
 
-    // Output to a file: a pipe nobody reads while waiting could fill and stall the browser.
-    let log_path = dir.path().join("browser.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let started = Instant::now();
-    let mut node = Command::new("node")
-        .arg(browser.join("page.test.mjs"))
-        .arg(plan.to_string())
-        .current_dir(&browser)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("node must be installed to run tests/browser/page.test.mjs");
-    let status = wait_for_exit(&mut node, Duration::from_secs(180));
-    let output = std::fs::read_to_string(&log_path).unwrap_or_default();
-    eprintln!("{output}(browser checks took {:?})", started.elapsed());
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "the browser checks failed ({status:?}):\n{output}\n--- service log ---\n{}",
-        service.log_text()
-    );
+    run_browser_script("page.test.mjs", &plan, &service, Duration::from_secs(180));
 }
 
 /// Waits for `child` to exit, killing it past `limit`; `None` if it had to be killed.

@@ -575,3 +575,165 @@ fn the_simulators_site_corrects_the_lost_stops() {
     let hosts = service.get_json("/api/v1/summary")["hosts"].clone();
     assert_eq!(hosts.as_array().unwrap().len(), 3, "{hosts}");
 }
+
+/// What a proxy that logs a salted hash of its session id sends: never the API's id.
+fn hashed(api_id: &str) -> String {
+    format!(
+        "{:08x}",
+        crc32fast::hash(format!("salt:{api_id}").as_bytes())
+    )
+}
+
+fn node_named<'a>(status: &'a serde_json::Value, host: &str) -> &'a serde_json::Value {
+    status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["host"] == host)
+        .unwrap_or_else(|| panic!("no node {host} in {status}"))
+}
+
+#[test]
+fn hashed_event_ids_stay_exact_and_a_node_that_never_sends_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = QlikCerts::generate(dir.path(), &[CENTRAL, RIM1]);
+    let fake = FakeQlik::start(
+        &certs,
+        Site {
+            nodes: vec![
+                node(CENTRAL, &[""], Casing::Pascal),
+                node(RIM1, &[""], Casing::Pascal),
+            ],
+        },
+    );
+    fake.set_sessions(
+        0,
+        "",
+        vec![session("ann", "api-a"), session("bob", "api-b")],
+    );
+    // The rim node has a user, and its appender was never created (remoteAddress did not
+    // resolve when its proxy started): it sends nothing.
+    fake.set_sessions(1, "", vec![session("carl", "api-c")]);
+    let args = discovery_args(
+        &fake,
+        &certs,
+        &[
+            "--qlik-reconcile-interval",
+            "1s",
+            "--qlik-reconcile-grace",
+            "1s",
+            "--qlik-silent-after",
+            "2s",
+        ],
+    );
+    let service = start(dir.path(), &args);
+    for (user, id) in [("ann", "api-a"), ("bob", "api-b")] {
+        service.send(own("Start session", "QS-CENTRAL", "LAB", user, &hashed(id)));
+    }
+    // `qlik_silent_after` (2s) has passed, and a round after it.
+    wait_for("the rim node reported silent", || {
+        (service.metric("session_monitor_qlik_node_silent{host=\"qs-rim1\"}")? == 1.0).then_some(())
+    });
+    let explain = |what: &str| {
+        format!(
+            "{what}\nsummary: {}\nlog:\n{}",
+            service.get_json("/api/v1/summary"),
+            service.log_text()
+        )
+    };
+    // Exact: the hashed ids are paired by count, the silent node's user comes from its API.
+    let summary = service.get_json("/api/v1/summary");
+    assert_eq!(
+        (
+            summary["active_users"].as_u64(),
+            summary["active_sessions"].as_u64()
+        ),
+        (Some(3), Some(3)),
+        "{}",
+        explain("three users, three sessions")
+    );
+    let central = node_named(&summary["qlik_api"], "qs-central");
+    assert_eq!(central["event_ids_match_api"], false, "{central}");
+    assert_eq!(central["pairing"], "count");
+    assert_eq!(central["silent"], false);
+    assert_eq!(central["heard_since_start"], true);
+    let rim = node_named(&summary["qlik_api"], "qs-rim1");
+    assert_eq!(
+        (rim["silent"].clone(), rim["heard_since_start"].clone()),
+        (true.into(), false.into()),
+        "{rim}"
+    );
+    assert_eq!(
+        service.metric("session_monitor_qlik_event_ids_match{host=\"qs-central\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        service.metric("session_monitor_qlik_node_silent{host=\"qs-rim1\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        service.metric("session_monitor_qlik_node_silent{host=\"qs-central\"}"),
+        Some(0.0)
+    );
+    let status = service.get_json("/api/v1/status");
+    assert_eq!(
+        status["silent_nodes"],
+        serde_json::json!(["qs-rim1"]),
+        "{status}"
+    );
+    assert_eq!(status["qlik_nodes"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        service
+            .log_text()
+            .matches("has sent no event since this service started")
+            .count(),
+        1,
+        "{}",
+        explain("one warning for the silent node, not one per round")
+    );
+
+    // bob's stop carries his hashed id: understood at once, and the API agrees next round.
+    fake.set_sessions(0, "", vec![session("ann", "api-a")]);
+    service.send(own(
+        "Stop session",
+        "QS-CENTRAL",
+        "LAB",
+        "bob",
+        &hashed("api-b"),
+    ));
+    wait_for("bob's stop", || {
+        (service.get_json("/api/v1/summary")["active_users"] == 2).then_some(())
+    });
+    wait_rounds(&service, 2.0);
+    let summary = service.get_json("/api/v1/summary");
+    assert_eq!(
+        (
+            summary["active_users"].as_u64(),
+            summary["active_sessions"].as_u64()
+        ),
+        (Some(2), Some(2)),
+        "{}",
+        explain("still exact after a stop with a hashed id")
+    );
+
+    // The rim node's appender comes back (its proxy restarted), with the API's own ids.
+    service.send(own("Open connection", "QS-RIM1", "LAB", "carl", "api-c"));
+    wait_rounds(&service, 2.0);
+    let summary = service.get_json("/api/v1/summary");
+    let rim = node_named(&summary["qlik_api"], "qs-rim1");
+    assert_eq!(rim["silent"], false, "{}", explain("heard again"));
+    assert_eq!(rim["event_ids_match_api"], true, "{rim}");
+    assert_eq!(
+        service.metric("session_monitor_qlik_node_silent{host=\"qs-rim1\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        service.metric("session_monitor_qlik_event_ids_match{host=\"qs-rim1\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        service.get_json("/api/v1/status")["silent_nodes"],
+        serde_json::json!([])
+    );
+    assert_eq!(summary["active_users"], 2, "{summary}");
+}

@@ -204,6 +204,10 @@ struct Status {
     last_event: Option<UnixMillis>,
     hosts: Vec<HostSummary>,
     history: HistoryStatus,
+    /// The proxy nodes the Qlik API lists, each with whether it is heard from.
+    qlik_nodes: Vec<crate::qlik::reconciler::NodeStatus>,
+    /// Hosts of the nodes whose users the API lists and that send nothing.
+    silent_nodes: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -227,6 +231,16 @@ async fn status(AxumState(http): AxumState<Http>) -> Json<Status> {
             minutes: h.minutes().len(),
         }
     };
+    let qlik_nodes = state
+        .qlik_status()
+        .as_ref()
+        .map(|q| q.nodes.clone())
+        .unwrap_or_default();
+    let silent_nodes = qlik_nodes
+        .iter()
+        .filter(|n| n.silent)
+        .map(|n| n.host.clone())
+        .collect();
     Json(Status {
         version: env!("CARGO_PKG_VERSION"),
         ready: state.is_ready(),
@@ -237,5 +251,7 @@ async fn status(AxumState(http): AxumState<Http>) -> Json<Status> {
         last_event: hosts.iter().filter_map(|h| h.last_event).max(),
         hosts,
         history,
+        qlik_nodes,
+        silent_nodes,
     })
 }

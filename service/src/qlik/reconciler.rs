@@ -64,6 +64,44 @@ pub struct NodeStatus {
     pub in_grace: usize,
     /// `count` until an event's session id has been seen in the node's list, then `id`.
     pub pairing: &'static str,
+    /// Whether the session ids the node's events carry have proven equal to its API's (`false`:
+    /// the proxy logs a salted hash, so its sessions are matched by count).
+    pub event_ids_match_api: bool,
+    /// The last event from the node's host (restored hosts: their newest session's activity).
+    pub last_event: Option<UnixMillis>,
+    /// Whether an event has arrived from the node since this service started.
+    pub heard_since_start: bool,
+    /// The API lists sessions on the node and not one event has arrived from it since this
+    /// service started: its appender is not sending (see the Qlik README, "Nothing arrives").
+    pub silent: bool,
+}
+
+/// Whether a node has been heard from, from its host's last event: pure, so the rule is tested
+/// apart from the clock and the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Heard {
+    since_start: bool,
+    silent: bool,
+}
+
+impl Heard {
+    fn of(
+        last_event: Option<UnixMillis>,
+        started: UnixMillis,
+        listed_sessions: usize,
+        now: UnixMillis,
+        silent_after: Duration,
+    ) -> Heard {
+        let since_start = last_event.is_some_and(|at| at >= started);
+        let waited = now.0.saturating_sub(started.0) >= silent_after.as_millis() as u64;
+        Heard {
+            since_start,
+            // A node without sessions may just be quiet (a night, a standby node), and right
+            // after a start the idle users of a working node have not made an event yet; one
+            // whose users the API lists and that sent nothing for `silent_after` is not sending.
+            silent: !since_start && listed_sessions > 0 && waited,
+        }
+    }
 }
 
 /// What one node remembers between rounds.
@@ -80,6 +118,8 @@ pub struct Reconciler {
     state: Arc<State>,
     nodes: Mutex<BTreeMap<ApiAddress, Node>>,
     repository_down_logged: Mutex<Option<Instant>>,
+    /// An event after this is one "since the service started".
+    started: UnixMillis,
 }
 
 /// The outcome of one round.
@@ -136,6 +176,7 @@ impl Reconciler {
             state,
             nodes: Mutex::new(BTreeMap::new()),
             repository_down_logged: Mutex::new(None),
+            started: UnixMillis::now(),
         })
     }
 
@@ -377,10 +418,35 @@ impl Reconciler {
         done: Reconciled,
         at: UnixMillis,
     ) {
+        // Before the nodes' lock: the host list takes each registry shard's lock in turn.
+        let last_event = self
+            .state
+            .registry()
+            .hosts()
+            .into_iter()
+            .find(|h| h.host.eq_ignore_ascii_case(host))
+            .and_then(|h| h.last_event);
+        let heard = Heard::of(
+            last_event,
+            self.started,
+            listed_sessions,
+            at,
+            self.config.silent_after,
+        );
         let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
         let entry = nodes
             .entry(node.clone())
             .or_insert_with(|| Node::new(node, prefixes, host));
+        if heard.silent && !entry.status.silent {
+            tracing::warn!(
+                node = %node,
+                host,
+                listed_sessions,
+                "the Qlik API lists sessions on a proxy that has sent no event since this service started: its log4net appender is not sending (was remoteAddress resolvable when the proxy service started? see the Qlik README)"
+            );
+        } else if !heard.silent && entry.status.silent {
+            tracing::info!(node = %node, host, "a silent proxy sends events again");
+        }
         if entry.down_logged.take().is_some() {
             tracing::info!(node = %node, "Qlik proxy API answers again");
         }
@@ -414,6 +480,19 @@ impl Reconciler {
             Pairing::ByCount => "count",
             Pairing::ById => "id",
         };
+        status.event_ids_match_api = entry.pairing == Pairing::ById;
+        status.last_event = last_event;
+        status.heard_since_start = heard.since_start;
+        status.silent = heard.silent;
+        let metrics = &self.state.metrics.qlik;
+        metrics
+            .node_silent
+            .with_label_values(&[host])
+            .set(i64::from(heard.silent));
+        metrics
+            .event_ids_match
+            .with_label_values(&[host])
+            .set(i64::from(status.event_ids_match_api));
         drop(nodes);
         self.publish_nodes();
     }
@@ -461,8 +540,12 @@ impl Reconciler {
             .cloned()
             .collect();
         for node in gone {
-            nodes.remove(&node);
+            let host = nodes.remove(&node).map(|n| n.status.host);
             let metrics = &self.state.metrics.qlik;
+            if let Some(host) = host {
+                let _ = metrics.node_silent.remove_label_values(&[&host]);
+                let _ = metrics.event_ids_match.remove_label_values(&[&host]);
+            }
             let _ = metrics
                 .api_up
                 .remove_label_values(&[QlikApi::Qps.label(), &node.host]);
@@ -506,6 +589,10 @@ impl Node {
                 removed: 0,
                 in_grace: 0,
                 pairing: "count",
+                event_ids_match_api: false,
+                last_event: None,
+                heard_since_start: false,
+                silent: false,
             },
             pairing: Pairing::ByCount,
             down_logged: None,
@@ -533,5 +620,44 @@ fn set_up(metrics: &crate::metrics::QlikMetrics, api: QlikApi, node: &str, up: b
         .set(i64::from(up));
     for reason in RequestError::REASONS {
         metrics.errors.with_label_values(&[api, node, reason]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_is_silent_when_the_api_lists_sessions_and_no_event_came_since_start() {
+        let started = UnixMillis(1_000_000);
+        let before = Some(UnixMillis(999_999));
+        let after = Some(UnixMillis(1_000_001));
+        let wait = Duration::from_secs(600);
+        let later = UnixMillis(started.0 + 600_000);
+        let soon = UnixMillis(started.0 + 599_999);
+        let silent = Heard {
+            since_start: false,
+            silent: true,
+        };
+        let not_yet = Heard {
+            since_start: false,
+            silent: false,
+        };
+        // Listed sessions, and nothing (or only a restored host's old activity) since start.
+        for last in [None, before] {
+            let heard = |listed, now| Heard::of(last, started, listed, now, wait);
+            assert_eq!(heard(3, later), silent);
+            // Not before `silent_after`: idle users of a working node make no event at once.
+            assert_eq!(heard(3, soon), not_yet);
+            // No sessions listed: perhaps only quiet.
+            assert_eq!(heard(0, later), not_yet);
+        }
+        assert_eq!(
+            Heard::of(after, started, 3, later, wait),
+            Heard {
+                since_start: true,
+                silent: false
+            }
+        );
     }
 }
