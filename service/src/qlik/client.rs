@@ -271,14 +271,81 @@ fn tls_config(files: &QlikTls) -> Result<rustls::ClientConfig, TlsSetupError> {
         (None, true) => unreachable!("validated: verification needs qlik_ca_file"),
     };
     let chain = read_certs("qlik_client_cert_file", &files.client_cert)?;
+    // Checked before rustls, whose answer for it (`UnsupportedCertVersion`, from the key check)
+    // would otherwise read as a key that does not fit.
+    if let Some(version) = x509_version(&chain[0])
+        && version != 3
+    {
+        return Err(setup_error(
+            "qlik_client_cert_file",
+            &files.client_cert,
+            format!("is an X.509 version {version} certificate, {NOT_V3}"),
+        ));
+    }
     let key = read_key(files)?;
-    builder.with_client_auth_cert(chain, key).map_err(|e| {
-        setup_error(
-            "qlik_client_key_file",
-            &files.client_key,
-            format!("does not fit the client certificate: {e}"),
-        )
-    })
+    builder
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| match e {
+            rustls::Error::InvalidCertificate(reason) => {
+                let message = if format!("{reason:?}").contains("UnsupportedCertVersion") {
+                    format!("is not an X.509 version 3 certificate, {NOT_V3}")
+                } else {
+                    format!("the first certificate cannot be used for TLS client authentication ({reason:?})")
+                };
+                setup_error("qlik_client_cert_file", &files.client_cert, message)
+            }
+            _ => setup_error(
+                "qlik_client_key_file",
+                &files.client_key,
+                format!("does not fit the client certificate: {e}"),
+            ),
+        })
+}
+
+/// What to do about a client certificate of X.509 version 1 or 2.
+const NOT_V3: &str = "which TLS client authentication refuses; export the client certificate from the QMC (Certificates, export, Windows format or PEM), which writes version 3";
+
+/// The X.509 version (1, 2 or 3) of a DER certificate, `None` if it is not DER this reads.
+/// `Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] EXPLICIT version DEFAULT v1, ...`:
+/// a version 1 certificate has no `[0]` element, a later one holds `INTEGER version - 1`.
+fn x509_version(der: &[u8]) -> Option<u8> {
+    /// The tag and the contents of the DER element at the start of `input`.
+    fn element(input: &[u8]) -> Option<(u8, &[u8])> {
+        let (&tag, rest) = input.split_first()?;
+        let (&first, rest) = rest.split_first()?;
+        let (len, rest) = if first < 0x80 {
+            (usize::from(first), rest)
+        } else {
+            let count = usize::from(first & 0x7f);
+            if count == 0 || count > 4 || rest.len() < count {
+                return None;
+            }
+            let (bytes, rest) = rest.split_at(count);
+            let len = bytes
+                .iter()
+                .fold(0usize, |len, &b| (len << 8) | usize::from(b));
+            (len, rest)
+        };
+        rest.get(..len).map(|contents| (tag, contents))
+    }
+    const SEQUENCE: u8 = 0x30;
+    const VERSION: u8 = 0xa0; // context-specific, constructed, [0]
+    const INTEGER: u8 = 0x02;
+    let (SEQUENCE, certificate) = element(der)? else {
+        return None;
+    };
+    let (SEQUENCE, tbs) = element(certificate)? else {
+        return None;
+    };
+    match element(tbs)? {
+        (VERSION, explicit) => match element(explicit)? {
+            (INTEGER, &[v]) if v <= 2 => Some(v + 1),
+            _ => None,
+        },
+        // serialNumber first: the version is the default, v1.
+        (INTEGER, _) => Some(1),
+        _ => None,
+    }
 }
 
 fn setup_error(setting: &'static str, path: &Path, message: String) -> TlsSetupError {
@@ -408,5 +475,186 @@ impl ServerCertVerifier for NoVerification {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    /// Runs `openssl` in `dir`; its standard output.
+    fn openssl(dir: &Path, args: &[&str]) -> String {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("the openssl command is needed to make this test's certificates: {e}")
+            });
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn version_line(dir: &Path, pem: &str) -> String {
+        openssl(dir, &["x509", "-in", pem, "-noout", "-text"])
+            .lines()
+            .find(|l| l.trim_start().starts_with("Version:"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    }
+
+    /// A self-signed X.509 version 1 certificate, `{name}.pem` and `{name}_key.pem` in `dir`.
+    fn make_v1(dir: &Path, name: &str) {
+        let (key, csr, pem) = (
+            format!("{name}_key.pem"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+        );
+        openssl(
+            dir,
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=client",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+            ],
+        );
+        // Without extensions, `x509 -req` writes version 1 (OpenSSL 3.0).
+        openssl(
+            dir,
+            &[
+                "x509", "-req", "-in", &csr, "-days", "1", "-signkey", &key, "-out", &pem,
+            ],
+        );
+        if !version_line(dir, &pem).starts_with("Version: 1") {
+            // A later OpenSSL that adds extensions there has `req -x509v1` for version 1.
+            openssl(
+                dir,
+                &[
+                    "req",
+                    "-x509v1",
+                    "-key",
+                    &key,
+                    "-subj",
+                    "/CN=client",
+                    "-days",
+                    "1",
+                    "-out",
+                    &pem,
+                ],
+            );
+        }
+        let version = version_line(dir, &pem);
+        assert!(version.starts_with("Version: 1"), "{pem}: {version}");
+    }
+
+    /// A self-signed version 3 certificate, `{name}.pem` and `{name}_key.pem` in `dir`.
+    fn make_v3(dir: &Path, name: &str) {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=client",
+                "-keyout",
+                &format!("{name}_key.pem"),
+                "-out",
+                &format!("{name}.pem"),
+            ],
+        );
+        let version = version_line(dir, &format!("{name}.pem"));
+        assert!(version.starts_with("Version: 3"), "{name}.pem: {version}");
+    }
+
+    fn files(dir: &Path, cert: &str, key: &str) -> QlikTls {
+        QlikTls {
+            client_cert: dir.join(format!("{cert}.pem")),
+            client_key: dir.join(format!("{key}_key.pem")),
+            key_passphrase: None,
+            ca_file: None,
+            verify: false,
+        }
+    }
+
+    fn first_der(path: &Path) -> CertificateDer<'static> {
+        read_certs("test", path).unwrap().remove(0)
+    }
+
+    #[test]
+    fn a_version_1_client_certificate_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        make_v1(dir.path(), "client");
+        assert_eq!(
+            x509_version(&first_der(&dir.path().join("client.pem"))),
+            Some(1)
+        );
+
+        let error = tls_config(&files(dir.path(), "client", "client")).unwrap_err();
+        assert_eq!(error.setting, "qlik_client_cert_file", "{error}");
+        let text = error.to_string();
+        assert!(text.starts_with("qlik_client_cert_file ("), "{text}");
+        assert!(text.contains("version 1"), "{text}");
+        assert!(
+            text.contains("export the client certificate from the QMC"),
+            "{text}"
+        );
+        assert!(!text.contains("qlik_client_key_file"), "{text}");
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_is_still_the_keys_fault() {
+        let dir = tempfile::tempdir().unwrap();
+        make_v3(dir.path(), "client");
+        make_v3(dir.path(), "other");
+        assert_eq!(
+            x509_version(&first_der(&dir.path().join("client.pem"))),
+            Some(3)
+        );
+
+        tls_config(&files(dir.path(), "client", "client")).expect("a matching pair loads");
+        let error = tls_config(&files(dir.path(), "client", "other")).unwrap_err();
+        assert_eq!(error.setting, "qlik_client_key_file", "{error}");
+        assert!(
+            error
+                .message
+                .contains("does not fit the client certificate"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_version_is_read_from_the_der_or_not_at_all() {
+        // SEQUENCE { SEQUENCE { [0] { INTEGER 1 } ... } }: version 2.
+        assert_eq!(
+            x509_version(&[0x30, 0x07, 0x30, 0x05, 0xa0, 0x03, 0x02, 0x01, 0x01]),
+            Some(2)
+        );
+        // Long-form lengths; the serial number first: version 1.
+        assert_eq!(
+            x509_version(&[0x30, 0x81, 0x05, 0x30, 0x81, 0x02, 0x02, 0x00]),
+            Some(1)
+        );
+        assert_eq!(x509_version(&[]), None);
+        assert_eq!(x509_version(&[0x30, 0x05, 0x30]), None);
+        assert_eq!(x509_version(b"-----BEGIN CERTIFICATE-----"), None);
     }
 }
