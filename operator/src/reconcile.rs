@@ -91,6 +91,8 @@ pub struct Context {
     usage: usage::Source,
     /// Consecutive failures per monitor, for exponential backoff; cleared by a success.
     failures: Mutex<HashMap<String, u32>>,
+    /// Consecutive failed reads of each monitor's service, for the next read's delay.
+    usage_failures: Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
@@ -107,6 +109,7 @@ impl Context {
             metrics,
             usage: usage::over_http(),
             failures: Mutex::default(),
+            usage_failures: Mutex::default(),
         }
     }
 
@@ -132,6 +135,10 @@ pub async fn reconcile(monitor: Arc<SessionMonitor>, ctx: Arc<Context>) -> Resul
     if monitor.metadata.deletion_timestamp.is_some() {
         // Owner references let the garbage collector remove the children.
         ctx.failures.lock().expect("failures lock").remove(&key);
+        ctx.usage_failures
+            .lock()
+            .expect("usage failures lock")
+            .remove(&key);
         return Ok(Action::await_change());
     }
     let namespace = monitor.namespace().unwrap_or_default();
@@ -176,6 +183,8 @@ struct Done {
     endpoint: Option<String>,
     /// The service's numbers; `None` when it is not ready or cannot be read.
     usage: Option<usage::Usage>,
+    /// Why the ready service could not be read (status condition `UsageReadFailing`).
+    usage_failure: Option<String>,
     /// The shards the applied Role grants; `None` when nothing was applied.
     checkpoint_shards: Option<u16>,
     next: Action,
@@ -189,6 +198,7 @@ impl Done {
             deployment,
             endpoint: None,
             usage: None,
+            usage_failure: None,
             checkpoint_shards: None,
             next,
         }
@@ -237,7 +247,7 @@ async fn run_pipeline(
         }
     };
     let desired = desired::build(&plan, &secret_versions);
-    let (deployment, service) = apply(ctx, monitor, namespace, &desired).await?;
+    let (deployment, service, http_service) = apply(ctx, monitor, namespace, &desired).await?;
     let endpoint = status::endpoint(&service, monitor.spec.udp.port);
     // A serving monitor's users, read again at the next reconcile, which comes sooner then.
     let available = deployment
@@ -246,22 +256,9 @@ async fn run_pipeline(
         .and_then(|s| s.available_replicas)
         .unwrap_or(0)
         >= 1;
-    let usage = match available {
-        true => {
-            let host = format!("{}.{namespace}.svc", desired::http_service_name(&plan.name));
-            let usage = (ctx.usage)(host, monitor.spec.metrics.port).await;
-            let result = match usage {
-                Some(_) => UsageRead::Ok,
-                None => UsageRead::Failed,
-            };
-            ctx.metrics.usage_reads(result).inc();
-            usage
-        }
-        false => None,
-    };
-    let next = match usage {
-        Some(_) => Action::requeue(USAGE_REFRESH),
-        None => Action::requeue(RESYNC),
+    let (usage, usage_failure, next) = match available {
+        true => read_usage(ctx, monitor, namespace, &plan.name, &http_service).await,
+        false => (None, None, Action::requeue(RESYNC)),
     };
     let wanted = usage.as_ref().and_then(|u| u.checkpoint_shards_wanted);
     let decision = autopilot::decide(plan.checkpoint_shards, plan.max_checkpoint_shards, wanted);
@@ -271,9 +268,53 @@ async fn run_pipeline(
         deployment: Some(deployment),
         endpoint,
         usage,
+        usage_failure,
         checkpoint_shards: Some(checkpoint_shards),
         next,
     })
+}
+
+/// Reads a serving monitor's numbers from its service's `/metrics`, through the HTTP Service's
+/// cluster IP (no DNS lookup: under load the cluster DNS was one more thing that could make a
+/// read miss its deadline); the numbers or why not, and when to read again.
+async fn read_usage(
+    ctx: &Context,
+    monitor: &SessionMonitor,
+    namespace: &str,
+    name: &str,
+    http_service: &Service,
+) -> (Option<usage::Usage>, Option<String>, Action) {
+    let host = http_service
+        .spec
+        .as_ref()
+        .and_then(|s| s.cluster_ip.clone())
+        .filter(|ip| !ip.is_empty() && ip != "None")
+        .unwrap_or_else(|| format!("{}.{namespace}.svc", desired::http_service_name(name)));
+    let read = (ctx.usage)(host, monitor.spec.metrics.port).await;
+    let key = key(monitor);
+    let mut failures = ctx.usage_failures.lock().expect("usage failures lock");
+    match read {
+        Ok(usage) => {
+            ctx.metrics.usage_reads(UsageRead::Ok).inc();
+            if failures.remove(&key).is_some() {
+                tracing::info!("the service's /metrics answers again");
+            }
+            (Some(usage), None, Action::requeue(USAGE_REFRESH))
+        }
+        Err(error) => {
+            ctx.metrics.usage_reads(UsageRead::Failed).inc();
+            let count = failures.entry(key).or_insert(0);
+            *count = count.saturating_add(1);
+            let retry = usage::retry_after(*count, USAGE_REFRESH);
+            warn!(%error, failures = *count, retry_in = ?retry, "cannot read the service's numbers; status.activeUsers and the shard autopilot wait for them");
+            let message = format!(
+                "{error} ({} reads in a row failed; next in {}s)",
+                *count,
+                retry.as_secs()
+            );
+            (None, Some(message), Action::requeue(retry))
+        }
+    }
 }
 
 /// Carries out the shard autopilot's `decision`; the shards granted afterwards. A raise applies
@@ -487,7 +528,7 @@ async fn apply(
     monitor: &SessionMonitor,
     namespace: &str,
     desired: &Desired,
-) -> Result<(Deployment, Service), Error> {
+) -> Result<(Deployment, Service, Service), Error> {
     let client = &ctx.client;
     apply_one(client, namespace, &desired.service_account).await?;
     apply_one(client, namespace, &desired.role).await?;
@@ -497,11 +538,11 @@ async fn apply(
         apply_one(client, namespace, checkpoint).await?;
     }
     let service = apply_one(client, namespace, &desired.service).await?;
-    apply_one(client, namespace, &desired.http_service).await?;
+    let http_service = apply_one(client, namespace, &desired.http_service).await?;
     // Last, so that everything the pod mounts and uses exists when it starts.
     let deployment = apply_one(client, namespace, &desired.deployment).await?;
     apply_service_monitor(ctx, monitor, namespace, desired).await?;
-    Ok((deployment, service))
+    Ok((deployment, service, http_service))
 }
 
 async fn apply_one<K>(client: &Client, namespace: &str, object: &K) -> Result<K, Error>
@@ -628,15 +669,17 @@ where
 /// administrator would want in `kubectl describe`.
 async fn update_status(monitor: &SessionMonitor, ctx: &Context, done: &Done) -> Result<(), Error> {
     let previous = monitor.status.as_ref();
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
     let next = status::compute(
         &done.outcome,
         monitor.metadata.generation,
         done.deployment.as_ref(),
         done.endpoint.clone(),
         previous,
-        Time(k8s_openapi::jiff::Timestamp::now()),
+        now.clone(),
     );
     let next = status::with_numbers(next, done.checkpoint_shards, done.usage.as_ref(), previous);
+    let next = status::with_usage_read(next, done.usage_failure.as_deref(), previous, now);
     for event in transitions(previous, &next) {
         if let Err(e) = ctx.recorder.publish(&event, &monitor.object_ref(&())).await {
             warn!(error = %e, reason = %event.reason, "could not record Event");

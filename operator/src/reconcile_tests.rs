@@ -27,7 +27,7 @@ use super::{
 use crate::crd::{SessionMonitor, SessionMonitorStatus};
 use crate::desired::{CHECKSUM_ANNOTATION, MANAGER, ROLE_LABEL, config_checksum};
 use crate::metrics::Metrics;
-use crate::status::{DEGRADED, condition};
+use crate::status::{DEGRADED, USAGE_READ_FAILING, condition};
 use crate::testing::{NAME, NAMESPACE, UID, monitor};
 use crate::usage::{Source, Usage};
 use crate::validate::{paths, validate};
@@ -802,7 +802,9 @@ struct ApiServer {
 
 impl ApiServer {
     fn new() -> ApiServer {
-        ApiServer::reading_usage(Arc::new(|_, _| Box::pin(async { None })))
+        ApiServer::reading_usage(Arc::new(|_, _| {
+            Box::pin(async { Err("connection refused".to_owned()) })
+        }))
     }
 
     /// An [`ApiServer`] whose reconciler reads a ready service's usage from `source`.
@@ -1098,7 +1100,7 @@ async fn a_ready_monitor_shows_its_users_and_is_read_again_within_30_seconds() {
         Arc::new(move |host, port| {
             asked.lock().unwrap().push((host, port));
             Box::pin(async {
-                Some(Usage {
+                Ok(Usage {
                     active_users: Some(42),
                     active_sessions: Some(57),
                     last_event: Some(Time("2025-11-25T10:05:00Z".parse().unwrap())),
@@ -1131,9 +1133,10 @@ async fn a_ready_monitor_shows_its_users_and_is_read_again_within_30_seconds() {
             .get(),
         1
     );
+    // Through the HTTP Service's cluster IP, as the API server answered its apply: no DNS.
     assert_eq!(
         *asked.lock().unwrap(),
-        [("qlik-prod-http.qlik.svc".to_owned(), m.spec.metrics.port)]
+        [("10.96.14.8".to_owned(), m.spec.metrics.port)]
     );
     let status = run.status();
     assert_eq!(
@@ -1148,6 +1151,102 @@ async fn a_ready_monitor_shows_its_users_and_is_read_again_within_30_seconds() {
         (status.checkpoint_bytes, status.checkpoint_shards_in_use),
         (Some(12_345), Some(0))
     );
+}
+
+/// A read of the service that fails is a status condition that says why, and is tried again
+/// soon with back-off (once it waited for the 5-minute resync: a loaded CI machine saw the
+/// shard autopilot blind for minutes); a read that succeeds clears it.
+#[tokio::test]
+async fn a_failing_usage_read_is_a_condition_and_is_retried_with_backoff() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let m = with_credentials();
+    let answers = Arc::new(AtomicBool::new(false));
+    let source: Source = {
+        let answers = answers.clone();
+        Arc::new(move |host, port| {
+            let answers = answers.load(Ordering::SeqCst);
+            Box::pin(async move {
+                match answers {
+                    true => Ok(Usage {
+                        active_users: Some(7),
+                        ..Usage::default()
+                    }),
+                    false => Err(format!(
+                        "http://{host}:{port}/metrics did not answer within 5s"
+                    )),
+                }
+            })
+        })
+    };
+    let mut server = ApiServer::reading_usage(source);
+    let scenario = || Scenario::Applies {
+        shards: 2,
+        secrets: vec![secret(&["username", "password"])],
+        deployment: Rollout::Available,
+        monitoring: Monitoring::NotInstalled,
+    };
+    let first = server
+        .reconcile(
+            &m,
+            scenario().then([event("Normal", "Ready"), status_patch(&m)]),
+        )
+        .await;
+    assert_eq!(first.action(), Action::requeue(Duration::from_secs(2)));
+    let status = first.status();
+    let failing = condition(Some(&status), USAGE_READ_FAILING).expect("the condition");
+    assert_eq!(
+        (failing.status.as_str(), failing.reason.as_str()),
+        ("True", "ReadFailed")
+    );
+    assert_eq!(
+        failing.message,
+        "cannot read the service's /metrics: http://10.96.14.8:9842/metrics did not answer within 5s (1 reads in a row failed; next in 2s)"
+    );
+    assert_eq!(status.active_users, None, "unknown, not stale");
+
+    // Again: the delay doubles, the condition keeps the time it became true.
+    let mut again = m.clone();
+    again.status = Some(status.clone());
+    let second = server
+        .reconcile(&again, scenario().then([status_patch(&again)]))
+        .await;
+    assert_eq!(second.action(), Action::requeue(Duration::from_secs(4)));
+    let status = second.status();
+    let still = condition(Some(&status), USAGE_READ_FAILING).expect("still failing");
+    assert!(
+        still
+            .message
+            .contains("(2 reads in a row failed; next in 4s)"),
+        "{}",
+        still.message
+    );
+    assert_eq!(still.last_transition_time, failing.last_transition_time);
+    assert_eq!(
+        server
+            .ctx
+            .metrics
+            .usage_reads(crate::metrics::UsageRead::Failed)
+            .get(),
+        2
+    );
+
+    // It answers: the numbers, no condition, the normal refresh; a later failure starts at 2s.
+    answers.store(true, Ordering::SeqCst);
+    let mut failed_twice = m.clone();
+    failed_twice.status = Some(status);
+    let third = server
+        .reconcile(
+            &failed_twice,
+            scenario().then([status_patch(&failed_twice)]),
+        )
+        .await;
+    assert_eq!(third.action(), Action::requeue(USAGE_REFRESH));
+    let status = third.status();
+    assert!(
+        condition(Some(&status), USAGE_READ_FAILING).is_none(),
+        "{status:?}"
+    );
+    assert_eq!(status.active_users, Some(7));
 }
 
 #[tokio::test]
@@ -1168,14 +1267,16 @@ async fn an_available_deployment_makes_the_monitor_ready_and_the_secret_rolls_th
         .reconcile(&m, scenario.then([ready, status_patch(&m)]))
         .await;
 
-    assert_eq!(run.action(), Action::requeue(RESYNC));
+    // Its /metrics cannot be read (this verifier's source refuses): read again soon.
+    assert_eq!(run.action(), Action::requeue(Duration::from_secs(2)));
     let status = run.status();
     assert_eq!(
         summary(&status),
         [
             "Ready=True/Available",
             "Progressing=False/Complete",
-            "Degraded=False/Reconciled"
+            "Degraded=False/Reconciled",
+            "UsageReadFailing=True/ReadFailed"
         ]
     );
     // The Secret's resourceVersion is in the pod template's checksum: a rotated credential
@@ -1711,7 +1812,8 @@ async fn a_rejected_deployment_fails_the_reconcile_says_why_and_backs_off() {
         status_patch(&recovering),
     ]);
     let recovered = server.reconcile(&recovering, calls).await;
-    assert_eq!(recovered.action(), Action::requeue(RESYNC));
+    // Its service cannot be read here: read again soon, not at the resync.
+    assert_eq!(recovered.action(), Action::requeue(Duration::from_secs(2)));
     assert_eq!(summary(&recovered.status())[2], "Degraded=False/Reconciled");
     assert_eq!(
         error_policy(failed, error, server.ctx.clone()),
@@ -2306,7 +2408,7 @@ fn ready_going_away_is_a_warning_event_and_coming_back_a_normal_one() {
 fn wanting(wanted: u64) -> Source {
     Arc::new(move |_, _| {
         Box::pin(async move {
-            Some(Usage {
+            Ok(Usage {
                 active_users: Some(100_000),
                 active_sessions: Some(200_000),
                 checkpoint_shards_wanted: Some(wanted),

@@ -11,6 +11,8 @@ use crate::usage::Usage;
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
+/// True while the ready service's `/metrics` cannot be read (absent while it can).
+pub const USAGE_READ_FAILING: &str = "UsageReadFailing";
 /// Reason of `Degraded` when the Deployment exceeded its progress deadline.
 pub const ROLLOUT_FAILED: &str = "RolloutFailed";
 
@@ -175,6 +177,31 @@ pub fn with_numbers(
         checkpoint_shards_wanted: usage.checkpoint_shards_wanted,
         ..status
     }
+}
+
+/// `status` with the condition `UsageReadFailing` when the last read of the service failed
+/// (`failure` says why); without it when the read succeeded or was not tried. Present only while
+/// it is true, as an abnormal condition: the three others stay as they are.
+pub fn with_usage_read(
+    mut status: SessionMonitorStatus,
+    failure: Option<&str>,
+    previous: Option<&SessionMonitorStatus>,
+    now: Time,
+) -> SessionMonitorStatus {
+    if let Some(failure) = failure {
+        let since = condition(previous, USAGE_READ_FAILING)
+            .filter(|c| c.status == "True")
+            .map_or(now, |c| c.last_transition_time.clone());
+        status.conditions.push(Condition {
+            type_: USAGE_READ_FAILING.to_owned(),
+            status: "True".to_owned(),
+            reason: "ReadFailed".to_owned(),
+            message: format!("cannot read the service's /metrics: {failure}"),
+            observed_generation: status.observed_generation,
+            last_transition_time: since,
+        });
+    }
+    status
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,8 +15,11 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-/// How long one read of a service's `/metrics` may take; a reconcile waits for it.
-pub const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one read of a service's `/metrics` may take; a reconcile waits for it. The answer
+/// itself takes milliseconds, but a pod at its CPU limit on a busy node is throttled in 100 ms
+/// periods, and a connection through kube-proxy to it may wait for a retransmitted SYN (1 s):
+/// two seconds were too few on a loaded CI machine.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The numbers of one service, as its `/metrics` had them.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -62,28 +65,36 @@ pub fn parse(exposition: &str) -> Usage {
     usage
 }
 
-/// Where the reconciler gets a service's usage from: `(host, port)` → the numbers, `None` when
-/// the service cannot be read. Tests give a fixed one.
-pub type Source =
-    Arc<dyn Fn(String, u16) -> Pin<Box<dyn Future<Output = Option<Usage>> + Send>> + Send + Sync>;
+/// Where the reconciler gets a service's usage from: `(host, port)` → the numbers, or why the
+/// service could not be read. Tests give a fixed one.
+pub type Source = Arc<
+    dyn Fn(String, u16) -> Pin<Box<dyn Future<Output = Result<Usage, String>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// Reads `http://HOST:PORT/metrics` within [`FETCH_TIMEOUT`].
 pub fn over_http() -> Source {
     Arc::new(|host, port| {
         Box::pin(async move {
             match tokio::time::timeout(FETCH_TIMEOUT, get_metrics(&host, port)).await {
-                Ok(Ok(text)) => Some(parse(&text)),
-                Ok(Err(error)) => {
-                    tracing::debug!(%host, port, %error, "cannot read the service's /metrics");
-                    None
-                }
-                Err(_) => {
-                    tracing::debug!(%host, port, "the service's /metrics did not answer in time");
-                    None
-                }
+                Ok(Ok(text)) => Ok(parse(&text)),
+                Ok(Err(error)) => Err(format!("http://{host}:{port}/metrics: {error}")),
+                Err(_) => Err(format!(
+                    "http://{host}:{port}/metrics did not answer within {}s",
+                    FETCH_TIMEOUT.as_secs()
+                )),
             }
         })
     })
+}
+
+/// When to read again after `failures` reads in a row failed: soon, then less often, never
+/// later than the refresh of a healthy monitor (a failed read once waited for the 5-minute
+/// resync, and the status and the shard autopilot saw nothing meanwhile).
+pub fn retry_after(failures: u32, refresh: Duration) -> Duration {
+    let factor = 1u32 << failures.saturating_sub(1).min(8);
+    (Duration::from_secs(2) * factor).min(refresh)
 }
 
 /// `GET /metrics` in HTTP/1.0, so that the answer is the body up to the close (never chunked).
@@ -115,6 +126,14 @@ async fn get_metrics(host: &str, port: u16) -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_read_is_retried_soon_then_at_the_refresh() {
+        let refresh = Duration::from_secs(30);
+        let delays: Vec<u64> = (1..=7).map(|n| retry_after(n, refresh).as_secs()).collect();
+        assert_eq!(delays, [2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(retry_after(u32::MAX, refresh), refresh);
+    }
 
     const EXPOSITION: &str = "\
 # HELP session_monitor_active_users Distinct users with at least one active session.
@@ -153,7 +172,7 @@ process_resident_memory_bytes 1.2e7
     }
 
     #[tokio::test]
-    async fn a_real_socket_is_read_and_a_closed_port_is_none() {
+    async fn a_real_socket_is_read_and_a_closed_port_says_why() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         tokio::spawn(async move {
@@ -170,6 +189,11 @@ process_resident_memory_bytes 1.2e7
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let closed_port = closed.local_addr().unwrap().port();
         drop(closed);
-        assert_eq!(source("127.0.0.1".into(), closed_port).await, None);
+        let error = source("127.0.0.1".into(), closed_port).await.unwrap_err();
+        assert!(
+            error.contains(&format!("http://127.0.0.1:{closed_port}/metrics"))
+                && error.contains("refused"),
+            "{error}"
+        );
     }
 }
