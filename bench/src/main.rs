@@ -10,6 +10,8 @@ mod ingest;
 mod latency;
 mod loss;
 mod memory;
+mod parse;
+mod parse_before;
 mod payload;
 mod procs;
 mod realistic;
@@ -87,7 +89,7 @@ fn main() {
         }
         _ => {}
     }
-    // `--only NAME[,NAME]` runs some sections (ingest, loss, latency, memory, checkpoint,
+    // `--only NAME[,NAME]` runs some sections (ingest, parse, loss, latency, memory, checkpoint,
     // payload) and implies --no-write: BENCHMARKS.md is only written from a whole run.
     let args: Vec<String> = std::env::args().collect();
     let only: Option<Vec<String>> = args
@@ -149,6 +151,30 @@ fn main() {
                 Some(ingest.service.sent - ingest.service.counted == ingest.kernel_drops),
             ));
         }
+    }
+    if want("parse") {
+        step("parser: decode and parse 100,000 realistic datagrams, beside the parser before #22");
+        let p = parse::run(&ingest::pool(100_000), 20, 5);
+        let ratio = p.now_ns / p.before_ns;
+        rows.push(row(
+            format!(
+                "Parser: decode + parse per datagram ({} realistic datagrams: 10,000 users, 4 proxies, all three formats, half the connection messages with a user agent, 1 % malformed; one core)",
+                thousands(p.datagrams as f64)
+            ),
+            format!(
+                "{:.0} ns ({} accepted); now/before = {:.2}",
+                p.now_ns,
+                thousands(p.now_accepted as f64),
+                ratio
+            ),
+            "≤ 1.10 × before",
+            format!(
+                "the parser before #22 (lossy UTF-8, fields split at a fixed count; bench/src/parse_before.rs) {:.0} ns ({} accepted)",
+                p.before_ns,
+                thousands(p.before_accepted as f64)
+            ),
+            Some(ratio <= 1.10),
+        ));
     }
     if want("loss") {
         for (sessions, rate, seconds) in [(1_000_000, 20_000, 30), (100_000, 50_000, 15)] {
@@ -376,7 +402,7 @@ fn benchmarks_md(table: &str) -> String {
     format!(
         "# Benchmarks\n\n\
          Written by `cargo run --release -p session-monitor-bench` (a few minutes once built; \
-         `-- --no-write` only prints, `-- --only ingest,loss,latency,memory,checkpoint,payload` \
+         `-- --no-write` only prints, `-- --only ingest,parse,loss,latency,memory,checkpoint,payload` \
          runs some sections and writes nothing). Run it again after a change that touches a hot \
          path, and commit the result. The targets are the project's performance goals; each \
          figure stands beside its physical reference where there is one.\n\n\

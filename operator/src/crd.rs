@@ -108,6 +108,13 @@ pub struct SessionMonitorSpec {
     pub node_selector: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
+    /// How long the pod stays bound to a node that stopped answering (`not-ready`,
+    /// `unreachable`) before it is evicted and started elsewhere; default 30. Kubernetes' own
+    /// default is 300: five minutes without a listener and without counts. A toleration of
+    /// either key in `tolerations` wins over this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub node_lost_toleration_seconds: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -110,6 +110,34 @@ pub struct Plan {
     pub api_token: Option<ApiToken>,
 }
 
+/// How long the pod stays on a node that stopped answering, unless the spec says otherwise:
+/// the UDP listener and the counts are gone while it does, so not Kubernetes' five minutes.
+pub const DEFAULT_NODE_LOST_TOLERATION_SECONDS: i64 = 30;
+
+/// The taints the node lifecycle controller puts on a node that stopped answering.
+const NODE_LOST_TAINTS: [&str; 2] = [
+    "node.kubernetes.io/not-ready",
+    "node.kubernetes.io/unreachable",
+];
+
+/// The spec's tolerations, and for each node-lost taint the spec does not tolerate itself one
+/// that evicts the pod after `seconds` (instead of the 300 s Kubernetes' admission adds).
+fn with_node_lost_tolerations(spec: &[Toleration], seconds: i64) -> Vec<Toleration> {
+    let mut tolerations = spec.to_vec();
+    for taint in NODE_LOST_TAINTS {
+        if !spec.iter().any(|t| t.key.as_deref() == Some(taint)) {
+            tolerations.push(Toleration {
+                key: Some(taint.to_owned()),
+                operator: Some("Exists".to_owned()),
+                effect: Some("NoExecute".to_owned()),
+                toleration_seconds: Some(seconds),
+                value: None,
+            });
+        }
+    }
+    tolerations
+}
+
 /// What the pod needs beyond its configuration, as the spec gives it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodPlan {
@@ -395,7 +423,11 @@ pub fn validate_granted(
             image_pull_policy: spec.image_pull_policy,
             resources: spec.resources.clone(),
             node_selector: spec.node_selector.clone(),
-            tolerations: spec.tolerations.clone(),
+            tolerations: with_node_lost_tolerations(
+                &spec.tolerations,
+                spec.node_lost_toleration_seconds
+                    .unwrap_or(DEFAULT_NODE_LOST_TOLERATION_SECONDS),
+            ),
             affinity: spec.affinity.clone(),
             priority_class_name: spec.priority_class_name.clone(),
         },
@@ -824,6 +856,46 @@ mod tests {
         assert_eq!(settings.max_proxy_hosts, Some(50));
         let plan = validate(&testing::minimal(), "img").unwrap();
         assert!(!plan.config_toml().contains("max_proxy_hosts"));
+    }
+
+    #[test]
+    fn a_lost_node_evicts_the_pod_after_30_seconds_unless_the_spec_says_otherwise() {
+        let seconds = |plan: &Plan| -> Vec<(Option<String>, Option<i64>)> {
+            plan.pod
+                .tolerations
+                .iter()
+                .map(|t| (t.key.clone(), t.toleration_seconds))
+                .collect()
+        };
+        let plan = validate(&testing::minimal(), "img").unwrap();
+        assert_eq!(
+            seconds(&plan),
+            [
+                (Some("node.kubernetes.io/not-ready".into()), Some(30)),
+                (Some("node.kubernetes.io/unreachable".into()), Some(30)),
+            ]
+        );
+        assert!(
+            plan.pod
+                .tolerations
+                .iter()
+                .all(|t| t.effect.as_deref() == Some("NoExecute")
+                    && t.operator.as_deref() == Some("Exists"))
+        );
+        let spec = json!({"mqtt": {"url": "mqtt://b"}, "nodeLostTolerationSeconds": 120,
+            "tolerations": [{"key": "node.kubernetes.io/unreachable", "operator": "Exists",
+                             "effect": "NoExecute", "tolerationSeconds": 600},
+                            {"key": "dedicated", "operator": "Equal", "value": "qlik", "effect": "NoSchedule"}]});
+        let plan = validate(&monitor(spec), "img").unwrap();
+        // The spec's own toleration of a key wins; the other key takes the spec's seconds.
+        assert_eq!(
+            seconds(&plan),
+            [
+                (Some("node.kubernetes.io/unreachable".into()), Some(600)),
+                (Some("dedicated".into()), None),
+                (Some("node.kubernetes.io/not-ready".into()), Some(120)),
+            ]
+        );
     }
 
     #[test]

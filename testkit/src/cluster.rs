@@ -50,6 +50,8 @@ pub struct Cluster {
     minor: u32,
     runtime: tokio::runtime::Runtime,
     client: kube::Client,
+    /// Kinds (custom resources) whose objects a namespace prints when its test fails.
+    explained: std::sync::Mutex<Vec<kube::core::ApiResource>>,
 }
 
 impl Cluster {
@@ -111,6 +113,7 @@ impl Cluster {
             minor: 0,
             runtime,
             client,
+            explained: std::sync::Mutex::default(),
         };
         let what = format!(
             "the API server of {variable}={}",
@@ -132,6 +135,15 @@ impl Cluster {
             }
         }
         cluster
+    }
+
+    /// When a test fails, each of its namespaces prints its objects of this kind too (e.g. the
+    /// SessionMonitors, whose status says what the operator saw).
+    pub fn explain_on_failure(&self, kind: kube::core::ApiResource) {
+        self.explained
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(kind);
     }
 
     /// Applies a CustomResourceDefinition (server-side and forced, so that tests running in
@@ -355,10 +367,125 @@ impl<'c> TestNamespace<'c> {
     }
 }
 
+impl TestNamespace<'_> {
+    /// What a failed test's log needs to explain itself: every pod's state and the end of each
+    /// container's log (the previous container's too, after a restart), the namespace's Events in
+    /// order, and its objects of the kinds [`Cluster::explain_on_failure`] names. Best effort and
+    /// bounded in time: a cluster that does not answer leaves a line saying so.
+    fn explain(&self) {
+        use k8s_openapi::api::core::v1::{Event, Pod};
+        use kube::api::{DynamicObject, LogParams};
+        let name = &self.name;
+        let pods: Api<Pod> = self.api();
+        let events: Api<Event> = self.api();
+        let kinds = self
+            .cluster
+            .explained
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let client = self.cluster.client.clone();
+        let report = self.cluster.runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(30), async {
+                let mut out = format!("\n===== namespace {name}: what the cluster saw =====\n");
+                match pods.list(&ListParams::default()).await {
+                    Ok(list) => {
+                        for pod in list {
+                            let pod_name = pod.name_any();
+                            let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
+                            out += &format!("--- pod {pod_name} ({phase:?})\n");
+                            for c in pod.status.iter().flat_map(|s| s.container_statuses.iter().flatten()) {
+                                out += &format!(
+                                    "container {}: ready={} restarts={} state={:?} last={:?}\n",
+                                    c.name, c.ready, c.restart_count, c.state, c.last_state
+                                );
+                                for previous in [true, false] {
+                                    if previous && c.restart_count == 0 {
+                                        continue;
+                                    }
+                                    let params = LogParams {
+                                        container: Some(c.name.clone()),
+                                        tail_lines: Some(150),
+                                        previous,
+                                        ..LogParams::default()
+                                    };
+                                    let which = if previous { "previous log" } else { "log" };
+                                    match pods.logs(&pod_name, &params).await {
+                                        Ok(log) => out += &format!("--- {pod_name}/{} {which} (last 150 lines)\n{log}\n", c.name),
+                                        Err(e) => out += &format!("--- {pod_name}/{} {which}: {e}\n", c.name),
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => out += &format!("cannot list pods: {e}\n"),
+                }
+                match events.list(&ListParams::default()).await {
+                    Ok(list) => {
+                        let mut list = list.items;
+                        list.sort_by_key(|e| {
+                            e.last_timestamp
+                                .as_ref()
+                                .map(|t| t.0)
+                                .or_else(|| e.event_time.as_ref().map(|t| t.0))
+                        });
+                        out += &format!("--- {} Events\n", list.len());
+                        for e in list {
+                            out += &format!(
+                                "{} {} {}/{} {}: {} (x{})\n",
+                                e.last_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default(),
+                                e.type_.unwrap_or_default(),
+                                e.involved_object.kind.unwrap_or_default(),
+                                e.involved_object.name.unwrap_or_default(),
+                                e.reason.unwrap_or_default(),
+                                e.message.unwrap_or_default(),
+                                e.count.unwrap_or(1)
+                            );
+                        }
+                    }
+                    Err(e) => out += &format!("cannot list Events: {e}\n"),
+                }
+                for kind in kinds {
+                    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), name, &kind);
+                    match api.list(&ListParams::default()).await {
+                        Ok(list) => {
+                            for object in list {
+                                let shown = serde_json::json!({
+                                    "spec": object.data.get("spec"),
+                                    "status": object.data.get("status"),
+                                });
+                                out += &format!(
+                                    "--- {} {}\n{}\n",
+                                    kind.kind,
+                                    object.name_any(),
+                                    serde_json::to_string_pretty(&shown).unwrap_or_default()
+                                );
+                            }
+                        }
+                        Err(e) => out += &format!("cannot list {}: {e}\n", kind.plural),
+                    }
+                }
+                out
+            })
+            .await
+        });
+        match report {
+            Ok(report) => eprintln!("{report}===== end of namespace {name} ====="),
+            Err(_) => eprintln!(
+                "namespace {name}: the cluster did not answer within 30 s; nothing to show"
+            ),
+        }
+    }
+}
+
 impl Drop for TestNamespace<'_> {
     fn drop(&mut self) {
         if self.deleted {
             return;
+        }
+        // A failed test's log is all CI keeps: say what the cluster saw before it goes.
+        if std::thread::panicking() {
+            self.explain();
         }
         let services = self.api::<Service>();
         let api: Api<Namespace> = Api::all(self.cluster.client.clone());

@@ -618,6 +618,9 @@ fn the_product_runs_in_a_real_cluster() {
     let Some(cluster) = Cluster::from_cluster_env("the_product_runs_in_a_real_cluster") else {
         return;
     };
+    // A failing step prints each namespace's pods and their logs (the operator's, the service's),
+    // its Events and the monitors' status: CI's log alone explains it.
+    cluster.explain_on_failure(monitor_resource());
     let (repository, tag) = image();
 
     // 1. helm install, as the README says (`--create-namespace`; a namespace of the test's).
@@ -686,6 +689,23 @@ fn the_product_runs_in_a_real_cluster() {
     let first_pod = ready_pods(&qlik, &pod_selector)
         .pop()
         .expect("the service pod is ready once the monitor is");
+    // A lost node evicts it after 30 s, not Kubernetes' 300 (the admission plugin adds its
+    // 300 s tolerations only where the pod has none of that key).
+    let lost: Vec<(String, Option<i64>)> = first_pod
+        .spec
+        .iter()
+        .flat_map(|s| s.tolerations.iter().flatten())
+        .filter(|t| t.effect.as_deref() == Some("NoExecute"))
+        .map(|t| (t.key.clone().unwrap_or_default(), t.toleration_seconds))
+        .collect();
+    assert_eq!(
+        lost,
+        [
+            ("node.kubernetes.io/not-ready".to_owned(), Some(30)),
+            ("node.kubernetes.io/unreachable".to_owned(), Some(30)),
+        ],
+        "the pod's node-lost tolerations"
+    );
 
     // 4. Datagrams from outside the cluster to the NodePort → exact state on MQTT and HTTP.
     // kube-proxy programs a new NodePort within a second or so, and a datagram that arrives
