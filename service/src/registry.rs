@@ -140,6 +140,16 @@ impl User {
     }
 }
 
+/// Whether a restore ends the memory of the stops and closes seen before it (see
+/// [`before_restore`]): it does, unless a handover's checkpoint is still to come.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestoreEnds {
+    Yes,
+    /// A standby pod's restore: the pod that still runs writes a later checkpoint at its stop,
+    /// and [`ShardedRegistry::take_over`] loads it with what this pod has seen since.
+    AtTakeOver,
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Session {
     user: UserId,
@@ -151,6 +161,9 @@ struct Session {
     /// so matching it again proves nothing about the ids events carry (see [`reconcile`]).
     /// Fits the struct's padding: no memory per session.
     from_api: bool,
+    /// Loaded from a checkpoint and not named by an event since: what a later checkpoint of the
+    /// same registry (a handover's, [`Registry::take_over`]) knows better. In the padding too.
+    restored: bool,
 }
 
 /// Sessions keyed by proxy session id. Qlik's ids are lower-case GUIDs: kept as their 16 bytes
@@ -446,6 +459,11 @@ impl Registry {
             }
             Command::StopSession => match self.remove(&key) {
                 Some(session) => {
+                    // While a restore (or a handover's second one) is pending, a checkpoint may
+                    // still hold this session: the stop must keep it from coming back.
+                    let named = before_restore::Named::of_event(event.proxy_session_id, event.host);
+                    self.before_restore
+                        .stopped(event.user_directory, event.user_id, named, now);
                     let h = &mut self.hosts[session.host as usize];
                     h.last_event = h.last_event.max(now);
                     if self.stops.enabled() {
@@ -468,7 +486,19 @@ impl Registry {
                         }
                         Command::StartSession | Command::StopSession => {}
                     }
+                    // A start or an open says the session lives on here; a close does not (the
+                    // proxy may log a tab's close after the session's stop, which a handover's
+                    // checkpoint may hold): a restored session closed here stays the
+                    // checkpoint's to decide, and the close is remembered for it.
+                    let restored_close = session.restored && command == Command::CloseConnection;
+                    session.restored = restored_close;
                     let host = session.host;
+                    if restored_close {
+                        let named =
+                            before_restore::Named::of_event(event.proxy_session_id, event.host);
+                        self.before_restore
+                            .closed(event.user_directory, event.user_id, named, now);
+                    }
                     let h = &mut self.hosts[host as usize];
                     h.last_event = h.last_event.max(now);
                     Outcome::SessionRefreshed
@@ -558,7 +588,32 @@ impl Registry {
     /// fewer (see the module `before_restore`). Returns how many sessions were restored. Ends
     /// the restore ([`Registry::end_restore`] says what the events before it did).
     pub fn restore(&mut self, records: &[SessionRecord], now: UnixMillis) -> usize {
-        self.restore_gated(records.iter().map(RestoreRecord::from), now, &mut |_| true)
+        self.restore_gated(
+            records.iter().map(RestoreRecord::from),
+            now,
+            &mut |_| true,
+            RestoreEnds::Yes,
+        )
+    }
+
+    /// Removes the sessions a restore loaded that no event has named since: a handover's
+    /// checkpoint, written later by the pod that kept running meanwhile, says what became of
+    /// them ([`ShardedRegistry::take_over`]). Returns how many went.
+    pub(crate) fn drop_untouched_restored(&mut self) -> usize {
+        let mut removed = Vec::new();
+        let mut keep = |session: &Session| -> bool {
+            if session.restored {
+                removed.push((session.host, session.user));
+            }
+            !session.restored
+        };
+        self.by_session_id.retain(&mut keep);
+        self.by_host_user.retain(|_, s| keep(s));
+        let count = removed.len();
+        for (host, user) in removed {
+            self.release(host, user);
+        }
+        count
     }
 
     /// [`Registry::restore`] with a host limit beyond this registry's (see
@@ -568,6 +623,7 @@ impl Registry {
         records: impl Iterator<Item = RestoreRecord<'r>>,
         now: UnixMillis,
         admit_host: &mut dyn FnMut(&str) -> bool,
+        ends: RestoreEnds,
     ) -> usize {
         let mut restored = 0;
         // A checkpoint names a few hosts a million times: resolve each name once.
@@ -620,6 +676,7 @@ impl Registry {
                 last_seen: r.last_seen,
                 open_connections: r.open_connections,
                 from_api: false,
+                restored: true,
             };
             // Not already live (checked above), so this adds a session.
             match r.id {
@@ -635,7 +692,9 @@ impl Registry {
             restored += 1;
         }
         // Under the same lock as the restore: from here on a stop finds the session restored.
-        self.before_restore.end();
+        if ends == RestoreEnds::Yes {
+            self.before_restore.end();
+        }
         restored
     }
 
@@ -834,6 +893,7 @@ impl Registry {
             last_seen: now,
             open_connections,
             from_api: false,
+            restored: false,
         };
         match event.proxy_session_id {
             Some(id) => self.by_session_id.insert(id, session),

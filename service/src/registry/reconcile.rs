@@ -317,6 +317,7 @@ impl Registry {
             last_seen: at,
             open_connections: 0,
             from_api: true,
+            restored: false,
         };
         match api_id.is_empty() {
             true => self.by_host_user.insert((host, user_id), session),

@@ -22,7 +22,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use super::{
     Expired, ExpiryPolicy, HostSummary, ListedUser, Outcome, Pairing, Reconciled, Registry,
-    RestoreEnd, RestoreMemoryCap, RestoreRecord, SessionRecord, UnixMillis, UserView,
+    RestoreEnd, RestoreEnds, RestoreMemoryCap, RestoreRecord, SessionRecord, UnixMillis, UserView,
     push_lowercase,
 };
 use crate::checkpoint::codec::{BodyWriter, Decoded};
@@ -281,7 +281,12 @@ impl ShardedRegistry {
             .map(|(records, shard)| {
                 let records = records.into_iter().map(RestoreRecord::from);
                 self.counting(shard, |r| {
-                    r.restore_gated(records, now, &mut |name| self.admit_host(name))
+                    r.restore_gated(
+                        records,
+                        now,
+                        &mut |name| self.admit_host(name),
+                        RestoreEnds::Yes,
+                    )
                 })
             })
             .sum()
@@ -292,6 +297,36 @@ impl ShardedRegistry {
     /// its sessions. Shards are independent, so at start-up (when nothing else needs the CPUs)
     /// they are filled on every available core.
     pub fn restore_decoded(&self, checkpoint: &Decoded, now: UnixMillis) -> usize {
+        self.restore_decoded_as(checkpoint, now, RestoreEnds::Yes)
+    }
+
+    /// Takes over from the pod that wrote `checkpoint` when it stopped (a rollout's handover):
+    /// this registry restored an earlier checkpoint ([`RestoreEnds::AtTakeOver`]) and has since
+    /// applied the events that reached it. The sessions of that earlier checkpoint that no event
+    /// has named since are replaced by what `checkpoint` says of them (gone if it lacks them:
+    /// stopped or expired at the other pod); the sessions events named here stay as they are;
+    /// the sessions that started at the other pod are added, unless a stop for them came here.
+    /// Then the restore ends. Returns (sessions dropped, sessions loaded). One shard locked at a
+    /// time, each for its own sessions.
+    pub fn take_over(&self, checkpoint: &Decoded, now: UnixMillis) -> (usize, usize) {
+        let mut dropped = 0;
+        for shard in self.shards.iter() {
+            dropped += self.counting(shard, Registry::drop_untouched_restored);
+        }
+        (
+            dropped,
+            self.restore_decoded_as(checkpoint, now, RestoreEnds::Yes),
+        )
+    }
+
+    /// [`ShardedRegistry::restore_decoded`], leaving the restore pending when `ends` says so
+    /// (a standby pod's, until [`ShardedRegistry::take_over`]).
+    pub fn restore_decoded_as(
+        &self,
+        checkpoint: &Decoded,
+        now: UnixMillis,
+        ends: RestoreEnds,
+    ) -> usize {
         self.restore_hosts(&checkpoint.hosts);
         let mut by_shard: Vec<Vec<RestoreRecord<'_>>> = vec![Vec::new(); self.shards.len()];
         for segment in &checkpoint.segments {
@@ -324,9 +359,12 @@ impl ShardedRegistry {
                 .step_by(workers)
                 .map(|(records, shard)| {
                     self.counting(shard, |r| {
-                        r.restore_gated(records.iter().copied(), now, &mut |name| {
-                            self.admit_host(name)
-                        })
+                        r.restore_gated(
+                            records.iter().copied(),
+                            now,
+                            &mut |name| self.admit_host(name),
+                            ends,
+                        )
                     })
                 })
                 .sum()
@@ -743,6 +781,82 @@ mod tests {
             .collect()
     }
 
+    /// The handover's cases one by one (the property test below mixes them).
+    #[test]
+    fn a_handover_replaces_untouched_sessions_and_keeps_what_came_to_the_new_pod() {
+        let new = || ShardedRegistry::new(ExpiryPolicy::default(), Exclusions::default(), 8, 4);
+        let at = |s: u64| UnixMillis(NOW.0 + s * 1000);
+        let decoded = |r: &ShardedRegistry, t: UnixMillis| {
+            let (body, _) = r.write_checkpoint(t);
+            crate::checkpoint::codec::decode_segments(&body.finish()).unwrap()
+        };
+        let old = new();
+        for (user, sid) in [
+            ("kept", "s1"),
+            ("stopped_old", "s2"),
+            ("stopped_new", "s3"),
+            ("touched_new", "s4"),
+        ] {
+            old.apply(&event(Command::StartSession, "qs1", user, Some(sid)), at(1));
+        }
+        old.apply(&event(Command::OpenConnection, "qs2", "no_id", None), at(1));
+        let standby = new();
+        standby.restore_decoded_as(&decoded(&old, at(2)), at(3), RestoreEnds::AtTakeOver);
+        // Meanwhile, at the old pod: a stop, a new session; at the new one: a stop, a refresh,
+        // a new session, and the stop of the session without an id.
+        old.apply(
+            &event(Command::StopSession, "qs1", "stopped_old", Some("s2")),
+            at(4),
+        );
+        old.apply(
+            &event(Command::StartSession, "qs1", "started_old", Some("s5")),
+            at(4),
+        );
+        standby.apply(
+            &event(Command::StopSession, "qs1", "stopped_new", Some("s3")),
+            at(5),
+        );
+        standby.apply(
+            &event(Command::OpenConnection, "qs1", "touched_new", Some("s4")),
+            at(5),
+        );
+        standby.apply(
+            &event(Command::StartSession, "qs1", "started_new", Some("s6")),
+            at(5),
+        );
+        standby.apply(&event(Command::StopSession, "qs2", "no_id", None), at(5));
+        let (dropped, loaded) = standby.take_over(&decoded(&old, at(6)), at(7));
+        let mut names = standby.user_names();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "LAB\\kept",
+                "LAB\\started_new",
+                "LAB\\started_old",
+                "LAB\\touched_new"
+            ],
+            "dropped {dropped}, loaded {loaded}"
+        );
+        assert_eq!(standby.active_sessions(), 4);
+        assert_eq!(standby.remembered_before_restore(), 0);
+
+        // A session without an id that stopped at the old pod, in a registry of one shard.
+        let one = || ShardedRegistry::new(ExpiryPolicy::default(), Exclusions::default(), 8, 1);
+        let old = one();
+        old.apply(&event(Command::OpenConnection, "qs2", "u6", None), at(1));
+        let standby = one();
+        standby.restore_decoded_as(&decoded(&old, at(2)), at(3), RestoreEnds::AtTakeOver);
+        old.apply(&event(Command::StopSession, "qs2", "u6", None), at(4));
+        standby.apply(&event(Command::StartSession, "qs1", "u0", None), at(5));
+        let (dropped, loaded) = standby.take_over(&decoded(&old, at(6)), at(7));
+        assert_eq!(
+            standby.user_names(),
+            ["LAB\\u0"],
+            "dropped {dropped}, loaded {loaded}"
+        );
+    }
+
     /// The service's start: a stop or close that arrives while the checkpoint loads, for a
     /// session only the checkpoint holds, counts as if it had come after the restore, in
     /// whichever shard the user lands.
@@ -902,6 +1016,69 @@ mod tests {
 
         /// Whatever the sessions, the shards and the stops and closes that come while the
         /// checkpoint loads, the registry ends as if they had come after the restore.
+        /// A rollout's handover: the old pod keeps running after the new one restored its
+        /// checkpoint, each proxy's events move from the old pod to the new one at a moment of
+        /// their own, and the old pod's last checkpoint is taken over. The new pod then holds
+        /// exactly the sessions one pod that saw every event would.
+        #[test]
+        fn a_handover_holds_the_sessions_one_pod_would(
+            before in proptest::collection::vec((0..4usize, 0..3usize, 0..12usize, proptest::option::of(0..6usize)), 0..80),
+            during in proptest::collection::vec((0..4usize, 0..3usize, 0..12usize, proptest::option::of(0..6usize)), 0..120),
+            after in proptest::collection::vec((0..4usize, 0..3usize, 0..12usize, proptest::option::of(0..6usize)), 0..40),
+            moved_at in proptest::collection::vec(0..120usize, 3),
+            shards in 1..9usize,
+        ) {
+            let commands = [Command::StartSession, Command::StopSession, Command::OpenConnection, Command::CloseConnection];
+            let hosts = ["qs1", "qs2", "qs3"];
+            let users: Vec<String> = (0..12).map(|i| format!("u{i}")).collect();
+            // A proxy session id belongs to one user on one proxy.
+            let sid = |u: usize, h: usize, i: usize| if i.is_multiple_of(2) { format!("{u:08x}-2a1e-4d4a-8b9f-{h:04x}{i:08x}") } else { format!("s{u}-{h}-{i}") };
+            let new = || ShardedRegistry::new(ExpiryPolicy::default(), Exclusions::default(), 8, shards);
+            let (old, truth) = (new(), new());
+            // A second a step, well within the idle timeout: nothing expires.
+            let mut clock = NOW.0;
+            let mut tick = || { clock += 1000; UnixMillis(clock) };
+            let apply = |r: &ShardedRegistry, (c, h, u, s): (usize, usize, usize, Option<usize>), at: UnixMillis| {
+                let id = s.map(|s| sid(u, h, s));
+                r.apply(&event(commands[c], hosts[h], &users[u], id.as_deref()), at);
+            };
+            for e in before {
+                let at = tick();
+                apply(&old, e, at);
+                apply(&truth, e, at);
+            }
+            let (body, _) = old.write_checkpoint(tick());
+            let first = crate::checkpoint::codec::decode_segments(&body.finish()).unwrap();
+            let standby = new();
+            standby.restore_decoded_as(&first, tick(), RestoreEnds::AtTakeOver);
+            for (i, e) in during.into_iter().enumerate() {
+                let at = tick();
+                let to = if i >= moved_at[e.1] { &standby } else { &old };
+                apply(to, e, at);
+                apply(&truth, e, at);
+            }
+            let (body, _) = old.write_checkpoint(tick());
+            let last = crate::checkpoint::codec::decode_segments(&body.finish()).unwrap();
+            standby.take_over(&last, tick());
+            prop_assert_eq!(standby.remembered_before_restore(), 0);
+            for e in after {
+                let at = tick();
+                apply(&standby, e, at);
+                apply(&truth, e, at);
+            }
+            let sessions = |r: &ShardedRegistry| {
+                let mut keys: Vec<_> = r.snapshot().into_iter()
+                    .map(|s| (s.proxy_session_id, s.host, s.user_id))
+                    .collect();
+                keys.sort();
+                keys
+            };
+            prop_assert_eq!(sessions(&standby), sessions(&truth));
+            prop_assert_eq!(standby.user_names(), truth.user_names());
+            prop_assert_eq!(standby.active_sessions(), truth.active_sessions());
+            prop_assert_eq!(standby.active_sessions(), standby.sum(Registry::active_sessions));
+        }
+
         #[test]
         fn events_before_the_restore_count_as_if_after_it(
             events in proptest::collection::vec((0..4usize, 0..3usize, 0..12usize, proptest::option::of(0..6usize), 0..40u64), 1..150),
