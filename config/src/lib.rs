@@ -312,6 +312,14 @@ pub struct Settings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_configmap: Option<String>,
 
+    /// One checkpoint writer at a time: hold this Lease (beside the ConfigMaps) to write them; a
+    /// pod that starts while another holds it counts from the checkpoint and its own datagrams,
+    /// and takes over the holder's last checkpoint when the holder stops (a rollout's handover)
+    /// [default: none, this process is the only writer]
+    #[arg(long, env = "SESSION_MONITOR_CHECKPOINT_LEASE", value_name = "NAME")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_lease: Option<String>,
+
     /// Namespace of the checkpoint ConfigMaps [default: the pod's, else the kubeconfig's]
     #[arg(
         long,
@@ -734,6 +742,8 @@ pub enum CheckpointStoreConfig {
         namespace: Option<String>,
         /// Shards `name-1` … `name-<max_shards>`.
         max_shards: usize,
+        /// The Lease whose holder alone writes the checkpoint (`checkpoint_lease`).
+        lease: Option<String>,
     },
 }
 
@@ -1033,10 +1043,13 @@ fn api_token(s: &Settings) -> Result<Option<ApiToken>, ConfigError> {
 /// The checkpoint store the settings name, alone: the service reads it again from a changed file.
 pub fn checkpoint_store(s: &Settings) -> Result<CheckpointStoreConfig, ConfigError> {
     let Some(name) = &s.checkpoint_configmap else {
-        if s.checkpoint_namespace.is_some() || s.checkpoint_configmap_shards.is_some() {
+        if s.checkpoint_namespace.is_some()
+            || s.checkpoint_configmap_shards.is_some()
+            || s.checkpoint_lease.is_some()
+        {
             return Err(invalid(
                 "checkpoint_configmap",
-                "checkpoint_namespace and checkpoint_configmap_shards need it",
+                "checkpoint_namespace, checkpoint_configmap_shards and checkpoint_lease need it",
             ));
         }
         let path = s
@@ -1075,10 +1088,19 @@ pub fn checkpoint_store(s: &Settings) -> Result<CheckpointStoreConfig, ConfigErr
             format!("{ns:?} is not a valid namespace name"),
         ));
     }
+    if let Some(lease) = &s.checkpoint_lease
+        && !is_dns_subdomain(lease)
+    {
+        return Err(invalid(
+            "checkpoint_lease",
+            format!("{lease:?} is not a valid Lease name (lower-case DNS subdomain)"),
+        ));
+    }
     Ok(CheckpointStoreConfig::ConfigMap {
         name: name.clone(),
         namespace: s.checkpoint_namespace.clone(),
         max_shards,
+        lease: s.checkpoint_lease.clone(),
     })
 }
 
@@ -1446,9 +1468,27 @@ mod tests {
             CheckpointStoreConfig::ConfigMap {
                 name: "smon-checkpoint".into(),
                 namespace: None,
-                max_shards: 8
+                max_shards: 8,
+                lease: None,
             }
         );
+        let with_lease = |lease: &str| Settings {
+            checkpoint_lease: Some(lease.into()),
+            ..cm("smon-checkpoint")
+        };
+        assert!(matches!(
+            config(with_lease("smon-writer")).unwrap().checkpoint.store,
+            CheckpointStoreConfig::ConfigMap { lease: Some(l), .. } if l == "smon-writer"
+        ));
+        let e = config(with_lease("Bad_Name")).unwrap_err().to_string();
+        assert!(e.contains("`checkpoint_lease`"), "{e}");
+        let e = config(Settings {
+            checkpoint_lease: Some("x".into()),
+            ..Settings::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("checkpoint_lease need"), "{e}");
         for bad in ["Upper", "-x", "a_b", ""] {
             let e = config(cm(bad)).unwrap_err().to_string();
             assert!(e.contains("`checkpoint_configmap`"), "{bad}: {e}");

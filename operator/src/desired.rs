@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
@@ -120,14 +122,32 @@ fn metadata(plan: &Plan, owner: &OwnerReference, name: &str) -> ObjectMeta {
 fn role(plan: &Plan, owner: &OwnerReference) -> Role {
     Role {
         metadata: metadata(plan, owner, &plan.name),
-        rules: Some(vec![PolicyRule {
-            api_groups: Some(vec![String::new()]),
-            resources: Some(vec!["configmaps".into()]),
-            // Named objects only: the service can read and replace its checkpoints, nothing else.
-            resource_names: Some(plan.checkpoint_configmaps()),
-            verbs: vec!["get".into(), "update".into()],
-            ..PolicyRule::default()
-        }]),
+        rules: Some(vec![
+            PolicyRule {
+                api_groups: Some(vec![String::new()]),
+                resources: Some(vec!["configmaps".into()]),
+                // Named objects only: the service can read and replace its checkpoints, nothing
+                // else.
+                resource_names: Some(plan.checkpoint_configmaps()),
+                verbs: vec!["get".into(), "update".into()],
+                ..PolicyRule::default()
+            },
+            // The checkpoint writer's Lease (kube-lease-manager reads it and applies it).
+            PolicyRule {
+                api_groups: Some(vec!["coordination.k8s.io".into()]),
+                resources: Some(vec!["leases".into()]),
+                resource_names: Some(vec![crate::validate::checkpoint_lease_name(&plan.name)]),
+                verbs: vec!["get".into(), "patch".into()],
+                ..PolicyRule::default()
+            },
+            // Its first creation: RBAC cannot limit `create` to a name.
+            PolicyRule {
+                api_groups: Some(vec!["coordination.k8s.io".into()]),
+                resources: Some(vec!["leases".into()]),
+                verbs: vec!["create".into()],
+                ..PolicyRule::default()
+            },
+        ]),
     }
 }
 
@@ -218,17 +238,22 @@ fn deployment(
         ..Volume::default()
     }];
     let mut mounts = vec![mount("config", paths::CONFIG_DIR)];
-    let mut env = vec![EnvVar {
-        name: "POD_NAMESPACE".into(),
+    let from_field = |name: &str, field_path: &str| EnvVar {
+        name: name.into(),
         value_from: Some(EnvVarSource {
             field_ref: Some(ObjectFieldSelector {
-                field_path: "metadata.namespace".into(),
+                field_path: field_path.into(),
                 ..ObjectFieldSelector::default()
             }),
             ..EnvVarSource::default()
         }),
         ..EnvVar::default()
-    }];
+    };
+    // The pod's name is who holds the checkpoint writer's Lease.
+    let mut env = vec![
+        from_field("POD_NAMESPACE", "metadata.namespace"),
+        from_field("POD_NAME", "metadata.name"),
+    ];
     for variable in &plan.secret_env {
         env.push(EnvVar {
             name: variable.name.into(),
@@ -322,10 +347,16 @@ fn deployment(
             // One replica: the registry is one process's memory, and UDP events cannot be
             // split between replicas without losing the per-user view.
             replicas: Some(1),
-            // The old pod stops (and writes its final checkpoint) before the new one restores.
+            // A surge: the new pod is ready (restored, listening) before the old one stops, so
+            // the Services always have an endpoint. Only the holder of the checkpoint Lease
+            // writes; the old pod writes its last checkpoint when it stops, and the new one
+            // takes it over (the service's `checkpoint::lease`).
             strategy: Some(DeploymentStrategy {
-                type_: Some("Recreate".into()),
-                ..DeploymentStrategy::default()
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
             }),
             selector: LabelSelector {
                 match_labels: Some(selector_labels(plan)),
@@ -623,7 +654,24 @@ mod tests {
     fn the_service_may_only_read_and_replace_its_own_checkpoints() {
         let (plan, d) = built(&testing::example());
         let rules = d.role.rules.unwrap();
-        assert_eq!(rules.len(), 1);
+        assert_eq!(rules.len(), 3);
+        // Its checkpoint writer's Lease: read and applied by name, created once.
+        for lease in &rules[1..] {
+            assert_eq!(
+                lease.api_groups,
+                Some(vec!["coordination.k8s.io".to_owned()])
+            );
+            assert_eq!(lease.resources, Some(vec!["leases".to_owned()]));
+        }
+        assert_eq!(
+            rules[1].resource_names,
+            Some(vec!["qlik-prod-writer".to_owned()])
+        );
+        assert_eq!(rules[1].verbs, ["get", "patch"]);
+        assert_eq!(
+            (rules[2].resource_names.as_ref(), rules[2].verbs.as_slice()),
+            (None, &["create".to_owned()][..])
+        );
         assert_eq!(rules[0].api_groups, Some(vec![String::new()]));
         assert_eq!(rules[0].resources, Some(vec!["configmaps".to_owned()]));
         assert_eq!(rules[0].verbs, ["get", "update"]);
@@ -666,7 +714,13 @@ mod tests {
         let (_, d) = built(&testing::example());
         let spec = d.deployment.spec.unwrap();
         assert_eq!(spec.replicas, Some(1));
-        assert_eq!(spec.strategy.unwrap().type_.as_deref(), Some("Recreate"));
+        let strategy = spec.strategy.unwrap();
+        assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+        let surge = strategy.rolling_update.unwrap();
+        assert_eq!(
+            (surge.max_surge, surge.max_unavailable),
+            (Some(IntOrString::Int(1)), Some(IntOrString::Int(0)))
+        );
         assert_eq!(spec.selector.match_labels.unwrap().len(), 2);
         let pod = spec.template.spec.unwrap();
         assert_eq!(pod.service_account_name.as_deref(), Some(NAME));
@@ -862,7 +916,7 @@ mod tests {
         assert!(
             rules
                 .iter()
-                .all(|r| r.resources == Some(vec!["configmaps".to_owned()]))
+                .all(|r| !r.resources.iter().flatten().any(|x| x == "secrets"))
         );
     }
 
@@ -1087,7 +1141,7 @@ mod tests {
         assert!(
             rules
                 .iter()
-                .all(|r| r.resources == Some(vec!["configmaps".to_owned()]))
+                .all(|r| !r.resources.iter().flatten().any(|x| x == "secrets"))
         );
     }
 

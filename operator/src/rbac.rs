@@ -49,8 +49,12 @@ pub const OPERATOR_RULES: &[(&str, &str, &[&str])] = &[
 ];
 
 /// What the service's Role grants, which Kubernetes only lets the operator grant if it holds
-/// the same permissions itself (RBAC's escalation check).
-pub const GRANTED_TO_SERVICE: (&str, &str, &[&str]) = ("", "configmaps", &["get", "update"]);
+/// the same permissions itself (RBAC's escalation check): its checkpoint ConfigMaps, and the
+/// Lease of its checkpoint writer.
+pub const GRANTED_TO_SERVICE: &[(&str, &str, &[&str])] = &[
+    ("", "configmaps", &["get", "update"]),
+    ("coordination.k8s.io", "leases", &["get", "create", "patch"]),
+];
 
 #[cfg(test)]
 mod tests {
@@ -58,14 +62,15 @@ mod tests {
 
     #[test]
     fn the_operator_holds_what_it_grants_the_service() {
-        let (group, resource, verbs) = GRANTED_TO_SERVICE;
-        let held = OPERATOR_RULES
-            .iter()
-            .find(|(g, r, _)| *g == group && *r == resource)
-            .map(|(_, _, v)| *v)
-            .unwrap_or(&[]);
-        for verb in verbs {
-            assert!(held.contains(verb), "operator lacks {verb} on {resource}");
+        for &(group, resource, verbs) in GRANTED_TO_SERVICE {
+            let held = OPERATOR_RULES
+                .iter()
+                .find(|(g, r, _)| *g == group && *r == resource)
+                .map(|(_, _, v)| *v)
+                .unwrap_or(&[]);
+            for verb in verbs {
+                assert!(held.contains(verb), "operator lacks {verb} on {resource}");
+            }
         }
     }
 }

@@ -229,7 +229,8 @@ fn children(shards: u16) -> Vec<Call> {
     let mut calls = vec![
         apply(CORE, "serviceaccounts", "ServiceAccount", NAME),
         apply(RBAC, "roles", "Role", NAME).checking(move |role| {
-            // The service may read and replace its own checkpoints, and nothing else.
+            // The service may read and replace its own checkpoints, and hold its checkpoint
+            // writer's Lease, nothing else.
             assert_eq!(
                 role["rules"],
                 json!([{
@@ -237,6 +238,15 @@ fn children(shards: u16) -> Vec<Call> {
                     "resources": ["configmaps"],
                     "resourceNames": resource_names,
                     "verbs": ["get", "update"],
+                }, {
+                    "apiGroups": ["coordination.k8s.io"],
+                    "resources": ["leases"],
+                    "resourceNames": [format!("{NAME}-writer")],
+                    "verbs": ["get", "patch"],
+                }, {
+                    "apiGroups": ["coordination.k8s.io"],
+                    "resources": ["leases"],
+                    "verbs": ["create"],
                 }])
             );
         }),
@@ -321,7 +331,11 @@ fn apply_deployment() -> Call {
     apply(APPS, "deployments", "Deployment", NAME).checking(|deployment| {
         let spec = &deployment["spec"];
         assert_eq!(spec["replicas"], 1);
-        assert_eq!(spec["strategy"]["type"], "Recreate");
+        // A surge: the Services keep a ready endpoint through a rollout.
+        assert_eq!(
+            spec["strategy"],
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}})
+        );
         assert_eq!(
             spec["selector"]["matchLabels"]["app.kubernetes.io/instance"],
             NAME

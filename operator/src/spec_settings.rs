@@ -25,6 +25,8 @@ pub(crate) struct Checked {
     pub allowed_sources: Vec<IpNet>,
     pub receive_buffer_bytes: Option<usize>,
     pub checkpoint_configmap: String,
+    /// The monitor's name, which its checkpoint's objects are named after.
+    pub name: String,
     /// Granted: the spec's, or more where the autopilot raised them.
     pub checkpoint_shards: u16,
     pub api_token: bool,
@@ -141,6 +143,9 @@ spec_settings! {
 
     // Named after the monitor: `<name>-checkpoint` and its shards `-1` … `-N`.
     checkpoint_configmap <- "metadata.name" = Some(checked.checkpoint_configmap.clone());
+    // One writer at a time: the rollout's new pod waits for the old one's last checkpoint.
+    checkpoint_lease <- "metadata.name" =
+        Some(crate::validate::checkpoint_lease_name(&checked.name));
     checkpoint_configmap_shards <- "spec.checkpoint.shards" =
         Some(usize::from(checked.checkpoint_shards));
     checkpoint_interval <- "spec.checkpoint.interval" =

@@ -232,6 +232,12 @@ pub fn checkpoint_name(monitor: &str) -> String {
     format!("{monitor}-checkpoint")
 }
 
+/// The Lease whose holder alone writes the checkpoint: during a rollout the old pod and the new
+/// one run side by side, and the new one takes over when the old one stops.
+pub fn checkpoint_lease_name(monitor: &str) -> String {
+    format!("{monitor}-writer")
+}
+
 pub fn api_token_secret_name(monitor: &str) -> String {
     format!("{monitor}-api-token")
 }
@@ -369,6 +375,7 @@ pub fn validate_granted(
         allowed_sources,
         receive_buffer_bytes,
         checkpoint_configmap: checkpoint_configmap.clone(),
+        name: name.clone(),
         checkpoint_shards,
         api_token: api_token.is_some(),
         qlik_host_aliases: qlik.host_aliases,
@@ -1388,7 +1395,8 @@ mod tests {
         m.metadata.name = Some("a".repeat(53));
         assert!(validate(&m, "img").is_err());
         m.metadata.name = Some("a".repeat(52));
-        assert!(validate(&m, "img").is_ok());
+        let plan = validate(&m, "img");
+        assert!(plan.is_ok(), "{:?}", plan.err());
     }
 
     #[test]

@@ -76,6 +76,9 @@ pub struct Metrics {
     checkpoint_restores: IntCounterVec,
     pub checkpoint_restored_sessions: IntGauge,
     pub checkpoint_sessions_stopped_during_restore: IntCounter,
+    /// 1 while this process holds the checkpoint Lease (or needs none), 0 while it waits.
+    pub checkpoint_writer: IntGauge,
+    pub checkpoint_takeovers: IntCounter,
     pub checkpoint_conflicts: IntCounter,
     pub checkpoint_shards: IntGauge,
     pub checkpoint_shards_wanted: IntGauge,
@@ -275,6 +278,14 @@ impl Metrics {
             checkpoint_sessions_stopped_during_restore: counter(
                 "checkpoint_sessions_stopped_during_restore_total",
                 "Checkpointed sessions not restored at start because their stop arrived while the checkpoint loaded.",
+            ),
+            checkpoint_writer: gauge(
+                "checkpoint_writer",
+                "1 while this process writes the checkpoint and publishes (it holds the checkpoint Lease, or none is configured), 0 while it waits for the Lease (a rollout's new pod).",
+            ),
+            checkpoint_takeovers: counter(
+                "checkpoint_takeovers_total",
+                "Checkpoints taken over from the pod that held the checkpoint Lease before (a rollout's handover).",
             ),
             checkpoint_conflicts: counter(
                 "checkpoint_conflicts_total",

@@ -12,13 +12,16 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::checkpoint::{self, Store};
-use crate::config::{Config, MqttBroker};
+use crate::checkpoint::lease::WriterLease;
+use crate::checkpoint::{self, Load, Store};
+use crate::config::{CheckpointStoreConfig, Config, MqttBroker};
 use crate::ingest::{self, Ingest};
 use crate::metrics::Metrics;
 use crate::qlik::client::TlsSetupError;
 use crate::qlik::reconciler::Reconciler;
-use crate::registry::{RestoreEnd, ShardedRegistry, UnixMillis, sharded::DEFAULT_SHARDS};
+use crate::registry::{
+    RestoreEnd, RestoreEnds, ShardedRegistry, UnixMillis, sharded::DEFAULT_SHARDS,
+};
 use crate::shutdown::{Phase, Shutdown, Stop};
 use crate::state::State;
 use crate::{broker, http, mqtt};
@@ -41,6 +44,12 @@ pub enum StartError {
     Qlik(#[from] TlsSetupError),
     #[error("cannot restore the checkpoint: {0}")]
     Checkpoint(#[from] checkpoint::StoreError),
+    #[error(transparent)]
+    Lease(#[from] checkpoint::lease::LeaseError),
+    #[error(
+        "lost the checkpoint Lease {0} to another pod, which writes the checkpoint now; exiting without a final checkpoint, so that this pod restarts and takes over cleanly"
+    )]
+    LeaseLost(String),
     #[error("cannot listen for UDP on {addr} (udp_listen): {source}")]
     Udp {
         addr: SocketAddr,
@@ -111,6 +120,16 @@ pub async fn run(
     };
     let store = Store::open(&config.checkpoint.store).await?;
     store.check_writable().await?;
+    // One writer at a time: with a Lease, this process writes (and publishes) only once it
+    // holds it; until then it counts as a standby (see `checkpoint::lease`).
+    let mut lease = match &config.checkpoint.store {
+        CheckpointStoreConfig::ConfigMap {
+            lease: Some(name), ..
+        } => Some(WriterLease::start(&store, name, &lease_identity()).await?),
+        _ => None,
+    };
+    // Stops writing checkpoints when the Lease went to another pod.
+    let may_write = Arc::new(std::sync::atomic::AtomicBool::new(true));
 
     let Sockets {
         udp,
@@ -203,14 +222,26 @@ pub async fn run(
     // MQTT (a dashboard would see the count drop), nothing checkpointed (it would overwrite the
     // full checkpoint with the partial registry). A shutdown meanwhile just stops the retries.
     let mut shutdown = std::pin::pin!(shutdown);
+    // A standby's restore stays open for the checkpoint it takes over when the Lease is its.
+    let ends = match lease {
+        Some(_) => RestoreEnds::AtTakeOver,
+        None => RestoreEnds::Yes,
+    };
     let restored = tokio::select! {
-        result = checkpoint::restore_with_retry(&store, &state) => Some(result),
+        result = checkpoint::load_with_retry(&store, &state, Load::Restore(ends)) => Some(result),
         () = &mut shutdown => None,
     };
     // However it ended (restored, no checkpoint, a corrupt one set aside, a permanent error, a
     // shutdown during the retries), the restore is over: the registry stops remembering stops
     // and closes of sessions it does not know, which only a restore still to come could use.
-    restore_ended(&state, state.registry().end_restore());
+    // A standby keeps remembering them until it takes over.
+    if lease.is_none() || !matches!(restored, Some(Ok(()))) {
+        restore_ended(&state, state.registry().end_restore());
+    }
+    state
+        .metrics
+        .checkpoint_writer
+        .set(i64::from(lease.is_none()));
     let mut checkpoint_writer = None;
     let mut publisher = None;
     let mut reconcile_task = None;
@@ -218,9 +249,22 @@ pub async fn run(
     let mut settings_reloader = None;
     let failed = match restored {
         Some(Ok(())) => {
+            let mut stop_requested = false;
+            let mut took_over = Ok(());
+            if let Some(lease) = lease.as_mut() {
+                match standby_until_writer(lease, &store, &state, &mut shutdown).await {
+                    Ok(true) => {}
+                    Ok(false) => stop_requested = true,
+                    Err(error) => {
+                        // The registry is not the checkpoint's: never written over it.
+                        may_write.store(false, std::sync::atomic::Ordering::SeqCst);
+                        stop_requested = true;
+                        took_over = Err(error);
+                    }
+                }
+            }
             // One reconcile with the Qlik proxies before turning ready, so that the first count
             // published is exact; within a bound, since Qlik may not answer.
-            let mut stop_requested = false;
             if let Some(reconciler) = reconciler {
                 let (first_tx, first_rx) = oneshot::channel();
                 reconcile_task = Some(tokio::spawn(
@@ -255,6 +299,7 @@ pub async fn run(
                 state.clone(),
                 config.checkpoint.interval,
                 FINAL_CHECKPOINT_DEADLINE,
+                may_write.clone(),
                 phases.at(Phase::Saving),
             )));
             // Sampled from here on: before, the registry was partial (restoring, reconciling).
@@ -272,11 +317,25 @@ pub async fn run(
             if !stop_requested {
                 state.set_ready();
                 tracing::info!("ready");
-                shutdown.await;
+                match lease.as_mut() {
+                    Some(lease) => tokio::select! {
+                        () = &mut shutdown => None,
+                        () = lease.lost() => {
+                            may_write.store(false, std::sync::atomic::Ordering::SeqCst);
+                            state.metrics.checkpoint_writer.set(0);
+                            Some(StartError::LeaseLost(lease.name().to_owned()))
+                        }
+                    },
+                    None => {
+                        shutdown.await;
+                        None
+                    }
+                }
+            } else {
+                took_over.err()
             }
-            None
         }
-        Some(Err(error)) => Some(error),
+        Some(Err(error)) => Some(error.into()),
         None => None,
     };
 
@@ -299,11 +358,63 @@ pub async fn run(
     if let Some(publisher) = publisher {
         let _ = publisher.await;
     }
+    // After the final checkpoint: the next writer takes over what it holds.
+    if let Some(lease) = lease {
+        lease.release().await;
+    }
     tracing::info!("stopped");
     match failed {
-        Some(error) => Err(error.into()),
+        Some(error) => Err(error),
         None => Ok(()),
     }
+}
+
+/// Who holds the checkpoint Lease: the pod's name (`POD_NAME`, from the downward API), else the
+/// host name and process id.
+fn lease_identity() -> String {
+    std::env::var("POD_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "session-monitor".to_owned());
+            format!("{host}-{}", std::process::id())
+        })
+}
+
+/// A standby: ready (so a rollout goes on), counting from the checkpoint and the datagrams that
+/// reach this pod, but neither writing nor publishing, until the Lease is this process's; then
+/// it takes over the checkpoint the previous holder wrote last. `false` when asked to stop first.
+async fn standby_until_writer(
+    lease: &mut WriterLease,
+    store: &Store,
+    state: &Arc<State>,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<bool, StartError> {
+    if !lease.held() {
+        state.set_ready();
+        tracing::info!(
+            lease = lease.name(),
+            "standby: another process writes the checkpoint; counting the datagrams that reach this one until its Lease is free"
+        );
+        tokio::select! {
+            () = lease.acquired() => {}
+            () = shutdown.as_mut() => return Ok(false),
+        }
+    }
+    let took = tokio::select! {
+        result = checkpoint::load_with_retry(store, state, Load::TakeOver) => result,
+        () = shutdown.as_mut() => return Ok(false),
+    };
+    restore_ended(state, state.registry().end_restore());
+    took?;
+    state.metrics.checkpoint_writer.set(1);
+    tracing::info!(
+        lease = lease.name(),
+        "holding the checkpoint Lease: writing the checkpoint and publishing"
+    );
+    Ok(true)
 }
 
 /// Counts and logs what the stops and closes seen while the checkpoint loaded did to the restore.

@@ -877,3 +877,102 @@ fn a_raised_shard_count_in_the_config_file_applies_without_a_restart() {
     assert_eq!(metric(&service, RESTORED), 1.0);
     ns.delete();
 }
+
+/// A rollout's handover with two real processes and one real API server: the old one writes the
+/// checkpoint; the new one starts beside it, turns ready as a standby (no writes), and both
+/// count what reaches them; the old one stops, writes its last checkpoint and releases the
+/// Lease; the new one takes it over and holds exactly what one process seeing every datagram
+/// would, then writes the checkpoint itself.
+#[test]
+fn a_rollout_hands_the_checkpoint_over_through_the_lease() {
+    let Some(cluster) = Cluster::from_env("a_rollout_hands_the_checkpoint_over_through_the_lease")
+    else {
+        return;
+    };
+    let ns = cluster.create_namespace("smon-handover");
+    let start = |dir: &Path, pod: &str| {
+        let mut args = service_args(&ns, INTERVAL);
+        args.extend(["--checkpoint-lease".into(), "smon-writer".into()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let kubeconfig = ns.cluster().kubeconfig().to_str().unwrap();
+        Service::start_without_checkpoint_file(
+            dir,
+            &args,
+            &[("KUBECONFIG", kubeconfig), ("POD_NAME", pod)],
+        )
+    };
+    let writer = "session_monitor_checkpoint_writer";
+    let (old_dir, new_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut old = start(old_dir.path(), "smon-old");
+    wait_for("the first process to hold the Lease", || {
+        (old.metric(writer)? == 1.0).then_some(())
+    });
+    // Before the new pod: ann (kept), bob (stops at the old pod later), carl (stops at the new
+    // one), dora (used at the new one).
+    for (user, sid) in [("ann", "a1"), ("bob", "b1"), ("carl", "c1"), ("dora", "d1")] {
+        old.send(own("Start session", "qs1", "LAB", user, sid));
+    }
+    wait_for_checkpoint(&old, &ns, "the four users checkpointed", |s| {
+        checkpointed_users(&s.checkpoint).len() == 4
+    });
+
+    let mut new = start(new_dir.path(), "smon-new");
+    let log = |old: &Service, new: &Service| {
+        format!("old:\n{}\nnew:\n{}", old.log_text(), new.log_text())
+    };
+    assert_eq!(
+        new.metric(writer),
+        Some(0.0),
+        "ready as a standby:\n{}",
+        log(&old, &new)
+    );
+    assert_eq!(new.get_json("/api/v1/summary")["active_users"], 4);
+    // Both count what reaches them meanwhile; the standby writes nothing.
+    old.send(own("Stop session", "qs1", "LAB", "bob", "b1"));
+    old.send(own("Start session", "qs1", "LAB", "eve", "e1"));
+    new.send(own("Stop session", "qs2", "LAB", "carl", "c1"));
+    new.send(own("Open connection", "qs2", "LAB", "dora", "d1"));
+    new.send(own("Start session", "qs2", "LAB", "fay", "f1"));
+    wait_for("each process to count what reached it", || {
+        (old.metric("session_monitor_datagrams_received_total")? == 6.0
+            && new.metric("session_monitor_datagrams_received_total")? == 3.0)
+            .then_some(())
+    });
+    assert_eq!(
+        metric(&new, WRITES_OK),
+        0.0,
+        "a standby never writes:\n{}",
+        log(&old, &new)
+    );
+
+    // The old one stops: its last checkpoint, then the Lease is released and taken.
+    let released = Instant::now();
+    old.signal(libc::SIGTERM);
+    assert!(old.wait_exit().success(), "{}", log(&old, &new));
+    wait_for("the new process to take the Lease over", || {
+        (new.metric(writer)? == 1.0).then_some(())
+    });
+    eprintln!("handover took {:?} after SIGTERM", released.elapsed());
+    assert_eq!(
+        metric(&new, "session_monitor_checkpoint_takeovers_total"),
+        1.0
+    );
+    let truth = expected(&[
+        ("LAB\\ann", 1),
+        ("LAB\\dora", 1),
+        ("LAB\\eve", 1),
+        ("LAB\\fay", 1),
+    ]);
+    assert_eq!(
+        active_users(&new.get_json("/api/v1/users")),
+        truth,
+        "{}",
+        log(&old, &new)
+    );
+    let stored = wait_for_checkpoint(&new, &ns, "the new writer's checkpoint", |s| {
+        checkpointed_users(&s.checkpoint) == truth
+    });
+    assert!(stored.generation > 0);
+    new.signal(libc::SIGTERM);
+    assert!(new.wait_exit().success(), "{}", log(&old, &new));
+}

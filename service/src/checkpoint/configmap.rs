@@ -68,6 +68,7 @@ impl ConfigMapError {
 }
 
 pub struct ConfigMapStore {
+    client: kube::Client,
     api: Api<ConfigMap>,
     name: String,
     namespace: String,
@@ -125,7 +126,8 @@ impl ConfigMapStore {
         shard_bytes: usize,
     ) -> Self {
         ConfigMapStore {
-            api: Api::namespaced(client, namespace),
+            api: Api::namespaced(client.clone(), namespace),
+            client,
             name: name.to_owned(),
             namespace: namespace.to_owned(),
             max_shards: AtomicUsize::new(max_shards),
@@ -133,6 +135,11 @@ impl ConfigMapStore {
             shard_bytes,
             inner: Mutex::new(Inner::default()),
         }
+    }
+
+    /// The client and namespace of the store, for its writer Lease beside it.
+    pub fn client_and_namespace(&self) -> (kube::Client, &str) {
+        (self.client.clone(), &self.namespace)
     }
 
     pub fn describe(&self) -> String {

@@ -10,6 +10,7 @@ mod events;
 mod fake_api;
 pub mod file;
 pub mod layout;
+pub mod lease;
 #[cfg(test)]
 mod tests;
 
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::CheckpointStoreConfig;
-use crate::registry::UnixMillis;
+use crate::registry::{RestoreEnds, UnixMillis};
 use crate::shutdown::Stop;
 use crate::state::State;
 use configmap::{ConfigMapError, ConfigMapStore};
@@ -84,6 +85,7 @@ impl Store {
                 name,
                 namespace,
                 max_shards,
+                lease: _,
             } => {
                 let client = kube::Client::try_default()
                     .await
@@ -223,9 +225,23 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// succeeds. Permanent errors (an unreadable file) are returned. Cancel-safe: a shutdown during
 /// the retries simply drops this future (a restore writes nothing to the store).
 pub async fn restore_with_retry(store: &Store, state: &State) -> Result<(), StoreError> {
+    load_with_retry(store, state, Load::Restore(RestoreEnds::Yes)).await
+}
+
+/// How a loaded checkpoint goes into the registry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Load {
+    /// At start ([`ShardedRegistry::restore_decoded_as`]).
+    Restore(RestoreEnds),
+    /// From the pod that held the checkpoint Lease before ([`ShardedRegistry::take_over`]).
+    TakeOver,
+}
+
+/// [`restore_with_retry`] for either kind of [`Load`].
+pub async fn load_with_retry(store: &Store, state: &State, how: Load) -> Result<(), StoreError> {
     let mut backoff = MIN_BACKOFF;
     loop {
-        match restore(store, state).await {
+        match load(store, state, how).await {
             Ok(()) => return Ok(()),
             Err(error) if error.is_transient() => {
                 events::restore_retrying(&state.metrics, &error, backoff);
@@ -239,8 +255,13 @@ pub async fn restore_with_retry(store: &Store, state: &State) -> Result<(), Stor
 
 /// Loads the checkpoint into the registry at start. A corrupt checkpoint is set aside and
 /// reported, and the service starts empty; only a store that cannot be read at all is an error.
-#[tracing::instrument(name = "checkpoint_restore", skip_all, fields(store = %store.describe()))]
 pub async fn restore(store: &Store, state: &State) -> Result<(), StoreError> {
+    load(store, state, Load::Restore(RestoreEnds::Yes)).await
+}
+
+/// [`restore`], or a take-over, as `how` says.
+#[tracing::instrument(name = "checkpoint_restore", skip_all, fields(store = %store.describe(), ?how))]
+pub async fn load(store: &Store, state: &State, how: Load) -> Result<(), StoreError> {
     let bytes = match store.load().await? {
         Loaded::Nothing => {
             events::restore_empty(&state.metrics);
@@ -252,7 +273,20 @@ pub async fn restore(store: &Store, state: &State) -> Result<(), StoreError> {
     match codec::decode_segments(&bytes) {
         Ok(checkpoint) => {
             let now = UnixMillis::now();
-            let restored = state.registry().restore_decoded(&checkpoint, now);
+            let restored = match how {
+                Load::Restore(ends) => state.registry().restore_decoded_as(&checkpoint, now, ends),
+                Load::TakeOver => {
+                    let (dropped, loaded) = state.registry().take_over(&checkpoint, now);
+                    state.metrics.checkpoint_takeovers.inc();
+                    tracing::info!(
+                        replaced = dropped,
+                        loaded,
+                        saved_at_ms = checkpoint.saved_at.0,
+                        "took over the checkpoint the previous writer left: sessions it ended are gone, those it started are here, and those that reached this pod meanwhile are kept"
+                    );
+                    loaded
+                }
+            };
             let minutes = checkpoint.history.len();
             state.history().restore(
                 checkpoint.history_hosts.clone(),
@@ -372,8 +406,10 @@ pub async fn run(
     state: Arc<State>,
     interval: Duration,
     final_deadline: Duration,
+    may_write: Arc<std::sync::atomic::AtomicBool>,
     mut stop: Stop,
 ) {
+    let may = || may_write.load(std::sync::atomic::Ordering::SeqCst);
     // The registry revision the store holds; revision 0 is the registry before any change.
     let mut saved = 0;
     let mut next = tokio::time::Instant::now() + interval;
@@ -381,7 +417,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(next) => {
-                if state.revision() != saved {
+                if state.revision() != saved && may() {
                     match save(&store, &state).await {
                         Ok(revision) => {
                             saved = revision;
@@ -400,7 +436,7 @@ pub async fn run(
             _ = stop.requested() => break,
         }
     }
-    if state.revision() != saved {
+    if state.revision() != saved && may() {
         match tokio::time::timeout(final_deadline, save(&store, &state)).await {
             Ok(Ok(_)) => tracing::info!("final checkpoint written"),
             Ok(Err(error)) => tracing::error!(%error, "final checkpoint failed"),

@@ -344,6 +344,7 @@ async fn a_failing_store_is_retried_with_backoff_while_running() {
         state.clone(),
         Duration::from_secs(5),
         Duration::from_secs(20),
+        Arc::new(std::sync::atomic::AtomicBool::new(true)),
         shutdown.at(crate::shutdown::Phase::Saving),
     ));
     // Attempts at 5 s, then after 10 s, 20 s, 40 s of backoff: the fourth succeeds.
