@@ -540,7 +540,34 @@ fn assert_children(ns: &TestNamespace, uid: &str, shards: usize, service_type: &
     let role: Role = ns.must_get(NAME);
     assert_owned_and_labelled("Role", &role.metadata, uid);
     let rules = role.rules.clone().unwrap_or_default();
-    assert_eq!(rules.len(), 1, "Role rules {rules:?}");
+    assert_eq!(rules.len(), 3, "Role rules {rules:?}");
+    // The checkpoint writer's Lease: get and patch by name, create (RBAC cannot name a create).
+    assert_eq!(
+        (
+            rules[1].resources.as_ref(),
+            rules[1].resource_names.as_ref(),
+            rules[1].verbs.as_slice()
+        ),
+        (
+            Some(&vec!["leases".to_owned()]),
+            Some(&vec![format!("{NAME}-writer")]),
+            &["get".to_owned(), "patch".to_owned()][..]
+        ),
+        "{rules:?}"
+    );
+    assert_eq!(
+        (
+            rules[2].resources.as_ref(),
+            rules[2].resource_names.as_ref(),
+            rules[2].verbs.as_slice()
+        ),
+        (
+            Some(&vec!["leases".to_owned()]),
+            None,
+            &["create".to_owned()][..]
+        ),
+        "{rules:?}"
+    );
     let mut checkpoints = vec![CHECKPOINT.to_owned()];
     checkpoints.extend((1..=shards).map(|i| format!("{CHECKPOINT}-{i}")));
     assert_eq!(rules[0].api_groups, Some(vec![String::new()]), "{rules:?}");
@@ -646,9 +673,10 @@ fn assert_children(ns: &TestNamespace, uid: &str, shards: usize, service_type: &
     assert_owned_and_labelled("Deployment", &deployment.metadata, uid);
     let spec = deployment.spec.clone().unwrap();
     assert_eq!(spec.replicas, Some(1));
+    // A surge: the new pod is ready before the old one stops (the checkpoint Lease hands over).
     assert_eq!(
         spec.strategy.as_ref().and_then(|s| s.type_.as_deref()),
-        Some("Recreate")
+        Some("RollingUpdate")
     );
     let sum = checksum(&deployment);
     assert!(

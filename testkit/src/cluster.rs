@@ -423,17 +423,18 @@ impl TestNamespace<'_> {
                 match events.list(&ListParams::default()).await {
                     Ok(list) => {
                         let mut list = list.items;
-                        list.sort_by_key(|e| {
+                        let at = |e: &Event| {
                             e.last_timestamp
                                 .as_ref()
                                 .map(|t| t.0)
                                 .or_else(|| e.event_time.as_ref().map(|t| t.0))
-                        });
+                        };
+                        list.sort_by_key(at);
                         out += &format!("--- {} Events\n", list.len());
                         for e in list {
                             out += &format!(
                                 "{} {} {}/{} {}: {} (x{})\n",
-                                e.last_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default(),
+                                at(&e).map(|t| t.to_string()).unwrap_or_default(),
                                 e.type_.unwrap_or_default(),
                                 e.involved_object.kind.unwrap_or_default(),
                                 e.involved_object.name.unwrap_or_default(),

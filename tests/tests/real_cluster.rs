@@ -1030,7 +1030,8 @@ fn the_product_runs_in_a_real_cluster() {
     );
     subscriber.wait_for_payload("qliksense/users/active/count", &(4 + MANY).to_string());
 
-    // 5d. A spec change rolls the pod (Recreate) with the state kept.
+    // 5d. A spec change rolls the pod (with a surge; the checkpoint Lease hands over) with the
+    // state kept.
     assert_eq!(
         qlik.must_get::<Deployment>(MONITOR)
             .spec
@@ -1039,7 +1040,7 @@ fn the_product_runs_in_a_real_cluster() {
             .unwrap()
             .type_
             .as_deref(),
-        Some("Recreate")
+        Some("RollingUpdate")
     );
     patch_monitor(&qlik, json!({"sessions": {"idleTimeout": "45m"}}));
     let rolled = replaced(
