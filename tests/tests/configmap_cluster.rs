@@ -957,6 +957,8 @@ fn a_rollout_hands_the_checkpoint_over_through_the_lease() {
         metric(&new, "session_monitor_checkpoint_takeovers_total"),
         1.0
     );
+    // A take-over is not a restore at start: that was one, when the standby began.
+    assert_eq!(metric(&new, RESTORED), 1.0);
     let truth = expected(&[
         ("LAB\\ann", 1),
         ("LAB\\dora", 1),

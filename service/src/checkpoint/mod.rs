@@ -303,7 +303,11 @@ pub async fn load(store: &Store, state: &State, how: Load) -> Result<(), StoreEr
                 history_minutes: minutes,
                 shards: store.shards_in_use().await,
             };
-            events::restored(&state.metrics, &report);
+            match how {
+                Load::Restore(_) => events::restored(&state.metrics, &report),
+                // Not a restore at start (restores_total counts those); logged above.
+                Load::TakeOver => state.metrics.checkpoint_shards.set(report.shards as i64),
+            }
             Ok(())
         }
         // Written by a newer build (a rollback after an upgrade): not corrupt, and not ours to
