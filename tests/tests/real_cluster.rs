@@ -213,14 +213,22 @@ fn pod_image(pod: &Pod) -> String {
 /// Waits for a ready service pod other than `old`; returns it.
 fn replaced(ns: &TestNamespace<'_>, old: &str, what: &str, mut meanwhile: impl FnMut()) -> Pod {
     let selector = format!("app.kubernetes.io/instance={MONITOR}");
+    let pods: Api<Pod> = ns.api();
     wait_for_within(what, POD_DEADLINE, || {
         meanwhile();
         let ready = ready_pods(ns, &selector);
+        // With the surge the new pod is ready while the old one still stops (it writes its
+        // last checkpoint and hands the Lease over): replaced once the old one is gone.
+        let all = ns
+            .cluster()
+            .request("pods", pods.list(&ListParams::default().labels(&selector)));
+        let old_gone = all.items.iter().all(|p| pod_name(p) != old);
         match ready.iter().find(|p| pod_name(p) != old) {
-            Some(pod) if ready.len() == 1 => Ok(pod.clone()),
+            Some(pod) if ready.len() == 1 && old_gone => Ok(pod.clone()),
             _ => Err(format!(
-                "ready: {:?}",
-                ready.iter().map(pod_name).collect::<Vec<_>>()
+                "ready: {:?}; all: {:?}",
+                ready.iter().map(pod_name).collect::<Vec<_>>(),
+                all.items.iter().map(pod_name).collect::<Vec<_>>()
             )),
         }
     })
@@ -590,11 +598,17 @@ fn api_token_from_the_operator(
         "the pod rolled for spec.apiAuth",
         || {},
     );
-    // The first answer through the HTTP Service comes once kube-proxy has the new endpoint.
-    let (status, _) = wait_for_within("an answer from /api/v1/users", POD_DEADLINE, || {
-        http_get_bearer(http_ip, "/api/v1/users", None).ok_or("no answer".to_owned())
-    });
-    assert_eq!(status, 401, "the API needs the token now");
+    // With the surge the old pod may still answer for a moment after the new one is ready (its
+    // endpoint leaves kube-proxy's rules a little later): the API needs the token once only the
+    // new pod answers.
+    wait_for_within(
+        "/api/v1/users to need the token",
+        POD_DEADLINE,
+        || match http_get_bearer(http_ip, "/api/v1/users", None) {
+            Some((401, _)) => Ok(()),
+            other => Err(format!("{:?}", other.map(|(status, _)| status))),
+        },
+    );
     let (status, body) =
         http_get_bearer(http_ip, "/api/v1/users", Some(&token)).expect("an answer");
     assert_eq!(status, 200, "with the token: {body}");
