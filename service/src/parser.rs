@@ -33,6 +33,19 @@ impl Format {
         }
     }
 
+    /// The prefix an appender of this format writes for `command`: Butler's layouts name the
+    /// event's kind, ours does not.
+    pub fn wire_prefix(self, command: Command) -> &'static str {
+        let session = matches!(command, Command::StartSession | Command::StopSession);
+        match (self, session) {
+            (Format::SessionMonitor, _) => "/session-monitor/",
+            (Format::Butler, true) => "/proxy-session/",
+            (Format::Butler, false) => "/proxy-connection/",
+            (Format::ButlerSos, true) => "/qseow-proxy-session/",
+            (Format::ButlerSos, false) => "/qseow-proxy-connection/",
+        }
+    }
+
     /// Field 0 of every layout we accept, matched case-insensitively.
     fn from_prefix(prefix: &str) -> Option<Format> {
         const PREFIXES: [(&str, Format); 5] = [
@@ -919,7 +932,7 @@ mod tests {
             prop_assume!([&dir, &user].iter().all(|v| v.chars().any(|c| c != ';')));
             prop_assume!(!sid.ends_with(';') && sid != "0");
             let session_field = format == Format::SessionMonitor;
-            let mut d = format!("{};h1;{};{dir};{user};{origin};{context};", prefix_of(format, command), command.wire_name());
+            let mut d = format!("{};h1;{};{dir};{user};{origin};{context};", format.wire_prefix(command), command.wire_name());
             if session_field {
                 d.push_str(&sid);
                 d.push(';');
@@ -979,17 +992,6 @@ mod tests {
             prop_assert_eq!(e.user_directory, dir.as_str());
             prop_assert_eq!(e.user_id, user.as_str());
             prop_assert_eq!(e.message, msg.trim());
-        }
-    }
-
-    fn prefix_of(format: Format, command: Command) -> &'static str {
-        let session = matches!(command, Command::StartSession | Command::StopSession);
-        match (format, session) {
-            (Format::SessionMonitor, _) => "/session-monitor/",
-            (Format::Butler, true) => "/proxy-session/",
-            (Format::Butler, false) => "/proxy-connection/",
-            (Format::ButlerSos, true) => "/qseow-proxy-session/",
-            (Format::ButlerSos, false) => "/qseow-proxy-connection/",
         }
     }
 }

@@ -44,7 +44,7 @@ impl<'a> Datagram<'a> {
         session: &'a dyn fmt::Display,
     ) -> Datagram<'a> {
         Datagram {
-            prefix: prefix(format, command),
+            prefix: format.wire_prefix(command),
             host,
             command: command.wire_name(),
             directory,
@@ -86,18 +86,6 @@ impl<'a> Datagram<'a> {
         let mut out = Vec::new();
         self.write_into(&mut out);
         String::from_utf8(out).expect("the fields are text")
-    }
-}
-
-/// Field 0: the appender's prefix, which names the format and, in Butler's, the event's kind.
-pub fn prefix(format: Format, command: Command) -> &'static str {
-    let session = matches!(command, Command::StartSession | Command::StopSession);
-    match (format, session) {
-        (Format::SessionMonitor, _) => "/session-monitor/",
-        (Format::Butler, true) => "/proxy-session/",
-        (Format::Butler, false) => "/proxy-connection/",
-        (Format::ButlerSos, true) => "/qseow-proxy-session/",
-        (Format::ButlerSos, false) => "/qseow-proxy-connection/",
     }
 }
 
